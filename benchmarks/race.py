@@ -1,0 +1,696 @@
+"""Training race: full batch vs a random subset vs CGGR, same weights, same data, same wall-clock.
+
+    python benchmarks/race.py --preset tiny             # the README's main job, a few minutes on a CPU
+    python benchmarks/race.py --preset smollm135m       # SmolLM-135M shape on one H100 / H200
+    python benchmarks/race.py --preset tiny --regime finetune
+
+Corpus: see ``benchmarks/corpus.py`` (by default the ``*.py`` files of this interpreter's standard
+library, split by file into train / held-out, a byte-level BPE trained on the train files).
+
+Modes (all start from the same initial weights and read the same sequence of train batches):
+
+* ``full``: the standard step on the whole batch of ``B`` sequences.
+* ``random``: the standard step on ``k = clamp(ceil(ratio * B), 1, B)`` rows of that batch, chosen by a
+  seeded ``randperm(B)[:k]`` (no library involved).
+* ``cggr-<scoring>`` (entropy, margin, loss, combined): ``cggr_compile.transform(model, ...)``, which
+  routes the step to the ``k`` hardest rows by its router's ``scoring``.
+
+Fairness rules:
+
+* Budget: every mode trains for ``--budget-seconds`` of *step* time (forward + backward + optimizer,
+  the device synchronised after each step). Held-out evaluations are not counted. The first
+  ``--warmup-steps`` steps of each mode (where ``torch.compile`` compiles) are not counted either;
+  they are real training steps (counted in steps and tokens, the same number for every mode) and
+  their time is reported as ``warmup_s``, with ``compile_s`` = ``warmup_s`` minus as many median steps.
+* Learning rate (``--lr-rule``): ``full`` uses ``--lr``; the subset modes (``random``, ``cggr-*``) use
+  ``--lr * sqrt(k / B)`` (``sqrt``, the default: the gradient of a mean over k rows has sqrt(B/k) times
+  the noise of one over B rows), ``--lr * k / B`` (``linear``) or ``--lr`` (``same``). A linear warm-up
+  over ``--lr-warmup-steps`` optimizer steps, then constant; AdamW (betas 0.9/0.95, weight decay on
+  matrices only), gradient norm clipped to ``--grad-clip``.
+* Held-out loss: the full model's plain forward in eval mode (no CGGR), mean next-token loss over the
+  first ``--eval-sequences`` held-out sequences, at 0 s, every ``--eval-every-seconds`` of counted
+  training time and at the end.
+* For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
+  difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
+
+Results: ``benchmarks/results/race_<preset>[-finetune]_<device-slug>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from benchmarks import corpus as corpus_mod  # noqa: E402
+
+SCORINGS = ("entropy", "margin", "loss", "combined")
+ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS)
+
+# Every preset key is also a command-line option (dashes for underscores); options override presets.
+PRESETS: dict[str, dict] = {
+    "ci": dict(
+        max_bytes=300_000, tokenizer_max_bytes=None, vocab_size=512, seq_len=64, batch_size=8,
+        hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128,
+        ratio=0.25, router_layers=1, lr=3e-3, lr_warmup_steps=5, budget_seconds=3.0,
+        eval_every_seconds=1.0, eval_sequences=16, warmup_steps=1, base_budget_seconds=3.0,
+        include_site_packages=False, dtype="fp32",
+    ),
+    "tiny": dict(
+        max_bytes=4_000_000, tokenizer_max_bytes=None, vocab_size=2048, seq_len=128, batch_size=16,
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=384,
+        ratio=0.25, router_layers=2, lr=3e-3, lr_warmup_steps=20, budget_seconds=25.0,
+        eval_every_seconds=2.5, eval_sequences=128, warmup_steps=2, base_budget_seconds=60.0,
+        include_site_packages=False, dtype="fp32",
+    ),
+    "smollm135m": dict(
+        max_bytes=400_000_000, tokenizer_max_bytes=100_000_000, vocab_size=16384, seq_len=512,
+        batch_size=32, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+        intermediate_size=1536, ratio=0.25, router_layers=4, lr=2e-3, lr_warmup_steps=50,
+        budget_seconds=75.0, eval_every_seconds=7.5, eval_sequences=256, warmup_steps=3,
+        base_budget_seconds=240.0, include_site_packages=True, dtype="bf16",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------- utils
+def rankdata(x) -> np.ndarray:
+    """Ranks 0..n-1, ties get the average of their ranks."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=ranks) / counts)[inv]
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (Pearson correlation of the average ranks); NaN if either is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if len(ra) < 2:
+        return float("nan")
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = "cpu"
+    else:
+        name = device.type
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    proc = platform.processor() or platform.machine()
+    return f"cpu ({proc}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def subset_k(ratio: float, batch: int) -> int:
+    return max(1, min(batch, math.ceil(ratio * batch)))
+
+
+def mode_lr(mode: str, args, k: int) -> float:
+    if mode == "full" or args.lr_rule == "same":
+        return args.lr
+    if args.lr_rule == "sqrt":
+        return args.lr * math.sqrt(k / args.batch_size)
+    if args.lr_rule == "linear":
+        return args.lr * k / args.batch_size
+    raise ValueError(args.lr_rule)
+
+
+class Progress:
+    """tqdm over the mode's time budget when importable, else a plain carriage-return line."""
+
+    def __init__(self, total: float, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled, self.done, self.post = total, desc, enabled, 0.0, ""
+        self.bar, self.last = None, 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=round(total, 1), desc=desc, unit="s", file=sys.stderr,
+                                mininterval=0.5, dynamic_ncols=True,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}s "
+                                           "[{elapsed}{postfix}]")
+            except ImportError:
+                self.bar = None
+
+    def update(self, dt: float, **post) -> None:
+        if not self.enabled:
+            return
+        self.done += dt
+        if post:
+            self.post = ", ".join(f"{k}={v}" for k, v in post.items())
+        if self.bar is not None:
+            self.bar.update(min(dt, max(0.0, self.total - self.bar.n)))
+            if post:
+                self.bar.set_postfix_str(self.post, refresh=False)
+        elif time.monotonic() - self.last > 0.5:
+            self.last = time.monotonic()
+            sys.stderr.write(f"\r{self.desc}: {min(self.done, self.total):6.1f}/{self.total:.1f}s {self.post}   ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(args, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads, max_position_embeddings=max(2048, args.seq_len + 1),
+        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=None, attention_dropout=0.0,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    return model, cfg
+
+
+def make_optimizer(model, lr: float, device: torch.device, weight_decay: float):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    kw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    if device.type == "cuda":
+        kw["fused"] = True
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], **kw)
+
+
+def autocast_ctx(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def heldout_losses(model, seqs: torch.Tensor, batch: int, device, dtype) -> torch.Tensor:
+    """Per-sequence mean next-token loss of the plain model (eval mode), float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, seqs.shape[0], batch):
+        x = seqs[i:i + batch].to(device, non_blocking=True)
+        with autocast_ctx(device, dtype):
+            logits = model(input_ids=x).logits
+        lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
+        out.append(lp.mean(dim=1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class BatchOrder:
+    """Seeded epochs of random permutations of the train sequences; the same for every mode."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if n < batch:
+            raise ValueError(f"{n} train sequences, fewer than one batch of {batch}")
+        self.n, self.batch, self.seed = n, batch, seed
+        self.epoch, self.pos, self.perm = 0, 0, self._perm(0)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.epoch += 1
+            self.pos, self.perm = 0, self._perm(self.epoch)
+        idx = self.perm[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+    def epochs(self) -> float:
+        return self.epoch + self.pos / self.n
+
+
+def dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"].get("unique_graphs", 0))
+    except Exception:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------- a mode
+def make_step_fn(mode: str, model, args, device, k: int, lr: float):
+    """Returns (step(idx_batch) -> loss tensor, cg or None, optimizer)."""
+    cg = None
+    fwd = model
+    if mode.startswith("cggr-"):
+        import cggr_compile
+
+        cg = cggr_compile.transform(model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
+                                    scoring=mode[len("cggr-"):], warmup_steps=0, dynamic_threshold=False)
+        fwd = cg
+    if args.compile:
+        fwd = torch.compile(fwd)
+    opt = make_optimizer(model, lr, device, args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    pick = torch.Generator().manual_seed(args.seed + 7)
+    state = {"n": 0}
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        if mode == "random":
+            x = x[torch.randperm(x.shape[0], generator=pick)[:k].to(x.device)]
+        n = state["n"]
+        if args.lr_warmup_steps > 0:
+            scale = min(1.0, (n + 1) / args.lr_warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+        with autocast_ctx(device, args.dtype):
+            out = fwd(input_ids=x, labels=x)
+        loss = out.loss
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cg is not None:
+            cg.step()
+        state["n"] = n + 1
+        return loss.detach()
+
+    return step, cg, opt
+
+
+def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs: torch.Tensor,
+               init_eval: torch.Tensor, args, device, vocab_size: int, log=print) -> dict:
+    B, T = args.batch_size, args.seq_len
+    k = B if mode == "full" else subset_k(args.ratio, B)
+    lr = mode_lr(mode, args, k)
+    model, _ = build_model(args, vocab_size)
+    model.load_state_dict(init_state)
+    model.to(device).train()
+    step, cg, _ = make_step_fn(mode, model, args, device, k, lr)
+    order = BatchOrder(train_seqs.shape[0], B, args.seed)
+    ebatch = args.eval_batch_size or B
+
+    curve = [dict(time_s=0.0, steps=0, tokens_seen=0, tokens_trained=0, epochs=0.0,
+                  heldout_loss=float(init_eval.mean()), train_loss=None)]
+    steps = 0
+    step_times: list[float] = []
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+
+    def checkpoint(t: float) -> float:
+        nonlocal loss_sum, loss_n
+        ev = float(heldout_losses(model, eval_seqs, ebatch, device, args.dtype).mean())
+        tl = float(loss_sum) / loss_n if loss_n else None
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        curve.append(dict(time_s=round(t, 3), steps=steps, tokens_seen=steps * B * T,
+                          tokens_trained=steps * k * T, epochs=round(order.epochs(), 4),
+                          heldout_loss=ev, train_loss=tl))
+        return ev
+
+    # warm-up (compilation): real steps, not counted in the budget
+    graphs0 = dynamo_graphs()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        loss_sum += step(train_seqs[order.next()].to(device, non_blocking=True))
+        loss_n += 1
+        steps += 1
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    graphs_warm = dynamo_graphs()
+
+    prog = Progress(args.budget_seconds, f"{mode:>13}", args.progress)
+    t_train = 0.0
+    next_eval = args.eval_every_seconds
+    last_eval = None
+    while t_train < args.budget_seconds:
+        idx = order.next()
+        t0 = time.perf_counter()
+        loss_sum += step(train_seqs[idx].to(device, non_blocking=True))
+        sync(device)
+        dt = time.perf_counter() - t0
+        t_train += dt
+        step_times.append(dt)
+        steps += 1
+        loss_n += 1
+        post = {}
+        if t_train >= next_eval or t_train >= args.budget_seconds:
+            last_eval = checkpoint(t_train)
+            while next_eval <= t_train:
+                next_eval += args.eval_every_seconds
+            post = {"step": steps, "heldout": f"{last_eval:.3f}"}
+        prog.update(dt, **post)
+    prog.close()
+    graphs_end = dynamo_graphs()
+
+    med = float(np.median(step_times)) if step_times else float("nan")
+    final = curve[-1]["heldout_loss"]
+    res = dict(
+        mode=mode, k=k, batch_size=B, lr=lr, steps=steps, warmup_steps=args.warmup_steps,
+        budget_s=round(t_train, 3), warmup_s=round(warmup_s, 3),
+        compile_s=round(max(0.0, warmup_s - args.warmup_steps * med), 3) if step_times else None,
+        step_ms_median=round(1000 * med, 3), step_ms_mean=round(1000 * t_train / max(1, len(step_times)), 3),
+        tokens_seen=steps * B * T, tokens_trained=steps * k * T, epochs=round(order.epochs(), 4),
+        final_heldout_loss=final, best_heldout_loss=min(c["heldout_loss"] for c in curve),
+        graphs_compiled_warmup=graphs_warm - graphs0, graphs_compiled_in_budget=graphs_end - graphs_warm,
+        spearman=None, curve=curve,
+    )
+    if cg is not None:
+        res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
+        metrics = getattr(cg, "metrics", None)
+        if isinstance(metrics, dict):
+            try:
+                res["cggr_metrics"] = {kk: (v.item() if torch.is_tensor(v) and v.numel() == 1 else
+                                            (v if isinstance(v, (int, float, str)) else str(v)))
+                                       for kk, v in metrics.items()}
+            except Exception as e:  # metrics are informative only
+                res["cggr_metrics"] = f"unreadable: {e}"
+    return res
+
+
+def router_spearman(cg, model, seqs, batch, device, dtype) -> float:
+    losses = heldout_losses(model, seqs, batch, device, dtype)
+    diffs = []
+    with torch.no_grad():
+        for i in range(0, seqs.shape[0], batch):
+            x = seqs[i:i + batch].to(device)
+            with autocast_ctx(device, dtype):
+                d = cg.sequence_difficulty(input_ids=x, labels=x)
+            diffs.append(d.float().cpu())
+    return spearman(torch.cat(diffs).numpy(), losses.numpy())
+
+
+# --------------------------------------------------------------------------------------------- finetune base
+def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict, dict]:
+    """Full-batch training on the base part for --base-budget-seconds; cached under benchmarks/.cache/."""
+    base = corpus.splits["base"]
+    key_src = json.dumps(dict(
+        tok=corpus.tokenizer_key, files=base.summary()["files_hash"], seq=args.seq_len, B=args.batch_size,
+        h=args.hidden_size, L=args.num_layers, nh=args.num_heads, kv=args.num_kv_heads,
+        ff=args.intermediate_size, lr=args.lr, wu=args.lr_warmup_steps, budget=args.base_budget_seconds,
+        seed=args.seed, dtype=args.dtype, device=device.type, wd=args.weight_decay, clip=args.grad_clip,
+    ), sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = Path(args.cache_dir) / f"base_{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu")
+        log(f"base model: cached {path.name} ({blob['info']['steps']} steps)")
+        blob["info"]["cached"] = True
+        return blob["state"], blob["info"]
+    log(f"base model: training full batch on the base part for {args.base_budget_seconds:.0f} s ...")
+    model, _ = build_model(args, corpus.vocab_size)
+    model.load_state_dict(init_state)
+    model.to(device).train()
+    step, _, _ = make_step_fn("full", model, args, device, args.batch_size, args.lr)
+    seqs = base.sequences.to(device) if device.type == "cuda" else base.sequences
+    order = BatchOrder(seqs.shape[0], args.batch_size, args.seed + 1)
+    prog = Progress(args.base_budget_seconds, "base (full)", args.progress)
+    t_train, steps, t_wall = 0.0, 0, time.perf_counter()
+    while t_train < args.base_budget_seconds:
+        t0 = time.perf_counter()
+        loss = step(seqs[order.next()].to(device))
+        sync(device)
+        dt = time.perf_counter() - t0
+        if steps >= args.warmup_steps:
+            t_train += dt
+        steps += 1
+        prog.update(dt, step=steps, loss=f"{float(loss):.3f}" if steps % 50 == 0 else "…")
+    prog.close()
+    info = dict(key=key, steps=steps, train_seconds=round(t_train, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
+                epochs=round(order.epochs(), 4), tokens=steps * args.batch_size * args.seq_len, cached=False)
+    state = {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "info": info}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    log(f"base model: {steps} steps, saved {path.name}")
+    return state, info
+
+
+# --------------------------------------------------------------------------------------------- output
+def summary_table(results: dict) -> str:
+    head = ("| mode | lr | steps | step ms | tokens trained | final held-out | best held-out | "
+            "compile s | spearman |")
+    lines = [head, "|" + "---|" * 9]
+    for m, r in results.items():
+        sp = "" if r["spearman"] is None else f"{r['spearman']:.3f}"
+        cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        lines.append(f"| {m} | {r['lr']:.2e} | {r['steps']} | {r['step_ms_median']:.1f} | "
+                     f"{r['tokens_trained']:,} | {r['final_heldout_loss']:.4f} | "
+                     f"{r['best_heldout_loss']:.4f} | {cs} | {sp} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, r in results.items():
+        xs = [c["time_s"] for c in r["curve"]]
+        ys = [c["heldout_loss"] for c in r["curve"]]
+        style = "-" if m.startswith("cggr") else "--"
+        axes[0].plot(xs, ys, style, marker=".", label=m)
+        axes[1].plot([c["steps"] for c in r["curve"]], ys, style, marker=".", label=m)
+    axes[0].set_xlabel("training wall-clock (s, step time only)")
+    axes[1].set_xlabel("optimizer steps")
+    for ax in axes:
+        ax.set_ylabel("held-out loss (full model)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    preset = PRESETS[known.preset]
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="defaults for everything below (ci, tiny: CPU; smollm135m: one H100/H200)")
+    p.add_argument("--modes", default=",".join(ALL_MODES),
+                   help=f"comma list out of {', '.join(ALL_MODES)} (default: all)")
+    p.add_argument("--regime", default="scratch", choices=["scratch", "finetune"])
+    g = p.add_argument_group("corpus")
+    g.add_argument("--corpus", default=None, help="a folder (read recursively, text files) or a file listing paths")
+    g.add_argument("--include-site-packages", action=argparse.BooleanOptionalAction,
+                   default=preset["include_site_packages"])
+    g.add_argument("--max-bytes", type=int, default=preset["max_bytes"], help="cap on the corpus (0: none)")
+    g.add_argument("--max-file-bytes", type=int, default=1_000_000)
+    g.add_argument("--tokenizer-max-bytes", type=int, default=preset["tokenizer_max_bytes"])
+    g.add_argument("--heldout-fraction", type=float, default=0.05)
+    g.add_argument("--vocab-size", type=int, default=preset["vocab_size"])
+    g.add_argument("--seq-len", type=int, default=preset["seq_len"])
+    g.add_argument("--cache-dir", default=str(corpus_mod.CACHE_DIR))
+    g = p.add_argument_group("model")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=preset[name])
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=preset["batch_size"])
+    g.add_argument("--ratio", type=float, default=preset["ratio"])
+    g.add_argument("--router-layers", type=int, default=preset["router_layers"])
+    g.add_argument("--lr", type=float, default=preset["lr"])
+    g.add_argument("--lr-rule", default="sqrt", choices=["sqrt", "linear", "same"])
+    g.add_argument("--lr-warmup-steps", type=int, default=preset["lr_warmup_steps"])
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--budget-seconds", type=float, default=preset["budget_seconds"])
+    g.add_argument("--base-budget-seconds", type=float, default=preset["base_budget_seconds"])
+    g.add_argument("--warmup-steps", type=int, default=preset["warmup_steps"],
+                   help="steps per mode not counted in the budget (compilation)")
+    g.add_argument("--eval-every-seconds", type=float, default=preset["eval_every_seconds"])
+    g.add_argument("--eval-sequences", type=int, default=preset["eval_sequences"])
+    g.add_argument("--eval-batch-size", type=int, default=0, help="0: the training batch size")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: preset's on cuda, fp32 on cpu)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model / the CGGR wrapper (default: on for cuda, off for cpu)")
+    g = p.add_argument_group("output")
+    g.add_argument("--results-dir", default=str(HERE / "results"))
+    g.add_argument("--tag", default=None, help="file name tag (default: the preset, plus -finetune)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in ALL_MODES]
+    if bad or not args.modes:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
+    if not 0 < args.ratio <= 1:
+        p.error("--ratio must be in (0, 1]")
+    if not 0 < args.heldout_fraction < 1:
+        p.error("--heldout-fraction must be in (0, 1)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.dtype is None:
+        args.dtype = PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = print
+
+    if any(m.startswith("cggr-") for m in args.modes):
+        try:
+            import cggr_compile
+
+            cggr_compile.transform  # noqa: B018
+        except (ImportError, AttributeError) as e:
+            raise SystemExit(f"cggr_compile.transform is not available ({e!r}); "
+                             f"run only --modes full,random until the library exists")
+
+    source = args.corpus or ("stdlib+site" if args.include_site_packages else "stdlib")
+    log(f"== CGGR race: preset {args.preset}, regime {args.regime}, device {device_name(device)}, "
+        f"torch {torch.__version__}, compile {args.compile}, dtype {args.dtype}")
+    corpus = corpus_mod.build_corpus(
+        source, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
+        heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None,
+        max_file_bytes=args.max_file_bytes, tokenizer_max_bytes=args.tokenizer_max_bytes or None,
+        regime=args.regime, cache_dir=Path(args.cache_dir), log=log)
+    log(f"corpus: {source}: {corpus.scan_description}")
+    if args.max_bytes:
+        log(f"corpus: capped to {args.max_bytes:,} bytes (a seeded random subset of the files)")
+    for s in corpus.splits.values():
+        log(f"  {s.name:8s}: {len(s.files):6d} files  {s.bytes:13,d} bytes  {s.tokens:12,d} tokens  "
+            f"{s.sequences.shape[0]:8d} sequences of {args.seq_len + 1}")
+    if args.regime == "finetune":
+        log(f"  base packages ({len(corpus.base_packages)}): {corpus.base_packages[0]} .. {corpus.base_packages[-1]}; "
+            f"race packages ({len(corpus.race_packages)}): {corpus.race_packages[0]} .. {corpus.race_packages[-1]}")
+    log(f"tokenizer: vocab {corpus.vocab_size}, {corpus.tokenizer_seconds:.1f} s "
+        f"({'trained now' if corpus.tokenizer_trained else 'cached'})")
+
+    train = corpus.splits["train"].sequences
+    held = corpus.splits["heldout"].sequences
+    eval_seqs = held[: args.eval_sequences]
+    if eval_seqs.shape[0] < args.eval_sequences:
+        log(f"warning: only {eval_seqs.shape[0]} held-out sequences (asked {args.eval_sequences})")
+    if device.type == "cuda":
+        train = train.to(device)
+
+    torch.manual_seed(args.seed)
+    model0, cfg = build_model(args, corpus.vocab_size)
+    n_params = sum(p.numel() for p in model0.parameters())
+    init_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
+    del model0
+    base_info = None
+    if args.regime == "finetune":
+        init_state, base_info = base_model_state(args, corpus, init_state, device, log)
+    k = subset_k(args.ratio, args.batch_size)
+    log(f"model: Llama, {n_params / 1e6:.2f}M parameters (hidden {args.hidden_size}, {args.num_layers} layers, "
+        f"{args.num_heads} heads / {args.num_kv_heads} kv, ff {args.intermediate_size}, tied embeddings); "
+        f"B={args.batch_size}, T={args.seq_len}, k={k} (ratio {args.ratio}), router {args.router_layers} layers")
+    log(f"lr rule {args.lr_rule}: " + ", ".join(f"{m} {mode_lr(m, args, args.batch_size if m == 'full' else k):.2e}"
+                                                for m in args.modes))
+    log(f"budget {args.budget_seconds:.0f} s of step time per mode (+{args.warmup_steps} uncounted warm-up steps); "
+        f"held-out eval every {args.eval_every_seconds} s on {eval_seqs.shape[0]} sequences")
+
+    init_eval_model, _ = build_model(args, corpus.vocab_size)
+    init_eval_model.load_state_dict(init_state)
+    init_eval_model.to(device)
+    init_eval = heldout_losses(init_eval_model, eval_seqs, args.eval_batch_size or args.batch_size, device, args.dtype)
+    del init_eval_model
+    log(f"initial held-out loss {float(init_eval.mean()):.4f}")
+
+    results: dict[str, dict] = {}
+    for mode in args.modes:
+        t0 = time.perf_counter()
+        r = train_mode(mode, init_state, train, eval_seqs, init_eval, args, device, corpus.vocab_size, log)
+        r["wall_s"] = round(time.perf_counter() - t0, 2)
+        results[mode] = r
+        sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
+        log(f"{mode}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
+            f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    table = summary_table(results)
+    print()
+    print(table)
+    total = time.perf_counter() - t_start
+    print(f"\ntotal run time {total:.1f} s")
+
+    tag = args.tag or (args.preset + ("-finetune" if args.regime == "finetune" else ""))
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"race_{tag}_{device_slug(device)}"
+    try:
+        import cggr_compile
+
+        lib_version = getattr(cggr_compile, "__version__", "unknown")
+    except ImportError:
+        lib_version = None
+    import transformers
+
+    cfg_dict = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    report = dict(
+        preset=args.preset, regime=args.regime, device=device.type, device_name=device_name(device),
+        torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+        cggr_compile=lib_version, started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_list),
+        argv=argv_list, args={k: v for k, v in vars(args).items()}, total_seconds=round(total, 2),
+        model=dict(n_params=n_params, config=cfg_dict), corpus=corpus.describe(), base=base_info,
+        k=k, lr_rule=args.lr_rule, initial_heldout_loss=float(init_eval.mean()),
+        modes=results, summary_table=table,
+    )
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    png_path = out_dir / f"{stem}.png"
+    plot(results, png_path, f"CGGR race, preset {tag}, {device_name(device)}, {n_params / 1e6:.1f}M params, "
+                            f"B={args.batch_size} k={k}, {args.budget_seconds:.0f} s/mode, lr rule {args.lr_rule}")
+    print(f"wrote {json_path} and {png_path.name}")
+    report["json_path"], report["png_path"] = str(json_path), str(png_path)
+    return report
+
+
+if __name__ == "__main__":
+    main()

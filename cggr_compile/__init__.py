@@ -1,0 +1,12 @@
+"""cggr-compile: confidence-gated gradient routing for PyTorch training.
+
+* ``torch.compile(model, backend="cggr")``: importing this package registers the backend (it is
+  also discoverable through the ``torch_dynamo_backends`` entry point).
+* :func:`transform`: the same rewrite applied to an ``nn.Module``.
+"""
+
+from .config import CGGRConfig
+from .transform import CGGRModel, transform
+
+__all__ = ["CGGRConfig", "CGGRModel", "transform"]
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""One validated configuration object for every CGGR option.
+
+Every entry point (``transform``, the ``cggr`` backend's ``options=``, the original's classes)
+builds a :class:`CGGRConfig`, so an option is checked in exactly one place and its error says
+what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+SCORINGS = ("entropy", "margin", "loss", "combined")
+SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota")
+GRANULARITIES = ("sequences", "tokens")
+# Scorings that read the next-token label: without labels they cannot run.
+LABEL_SCORINGS = ("loss",)
+
+
+@dataclass(frozen=True)
+class CGGRConfig:
+    """Options of confidence-gated gradient routing (names follow the original library).
+
+    Attributes:
+        min_tokens_ratio: share of the batch (sequences) or of the valid tokens (tokens) kept
+            once warmup is over, in (0, 1].
+        router_layers: decoder layers the router runs (the model's own first K layers, then its
+            final norm and head); ``1 <= router_layers < num_layers``.
+        scoring: token difficulty: ``entropy``, ``margin``, ``loss`` or ``combined`` (SPEC.md).
+        selection: ``topk``, ``stratified``, ``sequence_aware`` (tokens only) or ``fixed_quota``.
+        granularity: ``sequences`` (slice the batch: saves compute) or ``tokens`` (selective loss).
+        warmup_steps: curriculum length: the ratio falls linearly from 1 to ``min_tokens_ratio``.
+        dynamic_threshold: raise the ratio when the router is unsure (uses the previous step's
+            mean top-1 probability, so no step waits on the device).
+        threshold_sensitivity: strength of the dynamic threshold, >= 0.
+        num_strata: buckets of the stratified selection, >= 1.
+        min_tokens_per_sequence: the ``sequence_aware`` floor per sequence, >= 0.
+        num_levels: how many distinct ratios (and so batch sizes ``k``) a schedule may use; each
+            level compiles once. 1..16.
+        seed: seeds the stratified draws.
+        router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
+            or ``-> difficulties [B, T]``; replaces the truncated model.
+    """
+
+    min_tokens_ratio: float = 0.25
+    router_layers: int = 4
+    scoring: str = "combined"
+    selection: str = "topk"
+    granularity: str = "sequences"
+    warmup_steps: int = 1000
+    dynamic_threshold: bool = True
+    threshold_sensitivity: float = 0.5
+    num_strata: int = 4
+    min_tokens_per_sequence: int = 1
+    num_levels: int = 8
+    seed: int = 0
+    router: Optional[Callable[..., Any]] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        r = self.min_tokens_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < float(r) <= 1.0):
+            raise ValueError(
+                f"min_tokens_ratio must be a number in (0, 1], got {r!r}: it is the share of the "
+                "batch kept for the backward pass (0.25 keeps a quarter)."
+            )
+        if self.scoring not in SCORINGS:
+            raise ValueError(
+                f"unknown scoring {self.scoring!r}; choose one of {', '.join(SCORINGS)}."
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}."
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; choose 'sequences' (slices the batch, "
+                "saves compute) or 'tokens' (selective loss)."
+            )
+        if self.selection == "sequence_aware" and self.granularity != "tokens":
+            raise ValueError(
+                "selection='sequence_aware' tops up tokens inside each sequence, so it needs "
+                "granularity='tokens'; with granularity='sequences' use 'topk' or 'stratified'."
+            )
+        _check_int("router_layers", self.router_layers, 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("num_strata", self.num_strata, 1)
+        _check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, 0)
+        _check_int("num_levels", self.num_levels, 1)
+        if self.num_levels > 16:
+            raise ValueError(
+                f"num_levels={self.num_levels} would allow up to that many compilations per "
+                "schedule; use at most 16."
+            )
+        if not isinstance(self.threshold_sensitivity, (int, float)) or self.threshold_sensitivity < 0:
+            raise ValueError(
+                f"threshold_sensitivity must be a number >= 0, got {self.threshold_sensitivity!r}."
+            )
+        if self.router is not None and not callable(self.router):
+            raise TypeError(
+                f"router must be callable (input_ids, attention_mask) -> logits or difficulties, "
+                f"got {type(self.router).__name__}."
+            )
+
+    @property
+    def uses_dynamic_threshold(self) -> bool:
+        # fixed_quota is topk with the threshold off (SPEC.md, Selection).
+        return self.dynamic_threshold and self.selection != "fixed_quota"
+
+    def replace(self, **changes: Any) -> "CGGRConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: Optional[dict] = None, **kwargs: Any) -> "CGGRConfig":
+        """Build from a dict (the backend's ``options=``) and/or keywords, rejecting unknown names."""
+        merged = dict(options or {})
+        merged.update(kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown CGGR option(s) {', '.join(map(repr, unknown))}; valid options are "
+                f"{', '.join(sorted(known))}."
+            )
+        return cls(**merged)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")

@@ -1,0 +1,115 @@
+"""Warmup curriculum, lagged dynamic threshold and the quantised levels of ``k``.
+
+All of this runs on the host between steps and never waits on the device:
+
+* ``ratio(step) = 1 - min(1, step / warmup_steps) * (1 - min_ratio)``;
+* with the dynamic threshold, ``ratio' = clamp(ratio * (1 + (1 - c) * sensitivity), ratio, 1)``
+  where ``c`` is the mean top-1 probability of the *latest finished* step: each step copies its
+  value to pinned host memory without blocking, and a later step reads it once the copy is done;
+* the ratio is then rounded **up** to the nearest of ``num_levels`` levels spaced evenly from
+  ``min_ratio`` to 1 (both included), and ``k = clamp(ceil(level * B), 1, B)``. Rounding up never
+  trains on fewer rows than asked; at most ``num_levels`` distinct ``k`` (so compilations) occur
+  over a whole schedule, whatever the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import CGGRConfig
+
+
+def warmup_ratio(step: int, warmup_steps: int, min_ratio: float) -> float:
+    """The curriculum's ratio at ``step`` (SPEC.md, Schedule)."""
+    if warmup_steps <= 0:
+        return float(min_ratio)
+    return 1.0 - min(1.0, step / warmup_steps) * (1.0 - float(min_ratio))
+
+
+def dynamic_ratio(ratio: float, mean_confidence: float, sensitivity: float) -> float:
+    """Raise ``ratio`` when the router is unsure; clamped to ``[ratio, 1]``."""
+    return min(1.0, max(ratio, ratio * (1.0 + (1.0 - mean_confidence) * sensitivity)))
+
+
+def ratio_levels(min_ratio: float, num_levels: int) -> list[float]:
+    """The allowed ratios, ascending: ``num_levels`` values evenly spaced from min_ratio to 1."""
+    if num_levels == 1 or min_ratio >= 1.0:
+        return [1.0] if min_ratio >= 1.0 else [float(min_ratio)]
+    step = (1.0 - min_ratio) / (num_levels - 1)
+    return [min_ratio + i * step for i in range(num_levels - 1)] + [1.0]
+
+
+def quantise_ratio(ratio: float, levels: list[float]) -> float:
+    """The smallest level >= ratio (with a little slack for float rounding)."""
+    for level in levels:
+        if level >= ratio - 1e-9:
+            return level
+    return levels[-1]
+
+
+def rows_for_ratio(ratio: float, batch: int) -> int:
+    """``k = clamp(ceil(ratio * B), 1, B)``."""
+    return max(1, min(batch, math.ceil(ratio * batch - 1e-9)))
+
+
+class LaggedScalar:
+    """A device scalar read on the host one or more steps later, without a synchronisation.
+
+    ``push`` starts a non-blocking copy to pinned memory and records an event; ``latest`` returns
+    the newest value whose copy has finished (``event.query()`` never blocks), else the previous
+    one. On the CPU the value is available at once.
+    """
+
+    def __init__(self) -> None:
+        self._value: Optional[float] = None
+        self._pending: list[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = []
+
+    def push(self, value: torch.Tensor) -> None:
+        value = value.detach()
+        if value.device.type == "cuda":
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event))
+            del self._pending[:-4]  # keep a few in flight; older ones are superseded
+        else:
+            self._pending = [(value.to("cpu"), None)]
+
+    def latest(self) -> Optional[float]:
+        while self._pending:
+            host, event = self._pending[0]
+            if event is not None and not event.query():
+                break
+            self._value = float(host)
+            self._pending.pop(0)
+        return self._value
+
+
+class Schedule:
+    """The step counter and the host-side choice of the ratio level for the next step."""
+
+    def __init__(self, config: CGGRConfig) -> None:
+        self.config = config
+        self.step = 0
+        self.levels = ratio_levels(config.min_tokens_ratio, config.num_levels)
+        self.confidence = LaggedScalar()
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def ratio(self) -> float:
+        """The (quantised) ratio for the next step."""
+        c = self.config
+        r = warmup_ratio(self.step, c.warmup_steps, c.min_tokens_ratio)
+        if c.uses_dynamic_threshold:
+            conf = self.confidence.latest()
+            if conf is not None:
+                r = dynamic_ratio(r, conf, c.threshold_sensitivity)
+        return quantise_ratio(r, self.levels)
+
+    def rows(self, batch: int) -> int:
+        return rows_for_ratio(self.ratio(), batch)

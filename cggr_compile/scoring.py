@@ -1,0 +1,300 @@
+"""Token difficulty, per-sequence aggregation, selection and the selective loss.
+
+The single source of SPEC.md's math. Everything here is plain, traceable torch with static
+shapes and no host synchronisation, so the module transform, the Dynamo backend's rewritten
+graph, Inductor and the CPU all compute the same numbers (up to float rounding).
+
+Conventions: ``labels`` are the user's labels ``[B, T]``; :func:`aligned_labels` turns them into
+the label each *position* is scored against (``t+1`` for causal LMs, ``t`` for masked LMs), with
+-100 where there is none. A position is *valid* when its attention mask is 1 and its aligned label
+is not -100 (or, without labels, when its attention mask is 1 and it is not the last position of a
+causal sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics of the router's distribution, all float32 ``[B, T]``."""
+
+    entropy: Tensor
+    p1: Tensor
+    p2: Tensor
+    nll: Tensor  # -log p[label]; 0 where there is no label
+
+
+def aligned_labels(labels: Tensor, causal: bool) -> Tensor:
+    """The label each position is scored against: ``labels[:, t+1]`` (causal) or ``labels[:, t]``."""
+    if not causal:
+        return labels
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def valid_positions(
+    attention_mask: Optional[Tensor], target: Optional[Tensor], shape: torch.Size, causal: bool,
+    device: torch.device,
+) -> Tensor:
+    """Boolean ``[B, T]``: attention mask 1 and an aligned label that is not -100."""
+    if target is not None:
+        valid = target != IGNORE_INDEX
+    else:
+        valid = torch.ones(shape, dtype=torch.bool, device=device)
+        if causal:  # the last position has nothing to predict
+            valid = torch.cat([valid[:, :-1], torch.zeros_like(valid[:, :1])], dim=1)
+    if attention_mask is not None:
+        valid = valid & (attention_mask != 0)
+    return valid
+
+
+def token_stats(logits: Tensor, target: Optional[Tensor]) -> TokenStats:
+    """Entropy, top-2 probabilities and label NLL of ``softmax(logits)``, in float32."""
+    z = logits.float()
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    top2 = torch.topk(p, 2, dim=-1).values if z.shape[-1] >= 2 else torch.cat(
+        [p, torch.zeros_like(p)], dim=-1
+    )
+    if target is None:
+        nll = torch.zeros_like(entropy)
+    else:
+        safe = target.clamp(min=0).unsqueeze(-1)
+        nll = -logp.gather(-1, safe).squeeze(-1)
+        nll = torch.where(target != IGNORE_INDEX, nll, torch.zeros_like(nll))
+    return TokenStats(entropy, top2[..., 0], top2[..., 1], nll)
+
+
+def _zscore(x: Tensor, valid: Tensor) -> Tensor:
+    w = valid.to(x.dtype)
+    n = w.sum().clamp(min=1.0)
+    mean = (x * w).sum() / n
+    var = (((x - mean) ** 2) * w).sum() / n
+    std = var.sqrt()
+    # A constant signal carries no ranking information: its z-score is 0, not NaN.
+    return torch.where(std > 0, (x - mean) / std.clamp(min=1e-12), torch.zeros_like(x))
+
+
+def token_difficulty(stats: TokenStats, valid: Tensor, scoring: str, has_labels: bool) -> Tensor:
+    """Difficulty per position (float32 ``[B, T]``), 0 at invalid positions (SPEC.md, Scoring)."""
+    margin = 1.0 - (stats.p1 - stats.p2)
+    if scoring == "entropy":
+        d = stats.entropy
+    elif scoring == "margin":
+        d = margin
+    elif scoring == "loss":
+        if not has_labels:
+            raise ValueError("scoring='loss' needs labels; pass labels or choose 'entropy'.")
+        d = stats.nll
+    elif scoring == "combined":
+        parts = [_zscore(stats.entropy, valid), _zscore(margin, valid)]
+        if has_labels:
+            parts.append(_zscore(stats.nll, valid))
+        d = torch.stack(parts).mean(0)
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}")
+    return torch.where(valid, d.float(), torch.zeros_like(d, dtype=torch.float32))
+
+
+def sequence_difficulty(difficulty: Tensor, valid: Tensor) -> Tensor:
+    """Mean difficulty over each row's valid positions; ``-inf`` for a row with none."""
+    w = valid.to(difficulty.dtype)
+    n = w.sum(-1)
+    mean = (difficulty * w).sum(-1) / n.clamp(min=1.0)
+    return torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
+
+
+def _hash_uniform(index: Tensor, seed: int, step: Tensor) -> Tensor:
+    """Counter-based uniform numbers in [0, 1): the same on every device and inside graphs.
+
+    A seeded ``torch.Generator`` cannot live inside a compiled graph; this integer hash of
+    (seed, step, index) can, and it does not repeat across steps.
+    """
+    mask = (1 << 31) - 1
+    h = (index.to(torch.int64) * 1103515245 + (seed * 2654435761 + 12345)) & mask
+    h = (h + step.to(torch.int64) * 2246822519) & mask
+    for mult in (747796405, 277803737):
+        h = (h ^ (h >> 15)) & mask
+        h = (h * mult) & mask
+    h = h ^ (h >> 13)
+    return (h & mask).to(torch.float32) / float(1 << 31)
+
+
+def stratum_quotas(total: int, budget: int, num_strata: int) -> list[tuple[int, int, int]]:
+    """Static (start, size, quota) per stratum for ``total`` ranked items (0 = hardest stratum).
+
+    Stratum ``i`` gets a share of ``budget`` proportional to ``num_strata - i`` (rounded down,
+    the rounding leftover handed to the harder strata first); a quota larger than its stratum passes
+    the excess on to the next stratum, and what the last stratum cannot take wraps to the
+    hardest strata that still have room.
+    """
+    s = min(num_strata, total)
+    bounds = [(i * total) // s for i in range(s + 1)]
+    sizes = [bounds[i + 1] - bounds[i] for i in range(s)]
+    weights = [s - i for i in range(s)]
+    raw = [budget * w / sum(weights) for w in weights]
+    quota = [int(math.floor(x)) for x in raw]
+    for i in range(budget - sum(quota)):
+        quota[i] += 1
+    carry = 0
+    for i in range(s):
+        want = quota[i] + carry
+        quota[i] = min(want, sizes[i])
+        carry = want - quota[i]
+    for i in range(s):  # leftover (only when the easy strata are small): fill from the top
+        extra = min(carry, sizes[i] - quota[i])
+        quota[i] += extra
+        carry -= extra
+    return [(bounds[i], sizes[i], quota[i]) for i in range(s)]
+
+
+def select_sequences(
+    seq_difficulty: Tensor, k: int, selection: str, num_strata: int = 4, seed: int = 0,
+    step: Optional[Tensor] = None,
+) -> Tensor:
+    """Indices (int64 ``[k]``, ascending) of the rows to train on. ``k`` is a static int.
+
+    Ties break towards the lower index; rows with no valid position (``-inf``) are never chosen
+    while others remain.
+    """
+    b = seq_difficulty.shape[0]
+    order = torch.sort(seq_difficulty, descending=True, stable=True).indices
+    if selection in ("topk", "fixed_quota") or k >= b:
+        chosen = order[:k]
+    elif selection == "stratified":
+        step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=order.device)
+        picks = []
+        for start, size, quota in stratum_quotas(b, k, num_strata):
+            if quota == 0:
+                continue
+            members = order[start : start + size]
+            keys = _hash_uniform(members, seed, step_t)
+            within = torch.sort(keys, stable=True).indices[:quota]
+            picks.append(members[within])
+        drawn = torch.cat(picks)
+        # A row without valid positions may have been drawn from the last stratum: swap it for
+        # the hardest undrawn valid row, keeping the count static.
+        picked = torch.zeros(b, dtype=torch.bool, device=order.device).index_fill(0, drawn, True)
+        has_valid = torch.isfinite(seq_difficulty)
+        priority = picked.to(torch.int64) * 2 + has_valid.to(torch.int64) * 4
+        rank_of = torch.empty_like(order).scatter_(0, order, torch.arange(b, device=order.device))
+        key = priority * (b + 1) + (b - rank_of)
+        chosen = torch.sort(key, descending=True, stable=True).indices[:k]
+    else:
+        raise ValueError(
+            f"selection {selection!r} does not apply to sequences; use 'topk', 'stratified' or "
+            "'fixed_quota'."
+        )
+    return torch.sort(chosen).values
+
+
+def select_tokens(
+    difficulty: Tensor, valid: Tensor, ratio: float | Tensor, selection: str, num_strata: int = 4,
+    min_tokens_per_sequence: int = 1, seed: int = 0, step: Optional[Tensor] = None,
+) -> Tensor:
+    """Boolean ``[B, T]`` mask of the selected positions: ``ceil(ratio * n)`` of the ``n`` valid ones.
+
+    ``n`` is data, so the count is a tensor and selection is done by ranking (static shapes).
+    """
+    flat = torch.where(valid, difficulty, torch.full_like(difficulty, -math.inf)).reshape(-1)
+    m = flat.shape[0]
+    n = valid.sum()
+    ratio_t = torch.as_tensor(ratio, dtype=torch.float64, device=flat.device)
+    budget = torch.ceil(ratio_t * n.to(torch.float64) - 1e-9).to(torch.int64)
+    budget = torch.where(n > 0, budget.clamp(min=1), budget).clamp(max=n)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(m, device=flat.device))
+    vflat = valid.reshape(-1)
+    if selection in ("topk", "fixed_quota", "sequence_aware"):
+        chosen = rank < budget
+    elif selection == "stratified":
+        chosen = _stratified_token_mask(rank, n, budget, num_strata, seed, step)
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    chosen = (chosen & vflat).reshape(valid.shape)
+    if selection == "sequence_aware" and min_tokens_per_sequence > 0:
+        row = torch.where(valid, difficulty, torch.full_like(difficulty, -math.inf))
+        row_order = torch.sort(row, dim=1, descending=True, stable=True).indices
+        t = valid.shape[1]
+        ar = torch.arange(t, device=flat.device).expand_as(row_order)
+        row_rank = torch.empty_like(row_order).scatter_(1, row_order, ar)
+        chosen = chosen | ((row_rank < min_tokens_per_sequence) & valid)
+    return chosen
+
+
+def _stratified_token_mask(
+    rank: Tensor, n: Tensor, budget: Tensor, num_strata: int, seed: int, step: Optional[Tensor]
+) -> Tensor:
+    """Stratified selection over the ``n`` valid ranks with tensor (data-dependent) quotas."""
+    dev = rank.device
+    s = num_strata
+    nf = n.to(torch.int64)
+    # Stratum i holds ranks [floor(i*n/s), floor((i+1)*n/s)).
+    bounds = [(nf * i) // s for i in range(s + 1)]
+    sizes = [bounds[i + 1] - bounds[i] for i in range(s)]
+    weights = [s - i for i in range(s)]
+    total_w = sum(weights)
+    raw = [budget.to(torch.float64) * w / total_w for w in weights]
+    quota = [torch.floor(r).to(torch.int64) for r in raw]
+    left = budget - sum(quota)
+    # Same rounding as stratum_quotas: floor, then the leftover to the harder strata first.
+    for i in range(s):
+        give = (left > 0).to(torch.int64)
+        quota[i] = quota[i] + give
+        left = left - give
+    carry = torch.zeros((), dtype=torch.int64, device=dev)
+    for i in range(s):
+        want = quota[i] + carry
+        quota[i] = torch.minimum(want, sizes[i])
+        carry = want - quota[i]
+    for i in range(s):
+        extra = torch.minimum(carry, sizes[i] - quota[i])
+        quota[i] = quota[i] + extra
+        carry = carry - extra
+    stratum = torch.zeros_like(rank)
+    for i in range(1, s):
+        stratum = stratum + (rank >= bounds[i]).to(torch.int64)
+    step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    keys = _hash_uniform(torch.arange(rank.shape[0], device=dev), seed, step_t)
+    # Rank within the stratum by random key: sort by (stratum, key).
+    composite = stratum.to(torch.float64) * 2.0 + keys.to(torch.float64)
+    composite = torch.where(rank < nf, composite, torch.full_like(composite, math.inf))
+    order = torch.sort(composite, stable=True).indices
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(rank.shape[0], device=dev))
+    stratum_start = torch.stack(bounds[:-1])[stratum.clamp(max=s - 1)]
+    within = pos - stratum_start
+    q = torch.stack(quota)[stratum.clamp(max=s - 1)]
+    return (rank < nf) & (within < q)
+
+
+def selective_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the positions where ``weight`` is true.
+
+    ``target`` is aligned with the positions (see :func:`aligned_labels`). No position gives a
+    zero that is still connected to the graph, never NaN.
+    """
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v).float()
+    tgt = torch.where(weight, target, torch.full_like(target, IGNORE_INDEX)).reshape(-1)
+    total = torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = weight.sum()
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def batch_metrics(stats: TokenStats, difficulty: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Mean confidence (top-1 probability), entropy and difficulty over the valid positions."""
+    w = valid.to(torch.float32)
+    n = w.sum().clamp(min=1.0)
+    return {
+        "avg_confidence": (stats.p1 * w).sum() / n,
+        "avg_entropy": (stats.entropy * w).sum() / n,
+        "avg_difficulty": (difficulty * w).sum() / n,
+    }

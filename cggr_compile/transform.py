@@ -1,0 +1,238 @@
+"""The module-level rewrite: router (no grad) -> score -> select -> main pass on the selection.
+
+One batch, start to end (:meth:`CGGRModel.forward`):
+
+1. ``_plan`` (host, never traced): the schedule turns the step counter and the lagged mean
+   confidence into a ratio level and ``k`` rows; both are stored as plain attributes, so a compiled
+   forward specialises on them and a whole schedule compiles at most ``num_levels`` times.
+2. ``route``: the truncated router scores every position (``scoring.py``), rows or tokens are
+   selected with static shapes.
+3. the wrapped model runs on ``input_ids[idx]`` (and the mask and every per-row input sliced the
+   same way), or on the whole batch with a token mask; the loss is the selective cross-entropy.
+4. ``_record`` (host, never traced): the mean confidence starts its non-blocking trip to the host
+   for the dynamic threshold of a later step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import scoring as S
+from .config import CGGRConfig
+from .router import build_router
+from .schedule import Schedule, rows_for_ratio
+
+
+@dataclass
+class Routing:
+    """What the router decided for one batch (all device tensors)."""
+
+    target: Optional[Tensor]  # labels aligned with positions, [B, T]
+    valid: Tensor  # [B, T] bool
+    difficulty: Tensor  # [B, T] float32
+    metrics: dict[str, Tensor]
+
+
+def check_batch(input_ids: Any, labels: Any = None, attention_mask: Any = None) -> None:
+    """SPEC.md's bad inputs: clear errors instead of a stack trace from deep inside the model."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        what = (
+            f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, Tensor)
+            else type(input_ids).__name__
+        )
+        raise ValueError(
+            f"cggr: input_ids must be a (batch, seq) integer tensor, got {what}; tokenize and "
+            "batch first (for one sequence use input_ids.unsqueeze(0))."
+        )
+    if labels is not None:
+        if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(
+                f"cggr: labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{shape}; pass unshifted labels (CGGR shifts them like the model's loss)."
+            )
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape)
+    ):
+        raise ValueError(
+            f"cggr: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}."
+        )
+
+
+def score_positions(
+    router_out: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], causal: bool,
+    scoring: str,
+) -> Routing:
+    """Difficulty of every position from router logits ``[B, T, V]`` (or user difficulties ``[B, T]``)."""
+    target = S.aligned_labels(labels, causal) if labels is not None else None
+    shape = router_out.shape[:2]
+    valid = S.valid_positions(attention_mask, target, shape, causal, router_out.device)
+    if router_out.dim() == 2:  # a user router that returns difficulties directly
+        difficulty = torch.where(valid, router_out.float(), torch.zeros_like(router_out, dtype=torch.float32))
+        w = valid.float()
+        metrics = {"avg_difficulty": (difficulty * w).sum() / w.sum().clamp(min=1.0)}
+        return Routing(target, valid, difficulty, metrics)
+    stats = S.token_stats(router_out, target)
+    difficulty = S.token_difficulty(stats, valid, scoring, labels is not None)
+    return Routing(target, valid, difficulty, S.batch_metrics(stats, difficulty, valid))
+
+
+def slice_rows(value: Any, idx: Tensor, batch: int) -> Any:
+    """``value[idx]`` for per-row tensors (leading dim == batch); anything else unchanged."""
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return value.index_select(0, idx)
+    return value
+
+
+class CGGRModel(nn.Module):
+    """A model that trains with CGGR and otherwise behaves exactly like the model it wraps.
+
+    ``parameters()`` yields the wrapped model's own tensors and ``state_dict()`` /
+    ``load_state_dict()`` are the wrapped model's (same keys), so checkpoints move freely between
+    the two. In training with labels and grad enabled, ``forward`` returns the model's usual output
+    whose ``loss`` is the CGGR loss, plus ``selected_indices`` (rows, sequences granularity) or
+    ``selected_mask`` (tokens) and ``cggr_metrics``. Call :meth:`step` once per optimizer step (or
+    :meth:`attach_optimizer` once).
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = CGGRConfig.from_options(options)
+        elif options:
+            config = config.replace(**options)
+        self.model = model
+        self.cggr_config = config
+        router, causal = build_router(model, config.router_layers, config.router)
+        # Plain attributes (not submodules): no second registration of the shared tensors.
+        self.__dict__["router"] = router
+        self.__dict__["schedule"] = Schedule(config)
+        self.causal = causal
+        self._k = 1
+        self._ratio = 1.0
+        self.__dict__["_step_tensor"] = None
+
+    # -- checkpoint compatibility with the wrapped model --------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.model.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    # -- schedule -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance the schedule once; call after each optimizer step."""
+        self.schedule.advance()
+        if self._step_tensor is not None:
+            self._step_tensor.add_(1)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Advance the schedule after every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def metrics(self) -> dict[str, Any]:
+        """The last training step's metrics (device tensors; reading them synchronises)."""
+        return dict(self.__dict__.get("_last_metrics", {}))
+
+    @torch.compiler.disable
+    def _plan(self, batch: int, device: torch.device) -> None:
+        ratio = self.schedule.ratio()
+        self._ratio = ratio
+        self._k = rows_for_ratio(ratio, batch)
+        if self._step_tensor is None or self._step_tensor.device != device:
+            self.__dict__["_step_tensor"] = torch.full((), self.schedule.step, dtype=torch.int64, device=device)
+
+    @torch.compiler.disable
+    def _record(self, metrics: dict[str, Any]) -> None:
+        self.__dict__["_last_metrics"] = metrics
+        if "avg_confidence" in metrics:
+            self.schedule.confidence.push(metrics["avg_confidence"])
+
+    # -- the step -------------------------------------------------------------------------------
+    def route(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], **rows: Any
+    ) -> Routing:
+        """Run the router and score every position (no grad)."""
+        with torch.no_grad():
+            out = self.router(input_ids, attention_mask, **rows)
+            return score_positions(out, attention_mask, labels, self.causal, self.cggr_config.scoring)
+
+    def sequence_difficulty(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+        **rows: Any,
+    ) -> Tensor:
+        """The router's per-sequence difficulty ``[B]`` (mean over valid positions)."""
+        check_batch(input_ids, labels, attention_mask)
+        r = self.route(input_ids, attention_mask, labels, **rows)
+        return S.sequence_difficulty(r.difficulty, r.valid)
+
+    def forward(
+        self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None, **kwargs: Any,
+    ) -> Any:
+        if not (self.model.training and torch.is_grad_enabled() and labels is not None):
+            # eval, no_grad or no labels: exactly the plain model.
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        check_batch(input_ids, labels, attention_mask)
+        kwargs.pop("num_items_in_batch", None)  # recomputed for the selection
+        self._plan(input_ids.shape[0], input_ids.device)
+        out, metrics = self._routed_step(input_ids, attention_mask, labels, kwargs)
+        self._record(metrics)
+        return out
+
+    def _routed_step(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
+    ) -> tuple[Any, dict[str, Any]]:
+        cfg = self.cggr_config
+        b = input_ids.shape[0]
+        rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
+        r = self.route(input_ids, attention_mask, labels, **rows)
+        k = self._k
+        if cfg.granularity == "sequences":
+            seq = S.sequence_difficulty(r.difficulty, r.valid)
+            idx = S.select_sequences(seq, k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
+            sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
+            mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
+            out = self.model(input_ids=input_ids.index_select(0, idx), attention_mask=mask_k, **sliced)
+            weight = r.valid.index_select(0, idx)
+            loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight)
+            out["selected_indices"] = idx
+        else:
+            weight = S.select_tokens(
+                r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
+                cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
+            )
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            loss = S.selective_cross_entropy(out.logits, r.target, weight)
+            out["selected_mask"] = weight
+        out["loss"] = loss
+        metrics: dict[str, Any] = dict(r.metrics)
+        metrics.update(
+            step=self.schedule.step, token_ratio=self._ratio, k=k,
+            tokens_selected=weight.sum(), tokens_total=r.valid.sum(),
+            selection=cfg.selection, scoring=cfg.scoring,
+        )
+        out["cggr_metrics"] = metrics
+        return out, metrics
+
+
+def transform(model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> CGGRModel:
+    """Wrap ``model`` so that it trains with CGGR (eagerly or under any ``torch.compile``).
+
+    Options are :class:`~cggr_compile.config.CGGRConfig`'s fields (``min_tokens_ratio``,
+    ``router_layers``, ``scoring``, ``selection``, ``granularity``, ``warmup_steps``,
+    ``dynamic_threshold``, ``threshold_sensitivity``, ``num_strata``, ``min_tokens_per_sequence``,
+    ``router``, ...).
+    """
+    return CGGRModel(model, config, **options)
