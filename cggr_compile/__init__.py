@@ -10,3 +10,8 @@ from .transform import CGGRModel, transform
 
 __all__ = ["CGGRConfig", "CGGRModel", "transform"]
 __version__ = "0.1.0"
+
+from .backend import last_metrics, register as _register_backend, step
+
+_register_backend()
+__all__ += ["last_metrics", "step"]

@@ -1,0 +1,158 @@
+"""The ``cggr`` Dynamo backend: ``torch.compile(model, backend="cggr", options={...})``.
+
+For each captured graph: recognise it (``passes/recognise_training_graph``); if it is a training
+step of a supported model with labels, build the rewritten step for the schedule's current level
+``k`` (``passes/trace_routed_step``) and compile it with Inductor on CUDA, or run the same graph
+with eager ops elsewhere. One rewritten graph is built per level, lazily, so a whole warmup
+schedule compiles at most ``num_levels`` times, all with the default static shapes.
+
+Where it cannot rewrite it warns once, naming the reason and what to do, and compiles the graph
+unmodified. Eval mode, ``torch.no_grad()`` and calls without labels are compiled unmodified
+without a warning: they must run exactly as without CGGR.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from cggr_compile.config import CGGRConfig
+from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
+from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
+from cggr_compile.transform import CGGRModel
+
+_warned: set[str] = set()
+# model -> its CGGR core (router, schedule), so that every graph of one model shares one schedule.
+_cores: "weakref.WeakKeyDictionary[torch.nn.Module, CGGRModel]" = weakref.WeakKeyDictionary()
+
+
+def warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"cggr backend: not rewriting this graph: {reason}. It is compiled unmodified.",
+                      stacklevel=2)
+
+
+def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
+    """The module being compiled and the call's keyword arguments.
+
+    Dynamo hands a backend the graph, not the module. This reads the frame Dynamo is translating
+    (a private API, pinned by tests on each supported torch version).
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = tx.f_locals
+    except Exception:  # noqa: BLE001 - any failure means "unknown", never a crash
+        return None, {}
+    module = f_locals.get("self")
+    kwargs = f_locals.get("kwargs") or {}
+    return (module if isinstance(module, torch.nn.Module) else None), dict(kwargs)
+
+
+def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRModel:
+    """The CGGR core (router, schedule, metrics) the backend uses for ``model``."""
+    core = _cores.get(model)
+    if core is None:
+        core = CGGRModel(model, CGGRConfig.from_options(options))
+        _cores[model] = core
+    return core
+
+
+def step(model: torch.nn.Module) -> None:
+    """Advance the schedule of a model compiled with ``backend="cggr"`` (once per optimizer step)."""
+    core = _cores.get(getattr(model, "_orig_mod", model))
+    if core is not None:
+        core.step()
+
+
+def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
+    """The last CGGR training step's metrics and selection (device tensors) for a compiled model."""
+    core = _cores.get(getattr(model, "_orig_mod", model))
+    return core.metrics() if core is not None else {}
+
+
+def compile_plain(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """Inductor where it generates GPU code, the graph's own eager ops elsewhere."""
+    if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    return gm.forward
+
+
+class RoutedGraph:
+    """The callable the backend returns for a rewritable training graph."""
+
+    def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict):
+        self.core = core
+        self.plan = plan
+        self.example_inputs = list(example_inputs)
+        self.call_kwargs = call_kwargs
+        self.compiled: dict[int, Callable] = {}
+        self.graphs: dict[int, fx.GraphModule] = {}
+
+    def graph_for(self, k: int, step_tensor: torch.Tensor) -> fx.GraphModule:
+        if k not in self.graphs:
+            self.core._k = k
+            self.graphs[k] = trace_routed_step(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor)
+        return self.graphs[k]
+
+    def __call__(self, *args: Any) -> tuple:
+        core, plan = self.core, self.plan
+        ids = args[plan.inputs["input_ids"]]
+        core._plan(plan.batch, ids.device)
+        k, step_tensor = core._k, core._step_tensor
+        fn = self.compiled.get(k)
+        if fn is None:
+            gm = self.graph_for(k, step_tensor)
+            fn = compile_plain(gm, list(args) + [step_tensor])
+            self.compiled[k] = fn
+        loss, logits, selection, *extras = fn(*args, step_tensor)
+        metrics = dict(zip(METRIC_KEYS, extras))
+        metrics.update(step=core.schedule.step, token_ratio=core._ratio, k=k,
+                       selection=core.cggr_config.selection, scoring=core.cggr_config.scoring,
+                       selected=selection)
+        core._record(metrics)
+        outs: list[Any] = [logits.new_empty(0)] * plan.num_outputs  # caches: a training step has none
+        outs[plan.loss_output] = loss
+        if plan.logits_output >= 0:
+            outs[plan.logits_output] = logits
+        return tuple(outs)
+
+
+def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
+    """Dynamo backend entry point (registered as ``"cggr"``)."""
+    config_options = dict(options.get("options", options) or {})
+    CGGRConfig.from_options(config_options)  # bad options fail here, with the config's message
+    module, call_kwargs = _captured_frame()
+    try:
+        plan = recognise(gm, example_inputs, call_kwargs)
+    except NotRewritable as err:
+        if "without labels" not in str(err):
+            warn_once(str(err))
+        return compile_plain(gm, example_inputs)
+    if module is None:
+        warn_once("the module being compiled could not be found (compile the model itself, not a "
+                  "function that calls it, or use cggr_compile.transform(model))")
+        return compile_plain(gm, example_inputs)
+    if not torch.is_grad_enabled() or not module.training:
+        return compile_plain(gm, example_inputs)
+    try:
+        core = core_for(module, config_options)
+    except ValueError as err:
+        warn_once(str(err))
+        return compile_plain(gm, example_inputs)
+    return RoutedGraph(core, plan, example_inputs, call_kwargs)
+
+
+def register() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "cggr" not in _BACKENDS or _BACKENDS.get("cggr") is None:
+        register_backend(compiler_fn=cggr_backend, name="cggr")

@@ -1,0 +1,616 @@
+"""Fused router scorer: per-token softmax statistics straight from the hidden states.
+
+For every token ``n`` of ``N`` this computes, without ever materialising the ``N x V`` logits,
+
+    z      = hidden[n] @ weight.T (+ bias)            (float32 accumulation)
+    z      = softcap * tanh(z / softcap)              (only when ``softcap`` is a float; Gemma2)
+    lse    = logsumexp(z)
+    entropy= lse - sum(softmax(z) * z)                (= -sum p log p)
+    p1, p2 = the two largest softmax probabilities    (p1 >= p2; an exact tie at the top gives p1 == p2)
+    nll    = lse - z[label]                           (exactly 0.0 where label == -100)
+
+all returned as float32 tensors shaped like ``labels``. These are the numbers SPEC.md's "Scoring"
+section needs (entropy, margin = 1 - (p1 - p2), loss = nll).
+
+Implementations, all behind one custom op ``cggr::fused_token_stats``:
+
+* CUDA + Triton: a split-vocabulary kernel. Grid = (token blocks, vocabulary splits). Each program
+  streams its vocabulary range in ``BLOCK_V`` tiles, computes the ``BLOCK_N x BLOCK_V`` logit tile
+  with ``tl.dot`` (fp32 accumulation; bf16/fp16 operands on the tensor cores, fp32 operands in IEEE
+  fp32) and folds it into online statistics: running max ``m``, ``s = sum exp(z - m)``,
+  ``t = sum exp(z - m) * (z - m)`` (the entropy term, kept relative to ``m`` so that it does not
+  cancel), and the running top-2 logits. It writes those partials to an ``O(N * splits)`` float32
+  workspace; a small combine kernel merges the splits and computes the label logit by a gathered
+  dot product (``hidden[n] . weight[label[n]]``), so the hot loop carries no label work.
+  The op is a ``torch.library.triton_op`` launching through ``torch.library.wrap_triton``, so
+  Inductor sees the kernels and calls them from inside a compiled graph.
+* Every other device (and CUDA without Triton): a chunked plain-torch computation of the same math
+  (``cggr::fused_token_stats_torch``), chunked over tokens and vocabulary, so that the extra memory is
+  ``O(chunk_tokens * chunk_vocab + chunk_vocab * H)``, never ``O(N * V)``.
+
+Labels outside ``[0, V)`` other than -100 give ``nll = NaN`` (no device assert, no host sync).
+The op has no autograd formula: it is the router's scorer. :func:`fused_token_stats` runs it under
+``torch.no_grad()``; calling the raw op on inputs that require grad while grad mode is on raises.
+"""
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fused_token_stats",
+    "HAS_TRITON",
+    "HAS_TRITON_OP",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = -100
+_NEG = -3.0e38  # finite "minus infinity" for masked vocabulary columns (keeps 0 * (-inf) NaNs away)
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# "auto" (Triton on CUDA, torch elsewhere), "torch" (always the torch path) or "triton" (Triton on
+# any device; with TRITON_INTERPRET=1 that runs the kernels on the CPU, for tests).
+_BACKEND = os.environ.get("CGGR_FUSED_SCORER_BACKEND", "auto").lower()
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+try:  # Triton is optional: without it only the torch path exists.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_triton_op = getattr(torch.library, "triton_op", None)
+_wrap_triton = getattr(torch.library, "wrap_triton", None) or getattr(torch.library, "capture_triton", None)
+HAS_TRITON_OP = HAS_TRITON and _triton_op is not None and _wrap_triton is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizing heuristics (host side; plain Python on ints, so they trace with static shapes)
+# ----------------------------------------------------------------------------------------------
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _n_bucket(n) -> int:
+    """Coarse token-count class: the autotuning key and the workspace's split cap use it."""
+    if n <= 64:
+        return 0
+    if n <= 512:
+        return 1
+    if n <= 4096:
+        return 2
+    if n <= 16384:
+        return 3
+    return 4
+
+
+# Most vocabulary splits a call may use, per token-count class. Splitting exists so that a few
+# token blocks still fill the GPU; with many tokens it only re-reads the hidden states.
+_SPLIT_CAP = (128, 64, 32, 8, 2)
+
+
+def _max_splits(n, v) -> int:
+    return max(1, min(_SPLIT_CAP[_n_bucket(n)], _cdiv(v, 64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    _NEG_C = tl.constexpr(_NEG)
+
+    @triton.jit
+    def _top2_combine(a1, a2, b1, b2):
+        # top-2 of the multiset {a1, a2} u {b1, b2}, given a1 >= a2 and b1 >= b2.
+        hi = tl.maximum(a1, b1)
+        lo = tl.minimum(a1, b1)
+        return hi, tl.maximum(lo, tl.maximum(a2, b2))
+
+    @triton.jit
+    def _softcap(z, cap):
+        # cap * tanh(z / cap); tanh through exp(-2|x|), which never overflows.
+        x = z / cap
+        e = tl.exp(-2.0 * tl.abs(x))
+        th = (1.0 - e) / (1.0 + e)
+        return cap * tl.where(x >= 0, th, -th)
+
+    @triton.jit
+    def _scorer_partial_kernel(
+        x_ptr, w_ptr, b_ptr, ws_ptr, cnt_ptr,
+        N, V, H, N_BUCKET,
+        stride_xn, stride_xk, stride_wv, stride_wk,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_TARGET: tl.constexpr,
+    ):
+        """Partial statistics of one (token block, vocabulary split).
+
+        Workspace layout: ws[(split * 5 + field) * N + n], fields (m, s, t, z1, z2), float32.
+        ``SPLIT_TARGET`` only shapes the grid (see ``_partial_grid``); the split count is
+        ``tl.num_programs(1)``, which program (0, 0) records in ``cnt_ptr`` for the combine kernel.
+        """
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        if (pid_n == 0) & (pid_s == 0):
+            tl.store(cnt_ptr, nsplit)
+
+        n_tiles = tl.cdiv(V, BLOCK_V)
+        tiles_per_split = tl.cdiv(n_tiles, nsplit)
+        t_lo = pid_s * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + offs_n[:, None] * stride_xn
+
+        m = tl.full([BLOCK_N], _NEG_C, tl.float32)
+        s = tl.zeros([BLOCK_N], tl.float32)
+        t = tl.zeros([BLOCK_N], tl.float32)
+        z1 = tl.full([BLOCK_N], _NEG_C, tl.float32)
+        z2 = tl.full([BLOCK_N], _NEG_C, tl.float32)
+
+        for tile in range(t_lo, t_hi):
+            offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # tile * BLOCK_V < V + BLOCK_V
+            mask_v = offs_v < V
+            w_rows = w_ptr + offs_v[:, None] * stride_wv
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < H
+                xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                wt = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+                if UPCAST_DOT:  # the interpreter multiplies bf16 as raw uint16 bits: go through fp32
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                if FP32_DOT or UPCAST_DOT:
+                    acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(wt), acc)
+            z = acc
+            if HAS_BIAS:
+                bt = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                z = z + bt[None, :]
+            if HAS_SOFTCAP:
+                z = _softcap(z, softcap)
+            z = tl.where(mask_v[None, :], z, _NEG_C)
+
+            # top-2 logits of the tile (exact ties kept: {a, a} gives (a, a)); its max drives m.
+            t1, t2 = tl.reduce((z, tl.full([BLOCK_N, BLOCK_V], _NEG_C, tl.float32)), 1, _top2_combine)
+            m_new = tl.maximum(m, t1)
+            alpha = tl.exp(m - m_new)
+            d = z - m_new[:, None]
+            p = tl.exp(d)
+            # t is sum exp(z - m) (z - m): rebase the old part to m_new, then add the tile.
+            t = alpha * (t + (m - m_new) * s) + tl.sum(p * d, axis=1)
+            s = alpha * s + tl.sum(p, axis=1)
+            m = m_new
+            z1, z2 = _top2_combine(z1, z2, t1, t2)
+
+        base = ws_ptr + (pid_s.to(tl.int64) * 5) * N + offs_n
+        tl.store(base, m, mask=mask_n)
+        tl.store(base + N, s, mask=mask_n)
+        tl.store(base + 2 * N, t, mask=mask_n)
+        tl.store(base + 3 * N, z1, mask=mask_n)
+        tl.store(base + 4 * N, z2, mask=mask_n)
+
+    @triton.jit
+    def _scorer_combine_kernel(
+        ws_ptr, cnt_ptr, x_ptr, w_ptr, b_ptr, lab_ptr,
+        lse_ptr, ent_ptr, p1_ptr, p2_ptr, nll_ptr,
+        N, V, H,
+        stride_xn, stride_xk, stride_wv, stride_wk,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < N
+        nsplit = tl.load(cnt_ptr)
+
+        # pass 1: global max
+        M = tl.full([BLOCK], _NEG_C, tl.float32)
+        base = ws_ptr + offs  # 64-bit pointers; advanced by one split (5 * N) per iteration
+        for sp in range(0, nsplit):
+            ms = tl.load(base, mask=mask, other=_NEG_C)
+            M = tl.maximum(M, ms)
+            base += 5 * N
+        # pass 2: rescaled sums and top-2
+        S = tl.zeros([BLOCK], tl.float32)
+        T = tl.zeros([BLOCK], tl.float32)
+        Z1 = tl.full([BLOCK], _NEG_C, tl.float32)
+        Z2 = tl.full([BLOCK], _NEG_C, tl.float32)
+        base = ws_ptr + offs
+        for sp in range(0, nsplit):
+            ms = tl.load(base, mask=mask, other=_NEG_C)
+            ss = tl.load(base + N, mask=mask, other=0.0)
+            ts = tl.load(base + 2 * N, mask=mask, other=0.0)
+            a1 = tl.load(base + 3 * N, mask=mask, other=_NEG_C)
+            a2 = tl.load(base + 4 * N, mask=mask, other=_NEG_C)
+            alive = ss > 0.0
+            e = tl.where(alive, tl.exp(ms - M), 0.0)
+            S += e * ss
+            T += tl.where(alive, e * (ts + (ms - M) * ss), 0.0)
+            Z1, Z2 = _top2_combine(Z1, Z2, a1, a2)
+            base += 5 * N
+
+        S = tl.where(mask, S, 1.0)
+        log_s = tl.log(S)
+        lse = M + log_s
+        ent = tl.maximum(log_s - T / S, 0.0)
+        p1 = tl.minimum(tl.exp(Z1 - lse), 1.0)
+        p2 = tl.minimum(tl.exp(Z2 - lse), 1.0)
+
+        # label logit: hidden[n] . weight[label[n]] (+ bias), gathered, fp32 accumulation
+        lab = tl.load(lab_ptr + offs, mask=mask, other=-100)
+        in_range = (lab >= 0) & (lab < V)
+        lab_c = tl.where(in_range, lab, 0).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + offs[:, None] * stride_xn
+        w_rows = w_ptr + lab_c[:, None] * stride_wv
+        acc = tl.zeros([BLOCK, BLOCK_K], tl.float32)
+        gmask = mask & in_range
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + offs_k
+            mk = gmask[:, None] & (kk < H)[None, :]
+            xv = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + kk[None, :] * stride_wk, mask=mk, other=0.0).to(tl.float32)
+            acc += xv * wv
+        zl = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            zl += tl.load(b_ptr + lab_c, mask=gmask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            zl = _softcap(zl, softcap)
+        nll = tl.maximum(lse - zl, 0.0)
+        nll = tl.where(in_range, nll, float("nan"))
+        nll = tl.where(lab == -100, 0.0, nll)
+
+        tl.store(lse_ptr + offs, lse, mask=mask)
+        tl.store(ent_ptr + offs, ent, mask=mask)
+        tl.store(p1_ptr + offs, p1, mask=mask)
+        tl.store(p2_ptr + offs, p2, mask=mask)
+        tl.store(nll_ptr + offs, nll, mask=mask)
+
+    def _cfg(bn, bv, bk, warps, stages, split_target):
+        return triton.Config(
+            {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "SPLIT_TARGET": split_target},
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    # 16-bit operands (tensor cores). SPLIT_TARGET is the number of programs a call aims for when
+    # it has few token blocks (132 SMs on an H100/H200: 264 = two per SM, 528 = four).
+    _CONFIGS_16 = [
+        _cfg(128, 128, 64, 8, 3, 264),
+        _cfg(128, 128, 64, 8, 3, 528),
+        _cfg(64, 128, 64, 4, 4, 528),
+        _cfg(128, 64, 64, 4, 4, 528),
+        _cfg(64, 256, 64, 8, 3, 264),
+        _cfg(128, 128, 32, 4, 4, 264),
+    ]
+    # float32 operands (IEEE fp32 FMA path: smaller tiles, shallower pipelines).
+    _CONFIGS_32 = [
+        _cfg(64, 64, 32, 4, 2, 528),
+        _cfg(32, 64, 32, 4, 2, 528),
+        _cfg(64, 128, 32, 8, 2, 264),
+    ]
+    _AUTOTUNE_KEY = ["N_BUCKET", "V", "H"]
+    _partial_16 = triton.autotune(configs=_CONFIGS_16, key=_AUTOTUNE_KEY)(_scorer_partial_kernel)
+    _partial_32 = triton.autotune(configs=_CONFIGS_32, key=_AUTOTUNE_KEY)(_scorer_partial_kernel)
+
+    # One fixed configuration for the interpreter (autotuning there only burns CPU time).
+    _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_K": 32, "SPLIT_TARGET": 8}
+
+    _COMBINE_BLOCK = 64
+    _COMBINE_BLOCK_K = 64
+
+
+def _partial_grid(n: int, v: int, max_splits: int):
+    def grid(meta):
+        tb = _cdiv(n, meta["BLOCK_N"])
+        splits = min(max_splits, _cdiv(v, meta["BLOCK_V"]), max(1, _cdiv(meta["SPLIT_TARGET"], tb)))
+        return (tb, max(1, splits))
+
+    return grid
+
+
+def _launch_triton(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    softcap: Optional[float],
+    wrap=None,
+    config: Optional[dict] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run the two Triton kernels. ``wrap`` is ``torch.library.wrap_triton`` inside the op (so that
+    tracing sees the kernels) and the identity otherwise; ``config`` (BLOCK_N, BLOCK_V, BLOCK_K,
+    SPLIT_TARGET, optionally num_warps / num_stages) bypasses autotuning."""
+    if wrap is None:
+        wrap = lambda k: k  # noqa: E731
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    ms = _max_splits(N, V)
+    ws = torch.empty((ms * 5 * N,), dtype=torch.float32, device=dev)
+    cnt = torch.empty((1,), dtype=torch.int32, device=dev)
+    outs = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in range(5)]
+    has_bias = bias is not None
+    b = bias if has_bias else weight  # any valid pointer; never read
+    cap = float(softcap) if softcap is not None else 1.0
+    fp32 = hidden.dtype == torch.float32
+    grid = _partial_grid(N, V, ms)
+    args = (
+        hidden, weight, b, ws, cnt,
+        N, V, H, _n_bucket(N),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        cap,
+    )
+    consts = dict(
+        HAS_BIAS=has_bias,
+        HAS_SOFTCAP=softcap is not None,
+        FP32_DOT=fp32,
+        UPCAST_DOT=_INTERPRET and hidden.dtype == torch.bfloat16,
+    )
+    if config is None and _INTERPRET:
+        config = _INTERPRET_CONFIG
+    if config is not None:
+        wrap(_scorer_partial_kernel)[grid](*args, **consts, **config)
+    else:
+        wrap(_partial_32 if fp32 else _partial_16)[grid](*args, **consts)
+    wrap(_scorer_combine_kernel)[(_cdiv(N, _COMBINE_BLOCK),)](
+        ws, cnt, hidden, weight, b, labels,
+        outs[0], outs[1], outs[2], outs[3], outs[4],
+        N, V, H,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        cap,
+        HAS_BIAS=has_bias,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK=_COMBINE_BLOCK,
+        BLOCK_K=_COMBINE_BLOCK_K,
+    )
+    return tuple(outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-torch path (CPU, any non-CUDA device, CUDA without Triton)
+# ----------------------------------------------------------------------------------------------
+_TORCH_CHUNK_ELEMS = 1 << 22  # fp32 logits per chunk (16 MiB)
+_TORCH_CHUNK_VOCAB = 8192
+
+
+def _torch_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    softcap: Optional[float],
+    chunk_tokens: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The same statistics in plain torch, chunked over tokens and vocabulary (online merge)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cv = min(V, chunk_vocab or _TORCH_CHUNK_VOCAB)
+    cn = max(1, min(N, chunk_tokens or max(1, _TORCH_CHUNK_ELEMS // cv)))
+    f32 = torch.float32
+    lse_o = torch.empty((N,), dtype=f32, device=dev)
+    ent_o = torch.empty_like(lse_o)
+    p1_o = torch.empty_like(lse_o)
+    p2_o = torch.empty_like(lse_o)
+    nll_o = torch.empty_like(lse_o)
+    w_whole = weight.to(f32) if V <= cv else None  # one vocabulary chunk: upcast once
+    b32 = bias.to(f32) if bias is not None else None
+    for n0 in range(0, N, cn):
+        n1 = min(N, n0 + cn)
+        h = hidden[n0:n1].to(f32)
+        rows = n1 - n0
+        m = torch.full((rows,), -math.inf, dtype=f32, device=dev)
+        s = torch.zeros((rows,), dtype=f32, device=dev)
+        t = torch.zeros((rows,), dtype=f32, device=dev)
+        top = torch.full((rows, 2), -math.inf, dtype=f32, device=dev)
+        for v0 in range(0, V, cv):
+            v1 = min(V, v0 + cv)
+            w = w_whole if w_whole is not None else weight[v0:v1].to(f32)
+            z = h @ w.t()
+            if b32 is not None:
+                z = z + b32[v0:v1]
+            if softcap is not None:
+                z = torch.tanh(z / softcap) * softcap
+            m_new = torch.maximum(m, z.max(dim=1).values)
+            alpha = torch.exp(m - m_new)
+            d = z - m_new[:, None]
+            p = torch.exp(d)
+            old = torch.where(s > 0, t + (m - m_new) * s, torch.zeros_like(t))
+            t = alpha * old + (p * d).sum(dim=1)
+            s = alpha * s + p.sum(dim=1)
+            m = m_new
+            kk = min(2, v1 - v0)
+            cand = torch.cat([top, torch.topk(z, kk, dim=1).values], dim=1)
+            top = torch.topk(cand, 2, dim=1).values
+        log_s = torch.log(s)
+        lse = m + log_s
+        lse_o[n0:n1] = lse
+        ent_o[n0:n1] = torch.clamp(log_s - t / s, min=0.0)
+        p1_o[n0:n1] = torch.exp(top[:, 0] - lse).clamp(max=1.0)
+        p2_o[n0:n1] = torch.exp(top[:, 1] - lse).clamp(max=1.0)
+        # label logit: gathered dot product (like the Triton combine kernel)
+        lab = labels[n0:n1]
+        in_range = (lab >= 0) & (lab < V)
+        lab_c = torch.where(in_range, lab, torch.zeros_like(lab))
+        zl = (h * weight[lab_c].to(f32)).sum(dim=1)
+        if b32 is not None:
+            zl = zl + b32[lab_c]
+        if softcap is not None:
+            zl = torch.tanh(zl / softcap) * softcap
+        nll = torch.clamp(lse - zl, min=0.0)
+        nll = torch.where(in_range, nll, torch.full_like(nll, math.nan))
+        nll_o[n0:n1] = torch.where(lab == IGNORE_INDEX, torch.zeros_like(nll), nll)
+    return lse_o, ent_o, p1_o, p2_o, nll_o
+
+
+def _fake_token_stats(hidden, weight, bias, labels, softcap=None):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom-op registration
+# ----------------------------------------------------------------------------------------------
+_OPS = "cggr::fused_token_stats"
+_OPS_TORCH = "cggr::fused_token_stats_torch"
+
+
+@torch.library.custom_op(_OPS_TORCH, mutates_args=())
+def _fused_token_stats_torch_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    softcap: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _torch_token_stats(hidden, weight, bias, labels, softcap)
+
+
+_fused_token_stats_torch_op.register_fake(_fake_token_stats)
+
+
+def _use_triton(t: Tensor) -> bool:
+    if not HAS_TRITON or _BACKEND == "torch":
+        return False
+    if _BACKEND == "triton":
+        return True
+    return t.device.type == "cuda"
+
+
+def _fused_token_stats_impl(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    softcap: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _use_triton(hidden):
+        wrap = _wrap_triton if (HAS_TRITON_OP and not _INTERPRET) else None
+        return _launch_triton(hidden, weight, bias, labels, softcap, wrap=wrap)
+    # Inside the op's decomposition (AOTAutograd) this stays one opaque node.
+    return torch.ops.cggr.fused_token_stats_torch(hidden, weight, bias, labels, softcap)
+
+
+if HAS_TRITON_OP:
+    _fused_token_stats_op = _triton_op(_OPS, _fused_token_stats_impl, mutates_args=())
+    # Eager CPU calls go straight to the torch path (the fake/meta kernel is the body above,
+    # which triton_op registers itself: it only allocates and launches traceable kernels).
+    @_fused_token_stats_op.register_kernel("cpu")
+    def _fused_token_stats_cpu(hidden, weight, bias, labels, softcap=None):
+        return _torch_token_stats(hidden, weight, bias, labels, softcap)
+else:  # pragma: no cover - old torch or no triton
+
+    def _opaque_impl(hidden, weight, bias, labels, softcap=None):
+        if _use_triton(hidden):
+            return _launch_triton(hidden, weight, bias, labels, softcap)
+        return _torch_token_stats(hidden, weight, bias, labels, softcap)
+
+    _opaque_impl.__annotations__ = dict(_fused_token_stats_impl.__annotations__)
+    _fused_token_stats_op = torch.library.custom_op(_OPS, _opaque_impl, mutates_args=())
+    _fused_token_stats_op.register_fake(_fake_token_stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def fused_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``(lse, entropy, p1, p2, nll)`` of ``softmax(hidden @ weight.T + bias)``.
+
+    Args:
+        hidden: ``[N, H]`` (or ``[..., H]``) router hidden states, float32 / bfloat16 / float16.
+            Cast to ``weight.dtype`` when the two differ.
+        weight: ``[V, H]`` output-head weight (``lm_head.weight``), same dtypes.
+        bias: optional ``[V]`` output-head bias.
+        labels: int64 ``[N]`` (shaped like ``hidden.shape[:-1]``) label per token, -100 to ignore;
+            ``None`` means no labels (``nll`` is all zeros).
+        softcap: Gemma2's ``final_logit_softcapping``: logits become ``c * tanh(z / c)``.
+
+    Returns:
+        ``(lse, entropy, p1, p2, nll)``, float32, each shaped like ``hidden.shape[:-1]``:
+        logsumexp, entropy ``-sum p log p``, the two largest probabilities (``p1 >= p2``), and
+        ``-log p[label]`` (0.0 where the label is -100, NaN where it is outside ``[0, V)``).
+
+    Never materialises the ``N x V`` logits. Runs without gradient (the outputs never require
+    grad). On CUDA with Triton it is one custom op that Inductor compiles into its graph.
+    """
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("fused_token_stats: hidden and weight must be tensors")
+    if hidden.dim() < 1:
+        raise ValueError("fused_token_stats: hidden must be [..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"fused_token_stats: weight must be [V, H], got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(
+            f"fused_token_stats: hidden's last dim {hidden.shape[-1]} != weight's H {H} (weight is [V, H])"
+        )
+    if V < 1:
+        raise ValueError("fused_token_stats: empty vocabulary")
+    if weight.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fused_token_stats: weight dtype {weight.dtype} not in float32/bfloat16/float16")
+    if hidden.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fused_token_stats: hidden dtype {hidden.dtype} not in float32/bfloat16/float16")
+    if hidden.device != weight.device:
+        raise ValueError(f"fused_token_stats: hidden on {hidden.device}, weight on {weight.device}")
+    if bias is not None:
+        if bias.shape != (V,):
+            raise ValueError(f"fused_token_stats: bias must be [V]={V}, got {tuple(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError("fused_token_stats: bias on another device than weight")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0.0:
+            raise ValueError(f"fused_token_stats: softcap must be > 0 or None, got {softcap}")
+    lead = hidden.shape[:-1]
+    if labels is None:
+        labels = torch.full(lead, IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
+    else:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError("fused_token_stats: labels must be an integer tensor")
+        if labels.shape != lead:
+            raise ValueError(
+                f"fused_token_stats: labels shape {tuple(labels.shape)} != hidden.shape[:-1] {tuple(lead)}"
+            )
+        if labels.device != hidden.device:
+            raise ValueError("fused_token_stats: labels on another device than hidden")
+
+    with torch.no_grad():
+        h2 = hidden.reshape(-1, H)
+        if h2.dtype != weight.dtype:
+            h2 = h2.to(weight.dtype)
+        lab = labels.reshape(-1).to(torch.int64).contiguous()
+        if h2.shape[0] == 0:
+            empty = torch.empty(lead, dtype=torch.float32, device=hidden.device)
+            return tuple(empty.clone() for _ in range(5))
+        outs = torch.ops.cggr.fused_token_stats(h2, weight, bias, lab, softcap)
+    return tuple(o.reshape(lead) for o in outs)

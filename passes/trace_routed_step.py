@@ -1,0 +1,88 @@
+"""Pass: build the rewritten training graph for one level ``k``.
+
+Precondition: a :class:`~cggr_compile.passes.recognise_training_graph.GraphPlan` for Dynamo's
+graph and the module it was captured from.
+Guarantees: an FX graph with Dynamo's placeholder order (plus the schedule's step counter) that
+runs the truncated router under no-grad, scores and selects with ``cggr_compile.scoring``, runs the
+model on the selected rows only (or the whole batch with a token mask) and returns
+``(loss, logits, selection, *metrics)``. It is traced from the very code that
+``cggr_compile.transform`` runs (``CGGRModel._routed_step``), so the two entry points cannot drift
+apart. Every parameter and buffer is a graph input (looked up by identity), none is baked in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from cggr_compile.passes.recognise_training_graph import GraphPlan
+
+METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "tokens_selected", "tokens_total")
+
+
+@contextlib.contextmanager
+def _swap_tensors(roots: Sequence[torch.nn.Module], by_id: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Point every parameter/buffer slot that holds a tensor in ``by_id`` at its replacement."""
+    undo = []
+    seen = set()
+    for root in roots:
+        for mod in root.modules():
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and id(t) in by_id:
+                        undo.append((store, name, t))
+                        store[name] = by_id[id(t)]
+    try:
+        yield
+    finally:
+        for store, name, t in reversed(undo):
+            store[name] = t
+
+
+def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict) -> Any:
+    """The function of Dynamo's graph arguments that the rewritten graph computes."""
+    originals = [example_inputs[p] for p in plan.others]
+    roots = [core.model] + [m for m in _router_modules(core.router)]
+
+    def step(*args: Any) -> tuple:
+        *graph_args, step_tensor = args
+        inputs = {name: graph_args[p] for name, p in plan.inputs.items()}
+        swaps = {id(o): graph_args[p] for o, p in zip(originals, plan.others) if isinstance(o, torch.Tensor)}
+        kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)}
+        kwargs.update({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")})
+        with _swap_tensors(roots, swaps):
+            core.__dict__["_step_tensor"] = step_tensor
+            out, metrics = core._routed_step(
+                inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], kwargs
+            )
+        selection = out["selected_indices"] if "selected_indices" in out else out["selected_mask"]
+        extras = [metrics[k] if k in metrics else torch.zeros(()) for k in METRIC_KEYS]
+        return (out["loss"], out["logits"], selection, *extras)
+
+    return step
+
+
+def _router_modules(router: Any) -> list[torch.nn.Module]:
+    return [m for m in vars(router).values() if isinstance(m, torch.nn.Module)]
+
+
+def trace_routed_step(
+    core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor
+) -> fx.GraphModule:
+    """Trace the rewritten step for the current ``core._k`` into an FX graph (fake tensors)."""
+    fn = routed_step_fn(core, plan, example_inputs, call_kwargs)
+    args = list(example_inputs) + [step_tensor]
+    try:
+        gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
+    finally:
+        core.__dict__["_step_tensor"] = step_tensor
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
