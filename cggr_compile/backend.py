@@ -151,7 +151,25 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     return RoutedGraph(core, plan, example_inputs, call_kwargs)
 
 
+def _quiet_transformers_warnings() -> None:
+    """Let Dynamo trace through transformers' ``logger.warning_once`` instead of breaking the graph.
+
+    GPT-2 (and other models without a ``loss_type``) warn from their loss; that warning's graph
+    break would cut the loss off the captured graph and stop the rewrite.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+
+        methods = torch._dynamo.config.ignore_logger_methods
+        for fn in (getattr(hf_logging, "warning_once", None), getattr(hf_logging, "warning_advice", None)):
+            if fn is not None:
+                methods.add(fn)
+    except Exception:  # noqa: BLE001 - an older torch without the option: the break stays
+        pass
+
+
 def register() -> None:
+    _quiet_transformers_warnings()
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
     if "cggr" not in _BACKENDS or _BACKENDS.get("cggr") is None:

@@ -117,7 +117,10 @@ def _truncated_config(config: Any, num_layers: int) -> Any:
                 pass
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)):
-        cfg.layer_types = list(layer_types)[:num_layers]
+        try:
+            cfg.layer_types = list(layer_types)[:num_layers]
+        except AttributeError:  # derived read-only property (Mamba): it follows num_hidden_layers
+            pass
     return cfg
 
 

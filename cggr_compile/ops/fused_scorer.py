@@ -189,8 +189,14 @@ if HAS_TRITON:
                 z = _softcap(z, softcap)
             z = tl.where(mask_v[None, :], z, _NEG_C)
 
-            # top-2 logits of the tile (exact ties kept: {a, a} gives (a, a)); its max drives m.
-            t1, t2 = tl.reduce((z, tl.full([BLOCK_N, BLOCK_V], _NEG_C, tl.float32)), 1, _top2_combine)
+            # top-2 logits of the tile; an exact tie at the top gives t2 == t1. Built-in reductions
+            # only (a tuple tl.reduce would save ~2 ops/element but runs element by element in
+            # the interpreter, which the CPU tests use).
+            t1 = tl.max(z, axis=1)
+            at_top = z == t1[:, None]
+            n_top = tl.sum(at_top.to(tl.int32), axis=1)
+            t2 = tl.max(tl.where(at_top, _NEG_C, z), axis=1)
+            t2 = tl.where(n_top > 1, t1, t2)
             m_new = tl.maximum(m, t1)
             alpha = tl.exp(m - m_new)
             d = z - m_new[:, None]
