@@ -11,7 +11,7 @@ from .transform import CGGRModel, transform
 __all__ = ["CGGRConfig", "CGGRModel", "transform"]
 __version__ = "0.1.0"
 
-from .backend import last_metrics, register as _register_backend, step
+from .backend import explain, last_metrics, register as _register_backend, step
 
 _register_backend()
-__all__ += ["last_metrics", "step"]
+__all__ += ["explain", "last_metrics", "step"]

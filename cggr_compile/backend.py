@@ -23,6 +23,7 @@ import torch.fx as fx
 from cggr_compile.config import CGGRConfig
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
+from cggr_compile.graph_text import graph_text
 from cggr_compile.transform import CGGRModel
 
 _warned: set[str] = set()
@@ -148,7 +149,9 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     except ValueError as err:
         warn_once(str(err))
         return compile_plain(gm, example_inputs)
-    return RoutedGraph(core, plan, example_inputs, call_kwargs)
+    routed = RoutedGraph(core, plan, example_inputs, call_kwargs)
+    core.__dict__.setdefault("routed_graphs", []).append(routed)
+    return routed
 
 
 def _quiet_transformers_warnings() -> None:
@@ -166,6 +169,40 @@ def _quiet_transformers_warnings() -> None:
                 methods.add(fn)
     except Exception:  # noqa: BLE001 - an older torch without the option: the break stays
         pass
+
+
+def explain(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None, full: bool = False, **options: Any,
+) -> str:
+    """The rewritten training graph for ``model`` on an example batch, as text.
+
+    Summary by default (router, selection, main pass and loss ops with their shapes); ``full=True``
+    gives every node. The model's own state (schedule, caches of the backend) is not touched.
+    """
+    captured: dict[str, Any] = {}
+
+    def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        module, call_kwargs = _captured_frame()
+        if "gm" not in captured and "input_ids" in "".join(n.name for n in gm.graph.nodes if n.op == "placeholder"):
+            captured.update(gm=gm, example_inputs=list(example_inputs), call_kwargs=call_kwargs)
+        return gm.forward
+
+    labels = input_ids if labels is None else labels
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            torch.compile(model, backend=capture)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    finally:
+        model.train(was_training)
+    if "gm" not in captured:
+        raise ValueError("explain: Dynamo captured no graph with input_ids for this model")
+    plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"])
+    core = CGGRModel(model, CGGRConfig.from_options(options))
+    core._plan(plan.batch, input_ids.device)
+    gm = trace_routed_step(core, plan, captured["example_inputs"], captured["call_kwargs"], core._step_tensor)
+    return graph_text(gm, full)
 
 
 def register() -> None:
