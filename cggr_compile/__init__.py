@@ -5,10 +5,11 @@
 * :func:`transform`: the same rewrite applied to an ``nn.Module``.
 """
 
+from .compat import CGGRLoss, CGGRScorer, create_truncated_router
 from .config import CGGRConfig
 from .transform import CGGRModel, transform
 
-__all__ = ["CGGRConfig", "CGGRModel", "transform"]
+__all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "transform"]
 __version__ = "0.1.0"
 
 from .backend import explain, last_metrics, register as _register_backend, step

@@ -1,0 +1,134 @@
+"""The original library's classes, on top of the same core (same constructor arguments).
+
+* :class:`CGGRLoss`: selective loss over the hardest tokens of logits the user already has.
+* :class:`CGGRScorer`: ``(difficulty, mask, info)`` from a router, for models that route tokens
+  themselves (mask is boolean, True = hard).
+* ``CGGRModel`` is :class:`cggr_compile.transform.CGGRModel` (it returns the model's output; the
+  CGGR loss is ``output.loss``).
+* :func:`create_truncated_router`: the weight-sharing router of the first ``num_layers`` layers.
+
+Unlike the original, ``CGGRLoss`` scores position ``t`` against ``targets[:, t]`` exactly as it
+computes the loss (the caller shifts both, as in the original's examples), and it divides by the
+selected valid positions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import scoring as S
+from .config import CGGRConfig
+from .router import TruncatedRouter, build_router, describe
+from .schedule import Schedule
+from .transform import CGGRModel, score_positions
+
+__all__ = ["CGGRLoss", "CGGRScorer", "CGGRModel", "create_truncated_router"]
+
+
+def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedRouter:
+    """A router running the model's first ``num_layers`` layers, final norm and head (no copy)."""
+    router, _ = build_router(model, num_layers)
+    if not isinstance(router, TruncatedRouter):
+        raise ValueError(f"create_truncated_router: {type(model).__name__} has no recognisable layer list")
+    return router
+
+
+class _Scheduled:
+    """Shared by CGGRLoss and CGGRScorer: a config, a schedule and the last metrics."""
+
+    def __init__(self, config: CGGRConfig) -> None:
+        self.config = config
+        self.schedule = Schedule(config)
+        self._metrics: dict[str, Any] = {}
+        self._step_tensor: Optional[Tensor] = None
+
+    def step(self) -> None:
+        """Advance the curriculum (call after each optimizer step)."""
+        self.schedule.advance()
+        if self._step_tensor is not None:
+            self._step_tensor.add_(1)
+
+    def get_metrics(self) -> dict[str, Any]:
+        """The last call's statistics (device tensors where they come from the batch)."""
+        return dict(self._metrics)
+
+    def _select(self, r: Any) -> tuple[Tensor, float]:
+        ratio = self.schedule.ratio()
+        device = r.difficulty.device
+        if self._step_tensor is None or self._step_tensor.device != device:
+            self._step_tensor = torch.full((), self.schedule.step, dtype=torch.int64, device=device)
+        c = self.config
+        mask = S.select_tokens(r.difficulty, r.valid, ratio, c.selection, c.num_strata,
+                               c.min_tokens_per_sequence, c.seed, self._step_tensor)
+        if "avg_confidence" in r.metrics:
+            self.schedule.confidence.push(r.metrics["avg_confidence"])
+        self._metrics = dict(r.metrics, step=self.schedule.step, token_ratio=ratio,
+                             tokens_selected=mask.sum(), tokens_total=r.valid.sum(),
+                             selection=c.selection, scoring=c.scoring)
+        return mask, ratio
+
+
+class CGGRLoss(nn.Module, _Scheduled):
+    """Cross-entropy over the hardest tokens of ``logits`` (``[B, T, V]``) against ``targets``."""
+
+    def __init__(
+        self, scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+        threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
+        num_strata: int = 4, min_tokens_per_sequence: int = 1, base_loss: Optional[nn.Module] = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        _Scheduled.__init__(self, CGGRConfig(
+            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence, granularity="tokens",
+        ))
+        self.base_loss = base_loss
+
+    def forward(self, logits: Tensor, targets: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if logits.dim() != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"CGGRLoss: logits must be [batch, seq, vocab] and targets [batch, seq]; got "
+                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
+        r = score_positions(logits.detach(), attention_mask, targets, causal=False, scoring=self.config.scoring)
+        mask, _ = self._select(r)
+        if self.base_loss is None:
+            return S.selective_cross_entropy(logits, targets, mask)
+        per_token = self.base_loss(logits.reshape(-1, logits.shape[-1]).float(), targets.clamp(min=0).reshape(-1))
+        w = mask.reshape(-1).to(per_token.dtype)
+        return (per_token * w).sum() / w.sum().clamp(min=1.0)
+
+
+class CGGRScorer(nn.Module, _Scheduled):
+    """``(difficulty [B, T], mask [B, T] bool, info)`` from a router, without touching the batch."""
+
+    def __init__(
+        self, router: Callable[..., Tensor], min_tokens_ratio: float = 0.5, scoring: str = "entropy",
+        selection: str = "topk", dynamic_threshold: bool = False, threshold_sensitivity: float = 0.5,
+        warmup_steps: int = 0, num_strata: int = 4, min_tokens_per_sequence: int = 1, causal: bool = True,
+    ) -> None:
+        nn.Module.__init__(self)
+        _Scheduled.__init__(self, CGGRConfig(
+            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence, granularity="tokens",
+        ))
+        self.__dict__["router"] = router  # not a submodule: it shares the model's weights
+        self.causal = causal
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        from .transform import check_batch
+
+        check_batch(input_ids, labels, attention_mask)
+        with torch.no_grad():
+            out = self.router(input_ids, attention_mask)
+            r = score_positions(out, attention_mask, labels, self.causal, self.config.scoring)
+            mask, _ = self._select(r)
+        return r.difficulty, mask, self.get_metrics()
