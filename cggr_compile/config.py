@@ -82,7 +82,12 @@ class CGGRConfig:
                 "selection='sequence_aware' tops up tokens inside each sequence, so it needs "
                 "granularity='tokens'; with granularity='sequences' use 'topk' or 'stratified'."
             )
-        _check_int("router_layers", self.router_layers, 1)
+        if isinstance(self.router_layers, bool) or not isinstance(self.router_layers, int) \
+                or self.router_layers < 1:
+            raise ValueError(
+                f"router_layers={self.router_layers!r} is out of range: use an integer with "
+                "1 <= router_layers < the model's number of layers."
+            )
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("num_strata", self.num_strata, 1)
         _check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, 0)

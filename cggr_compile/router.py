@@ -170,6 +170,8 @@ class WholeModelRouter:
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
         with torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rows)
+        if isinstance(out, Tensor):
+            return out
         return out.logits if hasattr(out, "logits") else out[0]
 
 

@@ -20,11 +20,30 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig
 from .router import build_router
 from .schedule import Schedule, rows_for_ratio
+
+
+@dataclass
+class CGGROutput(ModelOutput):
+    """Output of a CGGR step for models whose forward returns a bare logits tensor."""
+
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+
+
+def call_model(model: nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+    """Call ``model`` passing only the arguments that are set (plain modules take no labels=)."""
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if labels is not None:
+        kwargs["labels"] = labels
+    out = model(input_ids=input_ids, **kwargs)
+    return CGGROutput(logits=out) if isinstance(out, Tensor) else out
 
 
 @dataclass
@@ -183,7 +202,8 @@ class CGGRModel(nn.Module):
     ) -> Any:
         if not (self.model.training and torch.is_grad_enabled() and labels is not None):
             # eval, no_grad or no labels: exactly the plain model.
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out = call_model(self.model, input_ids, attention_mask, labels, **kwargs)
+            return out.logits if isinstance(out, CGGROutput) else out
         check_batch(input_ids, labels, attention_mask)
         kwargs.pop("num_items_in_batch", None)  # recomputed for the selection
         self._plan(input_ids.shape[0], input_ids.device)
@@ -204,7 +224,7 @@ class CGGRModel(nn.Module):
             idx = S.select_sequences(seq, k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
-            out = self.model(input_ids=input_ids.index_select(0, idx), attention_mask=mask_k, **sliced)
+            out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
             weight = r.valid.index_select(0, idx)
             loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight)
             out["selected_indices"] = idx
@@ -213,7 +233,7 @@ class CGGRModel(nn.Module):
                 r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
                 cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
             )
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = call_model(self.model, input_ids, attention_mask, **kwargs)
             loss = S.selective_cross_entropy(out.logits, r.target, weight)
             out["selected_mask"] = weight
         out["loss"] = loss

@@ -343,7 +343,7 @@ if HAS_TRITON:
     _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_K": 32, "SPLIT_TARGET": 8}
 
     _COMBINE_BLOCK = 64
-    _COMBINE_BLOCK_K = 64
+    _COMBINE_BLOCK_K = 32
 
 
 def _partial_grid(n: int, v: int, max_splits: int):

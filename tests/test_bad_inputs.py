@@ -1,0 +1,83 @@
+"""Every bad input of SPEC.md gets a clear error that says what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cggr_compile
+from cggr_compile.config import CGGRConfig
+from models import batch, tiny_model
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "0.5", True])
+def test_ratio_outside_unit_interval(ratio):
+    with pytest.raises(ValueError, match=r"min_tokens_ratio must be a number in \(0, 1\]"):
+        CGGRConfig(min_tokens_ratio=ratio)
+
+
+def test_unknown_scoring_and_selection_and_granularity():
+    with pytest.raises(ValueError, match="unknown scoring 'perplexity'; choose one of entropy, margin, loss, combined"):
+        CGGRConfig(scoring="perplexity")
+    with pytest.raises(ValueError, match="unknown selection 'random'; choose one of topk"):
+        CGGRConfig(selection="random")
+    with pytest.raises(ValueError, match="unknown granularity 'rows'"):
+        CGGRConfig(granularity="rows")
+    with pytest.raises(ValueError, match="needs granularity='tokens'"):
+        CGGRConfig(selection="sequence_aware")
+
+
+def test_unknown_option_name():
+    with pytest.raises(TypeError, match="unknown CGGR option.*'ratio'.*valid options are"):
+        CGGRConfig.from_options({"ratio": 0.5})
+
+
+@pytest.mark.parametrize("layers", [3, 7])
+def test_router_layers_out_of_range(layers):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"router_layers=\d+ is out of range .* use 1 <= router_layers < 3"):
+        cggr_compile.transform(model, router_layers=layers)
+    with pytest.raises(ValueError, match=r"router_layers=0 is out of range: use an integer with 1 <= router_layers"):
+        cggr_compile.transform(model, router_layers=0)
+
+
+def test_labels_of_another_shape():
+    cg = cggr_compile.transform(tiny_model("llama"), router_layers=1)
+    b = batch("llama")
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(6, 12\), got \(6, 11\)"):
+        cg(input_ids=b["input_ids"], labels=b["labels"][:, 1:])
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(12, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long),
+                                 torch.zeros(2, 12), "not a tensor"])
+def test_inputs_not_batch_seq_integers(ids):
+    cg = cggr_compile.transform(tiny_model("llama"), router_layers=1)
+    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, seq\) integer tensor"):
+        cg(input_ids=ids, labels=torch.zeros(2, 12, dtype=torch.long))
+
+
+def test_backend_rejects_bad_options_with_the_config_message():
+    model = tiny_model("llama")
+    b = batch("llama")
+    compiled = torch.compile(model, backend="cggr", options={"min_tokens_ratio": 2.0})
+    with pytest.raises(Exception, match=r"min_tokens_ratio must be a number in \(0, 1\]"):
+        compiled(**b)
+
+
+def test_unrecognised_model_trains_with_whole_model_router_and_warns():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.out = torch.nn.Linear(8, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(self.emb(input_ids))
+
+    with pytest.warns(UserWarning, match="whole model is used as the router.*Pass router="):
+        cg = cggr_compile.transform(Tiny(), router_layers=1, warmup_steps=0, dynamic_threshold=False)
+    assert cg.router(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 16)
+    ids = torch.randint(0, 16, (4, 5))
+    out = cg(input_ids=ids, labels=ids)  # trains, with the whole model as router
+    out.loss.backward()
+    assert out.logits.shape[0] == 1 and cg.model.emb.weight.grad is not None
