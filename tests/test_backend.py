@@ -1,0 +1,178 @@
+"""The ``cggr`` Dynamo backend: discovery, when it rewrites and when it must not, schedules,
+graph snapshots and the rows that reach the backward graph."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+
+import expecttest
+import pytest
+import torch
+
+import cggr_compile
+from cggr_compile.backend import _cores
+from models import batch, tiny_model
+
+OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+
+
+def test_backend_is_registered_and_discoverable():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "cggr" in list_backends(exclude_tags=())
+    assert lookup_backend("cggr") is cggr_compile.backend.cggr_backend
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "cggr" and ep.value == "cggr_compile.backend:cggr_backend" for ep in eps)
+
+
+def test_passes_do_not_install_as_a_bare_top_level_module(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, cggr_compile.passes as p; "
+            "print(p.__name__, importlib.util.find_spec('passes') is None)")
+    # run outside the checkout: only what is installed is importable there
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert out.stdout.split() == ["cggr_compile.passes", "True"], out.stderr
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad", "no_labels"])
+def test_backend_leaves_non_training_calls_unchanged(mode):
+    model = tiny_model("llama")
+    b = batch("llama")
+    if mode == "no_labels":
+        b.pop("labels")
+    if mode == "eval":
+        model.eval()
+    ctx = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+    with ctx, warnings.catch_warnings():
+        warnings.simplefilter("error")  # expected behaviour: no warning
+        got = torch.compile(model, backend="cggr", options=OPTS)(**b)
+        ref = model(**b)
+    torch.testing.assert_close(got.logits, ref.logits)
+    assert got.logits.shape[0] == 6
+
+
+def test_unrewritable_graph_warns_once_and_still_trains():
+    model = tiny_model("llama")
+    b = batch("llama")
+
+    def step(input_ids, labels):
+        logits = model(input_ids=input_ids).logits
+        return (logits.float() ** 2).mean() + 0 * labels.sum()  # a custom loss: nothing to route
+
+    compiled = torch.compile(step, backend="cggr")
+    with pytest.warns(UserWarning, match="cggr backend: not rewriting this graph: .*compiled unmodified"):
+        loss = compiled(b["input_ids"], b["labels"])
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(b["input_ids"], b["labels"])  # once only
+
+
+def test_gpt2_loss_type_break_does_not_stop_the_rewrite():
+    model = tiny_model("gpt2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="cggr", options=OPTS)(**batch("gpt2"))
+    assert not [w for w in caught if "cggr backend" in str(w.message)]
+    assert out.logits.shape[0] == 3
+
+
+def test_backend_schedule_advances_and_compiles_per_level_only():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="cggr", options=dict(
+        router_layers=1, warmup_steps=12, min_tokens_ratio=0.25, num_levels=4, dynamic_threshold=False))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    b = batch("llama", b=8)
+    ks = []
+    for _ in range(16):
+        out = compiled(**b)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        cggr_compile.step(compiled)
+        ks.append(cggr_compile.last_metrics(model)["k"])
+    core = _cores[model]
+    assert ks == sorted(ks, reverse=True) and ks[0] == 8 and ks[-1] == 2
+    assert len(core.routed_graphs) == 1  # Dynamo captured once
+    assert set(core.routed_graphs[0].compiled) == set(ks) and len(set(ks)) <= 4
+
+
+def test_backward_graph_holds_only_selected_rows():
+    from cggr_compile.passes.check_backward_rows import backward_leading_dims
+
+    model = tiny_model("llama")
+    b = batch("llama", b=10)  # B=10 and k=3 differ from every other dim of the tiny model
+    torch.compile(model, backend="cggr", options=dict(OPTS, min_tokens_ratio=0.25))(**b)
+    routed = _cores[model].routed_graphs[0]
+    (k, gm), = routed.graphs.items()
+    args = [b["input_ids"] if i == routed.plan.inputs["input_ids"] else
+            b["attention_mask"] if i == routed.plan.inputs.get("attention_mask") else
+            b["labels"] if i == routed.plan.inputs["labels"] else x
+            for i, x in enumerate(routed.example_inputs)] + [torch.zeros((), dtype=torch.int64)]
+    dims = backward_leading_dims(gm, args)
+    assert k == 3 and 3 in dims and 10 not in dims
+
+
+class TestGraphSnapshot(expecttest.TestCase):
+    def _text(self, granularity):
+        torch.manual_seed(0)
+        import transformers as T
+
+        cfg = T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, vocab_size=32)
+        model = T.LlamaForCausalLM(cfg)
+        ids = torch.randint(0, 32, (4, 6))
+        return cggr_compile.explain(model, ids, torch.ones_like(ids), router_layers=1, min_tokens_ratio=0.5,
+                                    warmup_steps=0, scoring="entropy", granularity=granularity)
+
+    def test_sequences(self):
+        self.assertExpectedInline(self._text("sequences"), """\
+_set_grad_enabled(False)
+_set_grad_enabled(False)
+embedding() -> float32[4, 6, 16]
+_set_grad_enabled(False)
+_set_grad_enabled(False)
+scaled_dot_product_attention() -> float32[4, 2, 6, 8]
+_set_grad_enabled(False)
+log_softmax.int(-1) -> float32[4, 6, 32]
+topk(2)
+_set_grad_enabled(True)
+sort.stable()
+sort()
+index_select(0) -> int64[2, 6]
+index_select(0) -> int64[2, 6]
+embedding() -> float32[2, 6, 16]
+_set_grad_enabled(False)
+_set_grad_enabled(True)
+scaled_dot_product_attention() -> float32[2, 2, 6, 8]
+scaled_dot_product_attention() -> float32[2, 2, 6, 8]
+index_select(0) -> bool[2, 6]
+index_select(0) -> int64[2, 6]
+cross_entropy_loss(None, 2) -> float32[]
+return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], int64[], int64[]""")
+
+    def test_tokens(self):
+        self.assertExpectedInline(self._text("tokens"), """\
+_set_grad_enabled(False)
+_set_grad_enabled(False)
+embedding() -> float32[4, 6, 16]
+_set_grad_enabled(False)
+_set_grad_enabled(False)
+scaled_dot_product_attention() -> float32[4, 2, 6, 8]
+_set_grad_enabled(False)
+log_softmax.int(-1) -> float32[4, 6, 32]
+topk(2)
+_set_grad_enabled(True)
+sort.stable()
+embedding() -> float32[4, 6, 16]
+_set_grad_enabled(False)
+_set_grad_enabled(True)
+scaled_dot_product_attention() -> float32[4, 2, 6, 8]
+scaled_dot_product_attention() -> float32[4, 2, 6, 8]
+cross_entropy_loss(None, 2) -> float32[]
+return float32[], float32[4, 6, 32], bool[4, 6], float32[], float32[], float32[], int64[], int64[]""")
