@@ -163,10 +163,11 @@ def _quiet_transformers_warnings() -> None:
     try:
         from transformers.utils import logging as hf_logging
 
-        methods = torch._dynamo.config.ignore_logger_methods
-        for fn in (getattr(hf_logging, "warning_once", None), getattr(hf_logging, "warning_advice", None)):
-            if fn is not None:
-                methods.add(fn)
+        # Only the one method: torch 2.11 sorts this set when it logs its config, and two
+        # callables of different kinds do not sort.
+        fn = getattr(hf_logging, "warning_once", None)
+        if fn is not None:
+            torch._dynamo.config.ignore_logger_methods.add(fn)
     except Exception:  # noqa: BLE001 - an older torch without the option: the break stays
         pass
 
