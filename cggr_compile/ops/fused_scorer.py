@@ -35,7 +35,7 @@ The op has no autograd formula: it is the router's scorer. :func:`fused_token_st
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
