@@ -68,6 +68,9 @@ def test_every_mode_has_a_finite_step_time(run):
         assert r["cold_compile_s"] > 0
         assert r["host_sync"] == {"syncs": None, "note": "n/a on cpu"}
         assert "compile_counts" in r
+    # Every model is freed after its mode (no mode's peak memory carries an earlier model).
+    for r in run["data"]["records"] + run["data"]["schedules"]:
+        assert r.get("model_freed") is True, (r["mode"], r.get("router_layers"), r.get("model_freed"))
 
 
 def test_cggr_modes_train_k_rows(run):
@@ -78,6 +81,7 @@ def test_cggr_modes_train_k_rows(run):
     for mode in ("cggr_backend", "cggr_transform"):
         assert recs[mode]["k_observed"] == k, (mode, recs[mode].get("k_observed"))
     assert recs["cggr_backend"]["routed_graph_compiles"] == 1
+    assert recs["cggr_backend"]["selected_rows"] == k
     assert all(math.isfinite(recs[m]["last_loss"]) for m in ("eager", "compiled", "random_subset",
                                                              "cggr_backend", "cggr_transform"))
 
@@ -98,14 +102,17 @@ def test_a_failing_mode_records_its_error_and_the_rest_run(run):
 def test_schedule_compilations_are_counted(run):
     scheds = {s["mode"]: s for s in run["data"]["schedules"]}
     assert set(scheds) == {"cggr_backend", "cggr_transform"}
-    expected_k = [8, 8, 6, 4, 2, 2]  # warmup_steps=4, B=8, ratio 0.25, 8 levels rounded up
+    # warmup_steps=2, B=8, ratio 0.25: ratio 1, 0.625, 0.25, 0.25, rounded up to the 8 levels
+    # 0.25 + i * 0.75 / 7 (1, 0.679, 0.25, 0.25): k = ceil(level * 8) = 8, 6, 2, 2.
+    expected_k = [8, 6, 2, 2]
     for mode, s in scheds.items():
         assert s["status"] == "ok", (mode, s.get("error"), s.get("traceback"))
         assert s["k_per_step"] == expected_k, (mode, s["k_per_step"])
-        assert s["distinct_k"] == 4
+        assert s["distinct_k"] == 3
         assert not s["recompile_limit_hit"]
-    assert scheds["cggr_backend"]["routed_graph_compiles"] == 4
-    assert scheds["cggr_transform"]["compile_counts"]["unique_graphs"] == 4
+    # One compilation per level, no more: the backend's routed graphs, the transform's Dynamo graphs.
+    assert scheds["cggr_backend"]["routed_graph_compiles"] == 3
+    assert scheds["cggr_transform"]["compile_counts"]["unique_graphs"] == 3
 
 
 def test_metadata_predictions_and_tables(run):
@@ -132,3 +139,16 @@ def test_metadata_predictions_and_tables(run):
         return
     assert (out / f"{stem}.png").exists()
     print(f"speed.py --preset tiny ran in {run['wall']:.1f} s")
+
+
+def test_merge_writes_one_report(run):
+    out = run["out"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(out / f"{run['stem']}.json"),
+                           "--out-dir", str(out), "--name", "merged", "--no-png"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = list(out.glob("speed_merged_*.json"))
+    assert len(merged) == 1
+    data = json.loads(merged[0].read_text())
+    assert len(data["records"]) == len(run["data"]["records"])
+    assert (out / f"{merged[0].stem}.md").exists()
