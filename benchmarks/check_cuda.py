@@ -19,7 +19,7 @@ import torch
 import transformers as T
 
 import cggr_compile
-from cggr_compile.backend import _cores
+from cggr_compile.backend import core_of
 
 
 def model_and_batch(seed: int = 0, b: int = 8, t: int = 256):
@@ -96,7 +96,7 @@ def no_sync(entry: str) -> dict:
             if i == 8:
                 torch.cuda.set_sync_debug_mode(0)
         ks.append(out.cggr_metrics["k"] if entry == "transform" else cggr_compile.last_metrics(model)["k"])
-    graphs = len(_cores[model].routed_graphs[0].compiled) if entry == "backend" else None
+    graphs = len(core_of(model).routed_graphs[0].compiled) if entry == "backend" else None
     return dict(entry=entry, sync_error=error, ks=ks, levels_used=len(set(ks)), rewritten_graphs=graphs)
 
 

@@ -313,22 +313,11 @@ def fresh_caches(args: argparse.Namespace) -> Any:
 
 
 def release(model: Optional[torch.nn.Module]) -> Optional[Any]:
-    """Drop the cggr backend's own reference to ``model``; returns a weakref to check it is freed.
-
-    Work-around: ``cggr_compile.backend._cores`` is a WeakKeyDictionary whose value (the CGGR core)
-    holds the model strongly, so without this every model compiled with ``backend="cggr"`` stays
-    alive for the whole process and inflates the later modes' peak memory.
-    """
+    """A weakref to ``model``, to check after the mode that nothing keeps it (and its memory) alive."""
     if model is None:
         return None
     import weakref
 
-    try:
-        from cggr_compile import backend as _backend
-
-        _backend._cores.pop(model, None)
-    except Exception:  # noqa: BLE001
-        pass
     return weakref.ref(model)
 
 

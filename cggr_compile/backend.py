@@ -14,7 +14,6 @@ without a warning: they must run exactly as without CGGR.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -27,14 +26,21 @@ from cggr_compile.graph_text import graph_text
 from cggr_compile.transform import CGGRModel
 
 _warned: set[str] = set()
-# model -> its CGGR core (router, schedule), so that every graph of one model shares one schedule.
-_cores: "weakref.WeakKeyDictionary[torch.nn.Module, CGGRModel]" = weakref.WeakKeyDictionary()
+# Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
+# name (not a submodule: parameters() and state_dict() are unchanged), so every graph of one model
+# shares one schedule and the core is freed with the model.
+_CORE_ATTR = "_cggr_core"
+
+
+def core_of(model: torch.nn.Module) -> Optional[CGGRModel]:
+    """The CGGR core (router, schedule, compiled levels) the backend built for ``model``, if any."""
+    return model.__dict__.get(_CORE_ATTR)
 
 
 def warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"cggr backend: not rewriting this graph: {reason}. It is compiled unmodified.",
+        warnings.warn(f"cggr backend: not rewriting this graph: {reason.rstrip('.')}. It is compiled unmodified.",
                       stacklevel=2)
 
 
@@ -58,23 +64,23 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
 
 def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRModel:
     """The CGGR core (router, schedule, metrics) the backend uses for ``model``."""
-    core = _cores.get(model)
+    core = core_of(model)
     if core is None:
         core = CGGRModel(model, CGGRConfig.from_options(options))
-        _cores[model] = core
+        model.__dict__[_CORE_ATTR] = core
     return core
 
 
 def step(model: torch.nn.Module) -> None:
     """Advance the schedule of a model compiled with ``backend="cggr"`` (once per optimizer step)."""
-    core = _cores.get(getattr(model, "_orig_mod", model))
+    core = core_of(getattr(model, "_orig_mod", model))
     if core is not None:
         core.step()
 
 
 def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
     """The last CGGR training step's metrics and selection (device tensors) for a compiled model."""
-    core = _cores.get(getattr(model, "_orig_mod", model))
+    core = core_of(getattr(model, "_orig_mod", model))
     return core.metrics() if core is not None else {}
 
 

@@ -39,6 +39,9 @@ class CGGRConfig:
         num_levels: how many distinct ratios (and so batch sizes ``k``) a schedule may use; each
             level compiles once. 1..16.
         seed: seeds the stratified draws.
+        fused_scorer: score straight from the router's hidden states with the fused head+scoring
+            op (``cggr_compile.ops.fused_scorer``: a Triton kernel on CUDA, chunked torch elsewhere)
+            when the head is one linear layer, so the ``B x T x V`` logits are never written.
         router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
             or ``-> difficulties [B, T]``; replaces the truncated model.
     """
@@ -55,6 +58,7 @@ class CGGRConfig:
     min_tokens_per_sequence: int = 1
     num_levels: int = 8
     seed: int = 0
+    fused_scorer: bool = True
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import torch.fx as fx
 # many rows the main pass runs on, and the loss. Everything else is elided in the summary.
 STRUCTURAL_OPS = (
     "embedding", "scaled_dot_product_attention", "log_softmax", "topk", "sort", "index_select",
-    "cross_entropy", "_set_grad_enabled",
+    "cross_entropy", "_set_grad_enabled", "fused_token_stats",
 )
 
 

@@ -147,12 +147,22 @@ class TruncatedRouter:
         self.base.train(False)
         self.head = getattr(model, arch.head_name)
 
-    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+    def hidden(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        """The final-normed hidden state after K layers, ``[B, T, H]`` (no grad)."""
         kwargs = dict(rows)
         if self.arch.base_accepts_use_cache:
             kwargs["use_cache"] = False
         with torch.no_grad():
-            hidden = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+
+    @property
+    def linear_head(self) -> Optional[nn.Linear]:
+        """The head when it is one linear layer (then it can be fused with the scoring)."""
+        return self.head if type(self.head) is nn.Linear else None
+
+    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        hidden = self.hidden(input_ids, attention_mask, **rows)
+        with torch.no_grad():
             logits = self.head(hidden)
             if self.arch.softcap is not None:
                 c = self.arch.softcap

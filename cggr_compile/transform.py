@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig
+from .ops.fused_scorer import fused_token_stats
 from .router import build_router
 from .schedule import Schedule, rows_for_ratio
 
@@ -85,12 +86,20 @@ def check_batch(input_ids: Any, labels: Any = None, attention_mask: Any = None) 
 
 def score_positions(
     router_out: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], causal: bool,
-    scoring: str,
+    scoring: str, stats: Optional[Callable[[Optional[Tensor]], S.TokenStats]] = None,
 ) -> Routing:
-    """Difficulty of every position from router logits ``[B, T, V]`` (or user difficulties ``[B, T]``)."""
+    """Difficulty of every position from router logits ``[B, T, V]`` (or user difficulties ``[B, T]``).
+
+    ``stats``, when given, computes the token statistics from the aligned labels instead of the
+    logits (the fused scorer); ``router_out`` then only provides the ``[B, T]`` shape and device.
+    """
     target = S.aligned_labels(labels, causal) if labels is not None else None
     shape = router_out.shape[:2]
     valid = S.valid_positions(attention_mask, target, shape, causal, router_out.device)
+    if stats is not None:
+        st = stats(target)
+        difficulty = S.token_difficulty(st, valid, scoring, labels is not None)
+        return Routing(target, valid, difficulty, S.batch_metrics(st, difficulty, valid))
     if router_out.dim() == 2:  # a user router that returns difficulties directly
         difficulty = torch.where(valid, router_out.float(), torch.zeros_like(router_out, dtype=torch.float32))
         w = valid.float()
@@ -183,9 +192,20 @@ class CGGRModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], **rows: Any
     ) -> Routing:
         """Run the router and score every position (no grad)."""
+        cfg = self.cggr_config
         with torch.no_grad():
-            out = self.router(input_ids, attention_mask, **rows)
-            return score_positions(out, attention_mask, labels, self.causal, self.cggr_config.scoring)
+            head = getattr(self.router, "linear_head", None) if cfg.fused_scorer else None
+            if head is None:
+                out = self.router(input_ids, attention_mask, **rows)
+                return score_positions(out, attention_mask, labels, self.causal, cfg.scoring)
+            hidden = self.router.hidden(input_ids, attention_mask, **rows)
+
+            def fused(target: Optional[Tensor]) -> S.TokenStats:
+                _, entropy, p1, p2, nll = fused_token_stats(
+                    hidden, head.weight, head.bias, target, self.router.arch.softcap)
+                return S.TokenStats(entropy, p1, p2, nll)
+
+            return score_positions(hidden, attention_mask, labels, self.causal, cfg.scoring, stats=fused)
 
     def sequence_difficulty(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,

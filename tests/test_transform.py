@@ -114,3 +114,19 @@ def test_schedule_compiles_a_bounded_number_of_times():
     assert cg.schedule.step == 30
     assert ks[0] == 8 and ks[-1] < 8 and ks == sorted(ks, reverse=True)
     assert counters["stats"]["unique_graphs"] <= 4  # one graph per level used, never per step
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("scoring", ["entropy", "margin", "loss", "combined"])
+def test_fused_scorer_gives_the_unfused_scores(name, scoring):
+    """SPEC: every path computes the same numbers (Gemma2 covers the soft-capped head)."""
+    model = tiny_model(name)
+    b = batch(name)
+    fused = cggr_compile.transform(model, router_layers=1, scoring=scoring)
+    plain = cggr_compile.transform(model, router_layers=1, scoring=scoring, fused_scorer=False)
+    assert fused.router.linear_head is not None
+    rf = fused.route(b["input_ids"], b["attention_mask"], b["labels"])
+    rp = plain.route(b["input_ids"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(rf.difficulty, rp.difficulty, rtol=1e-5, atol=1e-5)
+    for key in rp.metrics:
+        torch.testing.assert_close(rf.metrics[key], rp.metrics[key], rtol=1e-5, atol=1e-5)
