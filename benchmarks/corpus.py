@@ -25,13 +25,16 @@ Split, by file (never by line, so no held-out file is seen in training):
    ``random.Random(seed)``.
 2. ``max_bytes`` (optional) keeps the first files of that shuffled order while the running total of
    their sizes stays within the cap, so a cap gives a random but reproducible subset.
-3. The first ``ceil(heldout_fraction * n)`` files of the shuffled order (at least 1, at most n-1) are
-   the held-out split, the rest the train split.
+3. The kept files are sorted and shuffled again (same seed); the shortest prefix of that order that
+   holds at least ``heldout_fraction`` of their bytes (at least 1 file, at most n-1) is the held-out
+   split, the rest the train split.
 
 In the ``finetune`` regime (:func:`partition_by_package`), the kept files are first divided by their
 top-level package (``json/decoder.py`` -> ``json``; ``os.py`` -> ``os``; for site-packages the first
-folder below it): the sorted package names are walked in order and given to the *base* part until it
-holds half of the bytes, the rest form the *race* part. The base model trains on every file of the
+folder below it; each prefixed by its root's label, ``stdlib:json``). Either ``race_packages`` names the
+race part's packages (``--race-packages test,unittest``), or the sorted package names are cut once where
+the *base* part (the names before the cut) comes closest to half of the bytes, the rest forming the
+*race* part. The base model trains on every file of the
 base part; the race's train / held-out split (above) is made on the race part alone.
 
 Tokenizer: a byte-level BPE (``tokenizers``: BPE model, ByteLevel pre-tokenizer without prefix space,
@@ -207,32 +210,53 @@ def cap_bytes(files: list[SourceFile], max_bytes: int | None) -> list[SourceFile
 
 
 def split_files(files: list[SourceFile], heldout_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, heldout): seeded file-level split of ``files`` (order-independent)."""
+    """(train, heldout): seeded file-level split of ``files`` (independent of their order).
+
+    Held-out = the shortest prefix of the shuffled order holding at least ``heldout_fraction`` of the
+    bytes (at least 1 file, at most n - 1).
+    """
     order = shuffled(files, seed)
     n = len(order)
     if n < 2:
         raise ValueError(f"need at least 2 files to split train / held-out, got {n}")
-    n_held = min(n - 1, max(1, math.ceil(heldout_fraction * n)))
+    want, acc, n_held = heldout_fraction * sum(f.size for f in order), 0, 0
+    while n_held < n - 1 and (n_held == 0 or acc < want):
+        acc += order[n_held].size
+        n_held += 1
     return order[n_held:], order[:n_held]
 
 
-def partition_by_package(files: list[SourceFile]) -> tuple[list, list, list[str], list[str]]:
-    """(base files, race files, base packages, race packages): sorted packages, half of the bytes to base."""
+def partition_by_package(files: list[SourceFile], race_packages: list[str] | None = None
+                         ) -> tuple[list, list, list[str], list[str]]:
+    """(base files, race files, base packages, race packages).
+
+    With ``race_packages`` (top-level names, with or without their root label: ``test`` or
+    ``stdlib:test``), the race part is the files of those packages and the base part the rest.
+    Otherwise the sorted package names are cut once, where the base part's bytes come closest to
+    half of the total (both parts non-empty): base = the packages before the cut.
+    """
     by_pkg: dict[str, list[SourceFile]] = {}
     for f in files:
         by_pkg.setdefault(f.package, []).append(f)
     names = sorted(by_pkg)
-    total = sum(f.size for f in files)
-    base, race, base_names, race_names, acc = [], [], [], [], 0
-    for name in names:
-        size = sum(f.size for f in by_pkg[name])
-        if acc < total / 2:
-            base += by_pkg[name]
-            base_names.append(name)
-            acc += size
-        else:
-            race += by_pkg[name]
-            race_names.append(name)
+    if len(names) < 2:
+        raise ValueError(f"finetune regime: need at least 2 top-level packages, got {names}")
+    if race_packages:
+        wanted = set(race_packages)
+        race_names = [n for n in names if n in wanted or n.split(":", 1)[1] in wanted]
+        if not race_names or len(race_names) == len(names):
+            raise ValueError(f"--race-packages {sorted(wanted)}: matches {len(race_names)} of {len(names)} packages")
+        base_names = [n for n in names if n not in race_names]
+    else:
+        sizes = [sum(f.size for f in by_pkg[n]) for n in names]
+        total, acc, best, cut = sum(sizes), 0, None, 1
+        for i in range(1, len(names)):
+            acc += sizes[i - 1]
+            if best is None or abs(acc - total / 2) < best:
+                best, cut = abs(acc - total / 2), i
+        base_names, race_names = names[:cut], names[cut:]
+    base = [f for n in base_names for f in by_pkg[n]]
+    race = [f for n in race_names for f in by_pkg[n]]
     return base, race, base_names, race_names
 
 
@@ -347,7 +371,8 @@ class Corpus:
 def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed: int = 0,
                  heldout_fraction: float = 0.05, max_bytes: int | None = None,
                  max_file_bytes: int = 1_000_000, tokenizer_max_bytes: int | None = None,
-                 regime: str = "scratch", cache_dir: Path | None = None, log=print) -> Corpus:
+                 regime: str = "scratch", race_packages: list[str] | None = None,
+                 cache_dir: Path | None = None, log=print) -> Corpus:
     """Scan, cap, split, train (or load) the tokenizer, encode and pack.
 
     Splits: ``train`` and ``heldout`` (and ``base`` in the finetune regime).
@@ -360,7 +385,7 @@ def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed:
     race_names: list[str] = []
     splits: dict[str, Split] = {}
     if regime == "finetune":
-        base, race, base_names, race_names = partition_by_package(kept)
+        base, race, base_names, race_names = partition_by_package(kept, race_packages)
         if len(race) < 2 or not base:
             raise ValueError("finetune regime: too few files to make a base part and a race part")
         train, held = split_files(race, heldout_fraction, seed)

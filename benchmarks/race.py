@@ -27,9 +27,10 @@ Fairness rules:
   the noise of one over B rows), ``--lr * k / B`` (``linear``) or ``--lr`` (``same``). A linear warm-up
   over ``--lr-warmup-steps`` optimizer steps, then constant; AdamW (betas 0.9/0.95, weight decay on
   matrices only), gradient norm clipped to ``--grad-clip``.
-* Held-out loss: the full model's plain forward in eval mode (no CGGR), mean next-token loss over the
-  first ``--eval-sequences`` held-out sequences, at 0 s, every ``--eval-every-seconds`` of counted
-  training time and at the end.
+* Held-out loss: the full model's plain forward in eval mode (no CGGR), mean next-token loss over a
+  fixed set of ``--eval-sequences`` held-out sequences (``--eval-pick spread``, the default: evenly
+  spaced over the held-out stream, so that the set spans the held-out files; ``first``: the first
+  ones), at 0 s, every ``--eval-every-seconds`` of counted training time and at the end.
 * For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
   difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
 
@@ -63,6 +64,34 @@ if str(REPO) not in sys.path:
 
 from benchmarks import corpus as corpus_mod  # noqa: E402
 
+def import_cggr():
+    """``import cggr_compile``, also from a source checkout that is not pip-installed.
+
+    The package installs the top-level ``passes/`` folder as ``cggr_compile.passes``; without the
+    install, that alias is made here (a module spec on ``passes/``) and the import retried.
+    """
+    import importlib.util
+
+    try:
+        import cggr_compile
+
+        return cggr_compile
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("cggr_compile.passes") or not (REPO / "passes").is_dir():
+            raise
+    for name in [m for m in sys.modules if m == "cggr_compile" or m.startswith("cggr_compile.")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location("cggr_compile.passes", REPO / "passes" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "passes")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cggr_compile.passes"] = mod
+    spec.loader.exec_module(mod)
+    import cggr_compile
+
+    cggr_compile.passes = mod
+    return cggr_compile
+
+
 SCORINGS = ("entropy", "margin", "loss", "combined")
 ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS)
 
@@ -73,21 +102,21 @@ PRESETS: dict[str, dict] = {
         hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128,
         ratio=0.25, router_layers=1, lr=3e-3, lr_warmup_steps=5, budget_seconds=3.0,
         eval_every_seconds=1.0, eval_sequences=16, warmup_steps=1, base_budget_seconds=3.0,
-        include_site_packages=False, dtype="fp32",
+        include_site_packages=False, dtype="fp32", threads=1,
     ),
     "tiny": dict(
         max_bytes=4_000_000, tokenizer_max_bytes=None, vocab_size=2048, seq_len=128, batch_size=16,
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=384,
-        ratio=0.25, router_layers=2, lr=3e-3, lr_warmup_steps=20, budget_seconds=25.0,
-        eval_every_seconds=2.5, eval_sequences=128, warmup_steps=2, base_budget_seconds=60.0,
-        include_site_packages=False, dtype="fp32",
+        ratio=0.25, router_layers=2, lr=3e-3, lr_warmup_steps=20, budget_seconds=30.0,
+        eval_every_seconds=3.0, eval_sequences=64, warmup_steps=2, base_budget_seconds=60.0,
+        include_site_packages=False, dtype="fp32", threads=1,
     ),
     "smollm135m": dict(
         max_bytes=400_000_000, tokenizer_max_bytes=100_000_000, vocab_size=16384, seq_len=512,
         batch_size=32, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
         intermediate_size=1536, ratio=0.25, router_layers=4, lr=2e-3, lr_warmup_steps=50,
         budget_seconds=75.0, eval_every_seconds=7.5, eval_sequences=256, warmup_steps=3,
-        base_budget_seconds=240.0, include_site_packages=True, dtype="bf16",
+        base_budget_seconds=240.0, include_site_packages=True, dtype="bf16", threads=0,
     ),
 }
 
@@ -129,6 +158,14 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     proc = platform.processor() or platform.machine()
     return f"cpu ({proc}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def load_avg() -> list | None:
+    """The machine's 1/5/15-minute load averages (other processes' CPU use skews CPU timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def sync(device: torch.device) -> None:
@@ -278,8 +315,7 @@ def make_step_fn(mode: str, model, args, device, k: int, lr: float):
     cg = None
     fwd = model
     if mode.startswith("cggr-"):
-        import cggr_compile
-
+        cggr_compile = import_cggr()
         cg = cggr_compile.transform(model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
                                     scoring=mode[len("cggr-"):], warmup_steps=0, dynamic_threshold=False)
         fwd = cg
@@ -344,6 +380,7 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         return ev
 
     # warm-up (compilation): real steps, not counted in the budget
+    load0 = load_avg()
     graphs0 = dynamo_graphs()
     sync(device)
     t0 = time.perf_counter()
@@ -354,6 +391,11 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     sync(device)
     warmup_s = time.perf_counter() - t0
     graphs_warm = dynamo_graphs()
+    if cg is not None and args.warmup_steps > 0:  # the library's k must be ours (read outside the budget)
+        lib_k = int(cg.metrics().get("k", k)) if callable(getattr(cg, "metrics", None)) else k
+        if lib_k != k:
+            log(f"warning: {mode}: the library selects k={lib_k} rows, not ceil(ratio*B)={k}")
+            k = lib_k
 
     prog = Progress(args.budget_seconds, f"{mode:>13}", args.progress)
     t_train = 0.0
@@ -389,11 +431,12 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         tokens_seen=steps * B * T, tokens_trained=steps * k * T, epochs=round(order.epochs(), 4),
         final_heldout_loss=final, best_heldout_loss=min(c["heldout_loss"] for c in curve),
         graphs_compiled_warmup=graphs_warm - graphs0, graphs_compiled_in_budget=graphs_end - graphs_warm,
-        spearman=None, curve=curve,
+        spearman=None, load_avg_start=load0, load_avg_end=load_avg(), curve=curve,
     )
     if cg is not None:
         res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
         metrics = getattr(cg, "metrics", None)
+        metrics = metrics() if callable(metrics) else metrics
         if isinstance(metrics, dict):
             try:
                 res["cggr_metrics"] = {kk: (v.item() if torch.is_tensor(v) and v.numel() == 1 else
@@ -501,6 +544,42 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def merge_reports(paths: list[str], out_dir: str | None = None) -> dict:
+    """Union of the modes of several reports of one race (same preset, corpus, weights, device).
+
+    For machines that limit a job's length: run the modes in several commands (``--modes``), then
+    ``python benchmarks/race.py --merge a.json b.json``. Refuses reports whose race differs.
+    """
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    same = ("preset", "regime", "device_name", "initial_heldout_loss", "k", "lr_rule")
+    for r in reports[1:]:
+        for key in same:
+            if r.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {key} differs ({first.get(key)!r} vs {r.get(key)!r})")
+        if r["corpus"]["splits"] != first["corpus"]["splits"] or r["corpus"]["tokenizer"] != first["corpus"]["tokenizer"]:
+            raise SystemExit("--merge: the reports were made on different corpora")
+    merged = copy.deepcopy(first)
+    merged["modes"] = {}
+    for r in reports:
+        merged["modes"].update(r["modes"])
+    merged["merged_from"] = [dict(path=str(p), command=r["command"], modes=list(r["modes"]),
+                                  total_seconds=r["total_seconds"]) for p, r in zip(paths, reports)]
+    merged["command"] = " ; ".join(r["command"] for r in reports)
+    merged["total_seconds"] = round(sum(r["total_seconds"] for r in reports), 2)
+    merged["summary_table"] = summary_table(merged["modes"])
+    stem = Path(paths[0]).stem
+    out = Path(out_dir) if out_dir else Path(paths[0]).parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"-part\d+", "", stem)
+    (out / f"{stem}.json").write_text(json.dumps(merged, indent=1, default=str))
+    plot(merged["modes"], out / f"{stem}.png", f"CGGR race (merged), preset {first['preset']}, {first['device_name']}")
+    print(merged["summary_table"])
+    print(f"wrote {out / (stem + '.json')} and {stem}.png")
+    merged["json_path"], merged["png_path"] = str(out / f"{stem}.json"), str(out / f"{stem}.png")
+    return merged
+
+
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
@@ -522,7 +601,11 @@ def parse_args(argv=None):
     g.add_argument("--max-bytes", type=int, default=preset["max_bytes"], help="cap on the corpus (0: none)")
     g.add_argument("--max-file-bytes", type=int, default=1_000_000)
     g.add_argument("--tokenizer-max-bytes", type=int, default=preset["tokenizer_max_bytes"])
-    g.add_argument("--heldout-fraction", type=float, default=0.05)
+    g.add_argument("--heldout-fraction", type=float, default=0.05, help="share of the bytes held out (by file)")
+    g.add_argument("--race-packages", default=None,
+                   help="finetune regime: comma list of top-level packages the race trains on (default: "
+                        "the sorted packages after the cut closest to half of the bytes; the base model "
+                        "trains on the others)")
     g.add_argument("--vocab-size", type=int, default=preset["vocab_size"])
     g.add_argument("--seq-len", type=int, default=preset["seq_len"])
     g.add_argument("--cache-dir", default=str(corpus_mod.CACHE_DIR))
@@ -544,15 +627,23 @@ def parse_args(argv=None):
                    help="steps per mode not counted in the budget (compilation)")
     g.add_argument("--eval-every-seconds", type=float, default=preset["eval_every_seconds"])
     g.add_argument("--eval-sequences", type=int, default=preset["eval_sequences"])
+    g.add_argument("--eval-pick", default="spread", choices=["spread", "first"],
+                   help="which held-out sequences make the fixed eval set: evenly spaced over the held-out "
+                        "stream (spread, spans the held-out files) or its first ones (first, a few files)")
     g.add_argument("--eval-batch-size", type=int, default=0, help="0: the training batch size")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--threads", type=int, default=preset["threads"],
+                   help="torch CPU threads (0: torch's default). The CPU presets use 1: on a shared machine "
+                        "multi-threaded steps collapse under oversubscription (a tiny full step took 1.39 s "
+                        "with 2 threads against 0.26 s with 1, two other processes running on 2 cores)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: preset's on cuda, fp32 on cpu)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model / the CGGR wrapper (default: on for cuda, off for cpu)")
     g = p.add_argument_group("output")
     g.add_argument("--results-dir", default=str(HERE / "results"))
-    g.add_argument("--tag", default=None, help="file name tag (default: the preset, plus -finetune)")
+    g.add_argument("--tag", default=None, help="file name tag (default: the preset, plus -finetune); "
+                   "a tag ending in -partN is dropped by --merge")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -567,9 +658,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw and raw[0] == "--merge":  # python benchmarks/race.py --merge a.json b.json [--results-dir D]
+        rest = raw[1:]
+        out_dir = None
+        if "--results-dir" in rest:
+            i = rest.index("--results-dir")
+            out_dir = rest[i + 1]
+            rest = rest[:i] + rest[i + 2:]
+        return merge_reports(rest, out_dir)
     args = parse_args(argv)
     argv_list = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.compile is None:
         args.compile = device.type == "cuda"
@@ -582,9 +684,7 @@ def main(argv=None) -> dict:
 
     if any(m.startswith("cggr-") for m in args.modes):
         try:
-            import cggr_compile
-
-            cggr_compile.transform  # noqa: B018
+            import_cggr().transform  # noqa: B018
         except (ImportError, AttributeError) as e:
             raise SystemExit(f"cggr_compile.transform is not available ({e!r}); "
                              f"run only --modes full,random until the library exists")
@@ -596,7 +696,8 @@ def main(argv=None) -> dict:
         source, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
         heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None,
         max_file_bytes=args.max_file_bytes, tokenizer_max_bytes=args.tokenizer_max_bytes or None,
-        regime=args.regime, cache_dir=Path(args.cache_dir), log=log)
+        regime=args.regime, cache_dir=Path(args.cache_dir), log=log,
+        race_packages=[x.strip() for x in args.race_packages.split(",")] if args.race_packages else None)
     log(f"corpus: {source}: {corpus.scan_description}")
     if args.max_bytes:
         log(f"corpus: capped to {args.max_bytes:,} bytes (a seeded random subset of the files)")
@@ -611,7 +712,10 @@ def main(argv=None) -> dict:
 
     train = corpus.splits["train"].sequences
     held = corpus.splits["heldout"].sequences
-    eval_seqs = held[: args.eval_sequences]
+    if args.eval_pick == "first" or args.eval_sequences >= held.shape[0]:
+        eval_seqs = held[: args.eval_sequences]
+    else:  # evenly spaced over the held-out stream, so that the set spans its files
+        eval_seqs = held[torch.linspace(0, held.shape[0] - 1, args.eval_sequences).round().long()]
     if eval_seqs.shape[0] < args.eval_sequences:
         log(f"warning: only {eval_seqs.shape[0]} held-out sequences (asked {args.eval_sequences})")
     if device.type == "cuda":
@@ -632,7 +736,7 @@ def main(argv=None) -> dict:
     log(f"lr rule {args.lr_rule}: " + ", ".join(f"{m} {mode_lr(m, args, args.batch_size if m == 'full' else k):.2e}"
                                                 for m in args.modes))
     log(f"budget {args.budget_seconds:.0f} s of step time per mode (+{args.warmup_steps} uncounted warm-up steps); "
-        f"held-out eval every {args.eval_every_seconds} s on {eval_seqs.shape[0]} sequences")
+        f"held-out eval every {args.eval_every_seconds} s on {eval_seqs.shape[0]} sequences ({args.eval_pick})")
 
     init_eval_model, _ = build_model(args, corpus.vocab_size)
     init_eval_model.load_state_dict(init_state)
@@ -648,6 +752,8 @@ def main(argv=None) -> dict:
         r["wall_s"] = round(time.perf_counter() - t0, 2)
         results[mode] = r
         sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
+        if device.type == "cpu" and r["load_avg_end"]:
+            sp += f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} on {os.cpu_count()} cores"
         log(f"{mode}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
             f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
         if device.type == "cuda":
@@ -664,9 +770,7 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"race_{tag}_{device_slug(device)}"
     try:
-        import cggr_compile
-
-        lib_version = getattr(cggr_compile, "__version__", "unknown")
+        lib_version = getattr(import_cggr(), "__version__", "unknown")
     except ImportError:
         lib_version = None
     import transformers
@@ -674,6 +778,7 @@ def main(argv=None) -> dict:
     cfg_dict = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
     report = dict(
         preset=args.preset, regime=args.regime, device=device.type, device_name=device_name(device),
+        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg_end=load_avg(),
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         cggr_compile=lib_version, started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_list),

@@ -90,7 +90,8 @@ def test_race_ci_toy_corpus(tmp_path):
     splits = rep["corpus"]["splits"]
     assert splits["train"]["files"] + splits["heldout"]["files"] == 40  # the two non-text files skipped
     assert "2 not UTF-8 text" in rep["corpus"]["scan"]
-    assert splits["heldout"]["files"] == 2  # ceil(0.05 * 40)
+    total = splits["train"]["bytes"] + splits["heldout"]["bytes"]
+    assert 0.05 * total <= splits["heldout"]["bytes"] < 0.5 * total
     assert Path(rep["json_path"]).name == "race_ci_cpu.json"
 
 
@@ -125,7 +126,10 @@ def test_split_is_deterministic_and_file_disjoint(tmp_path):
     assert [f.key for f in train] == [f.key for f in train2]
     assert [f.key for f in held] == [f.key for f in held2]
     assert {f.path for f in train}.isdisjoint({f.path for f in held})
-    assert len(train) + len(held) == len(files) and len(held) == math.ceil(0.05 * len(files))
+    assert len(train) + len(held) == len(files)
+    total = sum(f.size for f in files)
+    held_bytes = sum(f.size for f in held)
+    assert held_bytes >= 0.05 * total and held_bytes - held[-1].size < 0.05 * total  # shortest prefix
     _, held3 = C.split_files(files, 0.05, seed=1)
     assert {f.key for f in held3} != {f.key for f in held}  # the seed matters
     # a second scan gives the same list (and so the same cache keys)
@@ -137,7 +141,12 @@ def test_finetune_partition_is_disjoint():
     base, race_part, base_pk, race_pk = C.partition_by_package(files)
     assert base and race_part and set(base_pk).isdisjoint(race_pk)
     assert {f.package for f in base} == set(base_pk) and {f.package for f in race_part} == set(race_pk)
-    assert max(base_pk) < min(race_pk)  # sorted halves
+    assert max(base_pk) < min(race_pk)  # one cut of the sorted names
+    total = sum(f.size for f in files)
+    assert 0.2 * total < sum(f.size for f in base) < 0.8 * total
+    base2, race2, _, race_pk2 = C.partition_by_package(files, ["test", "stdlib:json"])
+    assert set(race_pk2) == {"stdlib:test", "stdlib:json"} & {f.package for f in files}
+    assert {f.key for f in base2}.isdisjoint({f.key for f in race2}) and len(base2) + len(race2) == len(files)
 
 
 def test_packing_and_tokenizer(tmp_path):
@@ -172,3 +181,24 @@ def test_spearman():
     den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
     assert race.spearman(a, b) == pytest.approx(num / den)
     assert math.isnan(race.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_race_ci_finetune_regime(tmp_path):
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    cache = tmp_path / "cache"
+    argv = ["--preset", "ci", "--regime", "finetune", "--corpus", str(src), "--modes", "full,random",
+            "--max-bytes", "0", "--cache-dir", str(cache), "--results-dir", str(tmp_path / "res"),
+            "--no-progress", "--device", "cpu", "--budget-seconds", "2", "--base-budget-seconds", "3"]
+    rep = race.main(argv)
+    assert Path(rep["json_path"]).name == "race_ci-finetune_cpu.json"
+    c = rep["corpus"]
+    assert c["base_packages"] and c["race_packages"] and set(c["base_packages"]).isdisjoint(c["race_packages"])
+    assert c["splits"]["base"]["files"] + c["splits"]["train"]["files"] + c["splits"]["heldout"]["files"] == 40
+    base = rep["base"]
+    assert base["steps"] > 0 and not base["cached"]
+    assert len(list(cache.glob("base_*.pt"))) == 1
+    # the race starts from the trained base model, far below a random init's ln(vocab)
+    assert rep["initial_heldout_loss"] < math.log(rep["corpus"]["vocab_size"]) - 1.0
+    for m in ("full", "random"):
+        assert math.isfinite(rep["modes"][m]["final_heldout_loss"])
