@@ -201,8 +201,15 @@ class CGGRModel(nn.Module):
             hidden = self.router.hidden(input_ids, attention_mask, **rows)
 
             def fused(target: Optional[Tensor]) -> S.TokenStats:
-                _, entropy, p1, p2, nll = fused_token_stats(
-                    hidden, head.weight, head.bias, target, self.router.arch.softcap)
+                h, w, bias = hidden, head.weight, head.bias
+                kind = h.device.type
+                if torch.is_autocast_enabled(kind):
+                    # The unfused head would run in the autocast dtype: so does the fused one
+                    # (an fp32 matmul in the kernel would cost several times the bf16 one).
+                    dt = torch.get_autocast_dtype(kind)
+                    h, w = h.to(dt), w.to(dt)
+                    bias = bias.to(dt) if bias is not None else None
+                _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, self.router.arch.softcap)
                 return S.TokenStats(entropy, p1, p2, nll)
 
             return score_positions(hidden, attention_mask, labels, self.causal, cfg.scoring, stats=fused)
