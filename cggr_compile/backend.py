@@ -164,16 +164,25 @@ def _quiet_transformers_warnings() -> None:
     """Let Dynamo trace through transformers' ``logger.warning_once`` instead of breaking the graph.
 
     GPT-2 (and other models without a ``loss_type``) warn from their loss; that warning's graph
-    break would cut the loss off the captured graph and stop the rewrite.
+    break would cut the loss off the captured graph and stop the rewrite. Older torch versions
+    (2.11) cannot serialise a callable in this config set when they log compile metrics; there the
+    entry is left out (GPT-2 then needs ``model.loss_type = "ForCausalLM"``, as the warning says).
     """
     try:
         from transformers.utils import logging as hf_logging
+        from torch._dynamo import utils as dynamo_utils
 
-        # Only the one method: torch 2.11 sorts this set when it logs its config, and two
-        # callables of different kinds do not sort.
         fn = getattr(hf_logging, "warning_once", None)
-        if fn is not None:
-            torch._dynamo.config.ignore_logger_methods.add(fn)
+        methods = torch._dynamo.config.ignore_logger_methods
+        if fn is None or fn in methods:
+            return
+        methods.add(fn)
+        check = getattr(dynamo_utils, "_get_dynamo_config_for_logging", None)
+        if check is not None:
+            try:
+                check()
+            except Exception:  # noqa: BLE001 - this torch cannot log the set with a callable in it
+                methods.discard(fn)
     except Exception:  # noqa: BLE001 - an older torch without the option: the break stays
         pass
 
