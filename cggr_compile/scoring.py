@@ -275,17 +275,21 @@ def _stratified_token_mask(
     return (rank < nf) & (within < q)
 
 
-def selective_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+def selective_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor, denominator: Optional[Tensor | int | float] = None
+) -> Tensor:
     """Mean next-token cross-entropy over the positions where ``weight`` is true.
 
     ``target`` is aligned with the positions (see :func:`aligned_labels`). No position gives a
-    zero that is still connected to the graph, never NaN.
+    zero that is still connected to the graph, never NaN. ``denominator`` replaces the count of
+    selected positions (gradient accumulation, data parallelism: the selected tokens of every
+    micro-batch and rank, so that each selected token weighs the same).
     """
     v = logits.shape[-1]
     flat = logits.reshape(-1, v).float()
     tgt = torch.where(weight, target, torch.full_like(target, IGNORE_INDEX)).reshape(-1)
     total = torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = weight.sum()
+    count = weight.sum() if denominator is None else torch.as_tensor(denominator, device=total.device)
     return total / count.clamp(min=1).to(total.dtype)
 
 

@@ -125,7 +125,8 @@ class CGGRModel(nn.Module):
     the two. In training with labels and grad enabled, ``forward`` returns the model's usual output
     whose ``loss`` is the CGGR loss, plus ``selected_indices`` (rows, sequences granularity) or
     ``selected_mask`` (tokens) and ``cggr_metrics``. Call :meth:`step` once per optimizer step (or
-    :meth:`attach_optimizer` once).
+    :meth:`attach_optimizer` once). ``loss_denominator=`` (a number or device tensor) replaces the
+    count of selected tokens in the loss's mean, for gradient accumulation and data parallelism.
     """
 
     def __init__(self, model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> None:
@@ -232,7 +233,9 @@ class CGGRModel(nn.Module):
             out = call_model(self.model, input_ids, attention_mask, labels, **kwargs)
             return out.logits if isinstance(out, CGGROutput) else out
         check_batch(input_ids, labels, attention_mask)
-        kwargs.pop("num_items_in_batch", None)  # recomputed for the selection
+        # Hugging Face's count covers every labelled token; CGGR's loss normalises by the selected
+        # ones (pass loss_denominator= for a count across micro-batches or ranks).
+        kwargs.pop("num_items_in_batch", None)
         self._plan(input_ids.shape[0], input_ids.device)
         out, metrics = self._routed_step(input_ids, attention_mask, labels, kwargs)
         self._record(metrics)
@@ -243,6 +246,8 @@ class CGGRModel(nn.Module):
     ) -> tuple[Any, dict[str, Any]]:
         cfg = self.cggr_config
         b = input_ids.shape[0]
+        kwargs = dict(kwargs)
+        denominator = kwargs.pop("loss_denominator", None)
         rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
         r = self.route(input_ids, attention_mask, labels, **rows)
         k = self._k
@@ -253,7 +258,7 @@ class CGGRModel(nn.Module):
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
             weight = r.valid.index_select(0, idx)
-            loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight)
+            loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
             out["selected_indices"] = idx
         else:
             weight = S.select_tokens(
@@ -261,7 +266,7 @@ class CGGRModel(nn.Module):
                 cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
             )
             out = call_model(self.model, input_ids, attention_mask, **kwargs)
-            loss = S.selective_cross_entropy(out.logits, r.target, weight)
+            loss = S.selective_cross_entropy(out.logits, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
         metrics: dict[str, Any] = dict(r.metrics)

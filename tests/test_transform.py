@@ -130,3 +130,32 @@ def test_fused_scorer_gives_the_unfused_scores(name, scoring):
     torch.testing.assert_close(rf.difficulty, rp.difficulty, rtol=1e-5, atol=1e-5)
     for key in rp.metrics:
         torch.testing.assert_close(rf.metrics[key], rp.metrics[key], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_denominator_weighs_every_selected_token_the_same_across_micro_batches():
+    """Two micro-batches with a shared denominator give the gradient of one batch of both selections."""
+    model = tiny_model("llama")
+    cg = cggr_compile.transform(model, **OPTS)
+    b1, b2 = batch("llama", seed=1), batch("llama", seed=2)
+    n1 = cg(**b1).cggr_metrics["tokens_selected"]
+    n2 = cg(**b2).cggr_metrics["tokens_selected"]
+    model.zero_grad()
+    total = n1 + n2
+    for b in (b1, b2):
+        cg(**b, loss_denominator=total).loss.backward()
+    acc = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # reference: the selected rows of both micro-batches as one batch, mean over their tokens
+    i1 = cg(**b1).selected_indices
+    i2 = cg(**b2).selected_indices
+    model.zero_grad()
+    ids = torch.cat([b1["input_ids"][i1], b2["input_ids"][i2]])
+    mask = torch.cat([b1["attention_mask"][i1], b2["attention_mask"][i2]])
+    labels = torch.cat([b1["labels"][i1], b2["labels"][i2]])
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    keep = (tgt != -100) & (mask == 1)
+    torch.nn.functional.cross_entropy(logits[keep], tgt[keep]).backward()
+    assert int(keep.sum()) == int(total)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(acc[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
