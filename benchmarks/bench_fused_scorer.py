@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import device_name, device_slug  # noqa: E402
 from cggr_compile.ops import fused_scorer as fs  # noqa: E402
 
 IGN = -100
@@ -138,17 +138,6 @@ def peak_extra_bytes(fn, device):
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return int(peak)
-
-
-def device_slug(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def autotune_choices():

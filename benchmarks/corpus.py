@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import sysconfig

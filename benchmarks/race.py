@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from benchmarks import corpus as corpus_mod  # noqa: E402
+from benchmarks.common import device_name, device_slug  # noqa: E402
 
 def import_cggr():
     """``import cggr_compile``, also from a source checkout that is not pip-installed.
@@ -141,23 +142,6 @@ def spearman(a, b) -> float:
     rb -= rb.mean()
     den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    elif device.type == "cpu":
-        name = "cpu"
-    else:
-        name = device.type
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    proc = platform.processor() or platform.machine()
-    return f"cpu ({proc}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
 def load_avg() -> list | None:

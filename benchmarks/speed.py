@@ -84,7 +84,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -121,6 +120,8 @@ class _PassesFinder(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _PassesFinder())
 
 import torch  # noqa: E402
+
+from benchmarks.common import device_name, device_slug  # noqa: E402
 
 ALL_MODES = ("eager", "compiled", "random_subset", "router_only", "cggr_backend", "cggr_transform")
 CGGR_MODES = ("cggr_backend", "cggr_transform")
@@ -159,18 +160,6 @@ REFERENCE_H200 = {
 # ------------------------------------------------------------------------------------------ helpers
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    proc = platform.processor() or platform.machine()
-    return f"cpu ({proc}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
 def sync(device: torch.device) -> None:

@@ -14,6 +14,7 @@ selected valid positions only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from . import scoring as S
 from .config import CGGRConfig
-from .router import TruncatedRouter, build_router, describe
+from .router import TruncatedRouter, build_router
 from .schedule import Schedule
 from .transform import CGGRModel, score_positions
 
@@ -34,6 +35,12 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedR
     if not isinstance(router, TruncatedRouter):
         raise ValueError(f"create_truncated_router: {type(model).__name__} has no recognisable layer list")
     return router
+
+
+def _token_config(arguments: dict[str, Any]) -> CGGRConfig:
+    """The token-granularity config from a constructor's arguments (those that are options)."""
+    fields = {f.name for f in dataclasses.fields(CGGRConfig)}
+    return CGGRConfig(granularity="tokens", **{k: v for k, v in arguments.items() if k in fields})
 
 
 class _Scheduled:
@@ -80,12 +87,7 @@ class CGGRLoss(nn.Module, _Scheduled):
         num_strata: int = 4, min_tokens_per_sequence: int = 1, base_loss: Optional[nn.Module] = None,
     ) -> None:
         nn.Module.__init__(self)
-        _Scheduled.__init__(self, CGGRConfig(
-            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
-            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-            warmup_steps=warmup_steps, num_strata=num_strata,
-            min_tokens_per_sequence=min_tokens_per_sequence, granularity="tokens",
-        ))
+        _Scheduled.__init__(self, _token_config(locals()))
         self.base_loss = base_loss
 
     def forward(self, logits: Tensor, targets: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -112,12 +114,7 @@ class CGGRScorer(nn.Module, _Scheduled):
         warmup_steps: int = 0, num_strata: int = 4, min_tokens_per_sequence: int = 1, causal: bool = True,
     ) -> None:
         nn.Module.__init__(self)
-        _Scheduled.__init__(self, CGGRConfig(
-            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
-            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-            warmup_steps=warmup_steps, num_strata=num_strata,
-            min_tokens_per_sequence=min_tokens_per_sequence, granularity="tokens",
-        ))
+        _Scheduled.__init__(self, _token_config(locals()))
         self.__dict__["router"] = router  # not a submodule: it shares the model's weights
         self.causal = causal
 
