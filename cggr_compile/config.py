@@ -42,6 +42,9 @@ class CGGRConfig:
         fused_scorer: score straight from the router's hidden states with the fused head+scoring
             op (``cggr_compile.ops.fused_scorer``: a Triton kernel on CUDA, chunked torch elsewhere)
             when the head is one linear layer, so the ``B x T x V`` logits are never written.
+        data_parallel_normalize: under an initialised process group (DDP, FSDP2), divide each
+            rank's loss by the selected tokens of all ranks over the world size, so that every
+            selected token weighs the same across ranks (``cggr_compile.distributed``).
         router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
             or ``-> difficulties [B, T]``; replaces the truncated model.
     """
@@ -59,6 +62,7 @@ class CGGRConfig:
     num_levels: int = 8
     seed: int = 0
     fused_scorer: bool = True
+    data_parallel_normalize: bool = True
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

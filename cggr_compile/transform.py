@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig
+from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .router import build_router
 from .schedule import Schedule, rows_for_ratio
@@ -241,6 +242,12 @@ class CGGRModel(nn.Module):
         self._record(metrics)
         return out
 
+    def _denominator(self, weight: Tensor, given: Any) -> Any:
+        """The loss's denominator: the caller's, else the data-parallel count, else the local one."""
+        if given is not None or not self.cggr_config.data_parallel_normalize or data_parallel_world() == 1:
+            return given
+        return rank_normaliser(weight.sum())
+
     def _routed_step(
         self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
     ) -> tuple[Any, dict[str, Any]]:
@@ -250,33 +257,77 @@ class CGGRModel(nn.Module):
         denominator = kwargs.pop("loss_denominator", None)
         rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
         r = self.route(input_ids, attention_mask, labels, **rows)
-        k = self._k
         if cfg.granularity == "sequences":
-            seq = S.sequence_difficulty(r.difficulty, r.valid)
-            idx = S.select_sequences(seq, k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
+            idx = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
             weight = r.valid.index_select(0, idx)
+            denominator = self._denominator(weight, denominator)
             loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
             out["selected_indices"] = idx
         else:
-            weight = S.select_tokens(
-                r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
-                cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
-            )
+            weight = self._choose(r)
             out = call_model(self.model, input_ids, attention_mask, **kwargs)
+            denominator = self._denominator(weight, denominator)
             loss = S.selective_cross_entropy(out.logits, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
+        metrics = self._step_metrics(r, weight)
+        out["cggr_metrics"] = metrics
+        return out, metrics
+
+    def _choose(self, r: Routing) -> Tensor:
+        """The selection from the router's scores: row indices ``[k]`` or a token mask ``[B, T]``."""
+        cfg = self.cggr_config
+        if cfg.granularity == "sequences":
+            seq = S.sequence_difficulty(r.difficulty, r.valid)
+            return S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
+        return S.select_tokens(
+            r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
+            cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
+        )
+
+    def _step_metrics(self, r: Routing, weight: Tensor) -> dict[str, Any]:
+        cfg = self.cggr_config
         metrics: dict[str, Any] = dict(r.metrics)
         metrics.update(
-            step=self.schedule.step, token_ratio=self._ratio, k=k,
+            step=self.schedule.step, token_ratio=self._ratio, k=self._k,
             tokens_selected=weight.sum(), tokens_total=r.valid.sum(),
             selection=cfg.selection, scoring=cfg.scoring,
         )
-        out["cggr_metrics"] = metrics
-        return out, metrics
+        return metrics
+
+    def select(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+        record: bool = True, **kwargs: Any,
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Router and selection only (no grad, no main pass): what a training ``forward`` would
+        select now, with the schedule's current level.
+
+        Returns ``(selection, weight, metrics)``: the row indices ``[k]`` (sequences) or the token
+        mask ``[B, T]`` (tokens); the boolean ``weight`` of the positions that enter the loss,
+        aligned like the router's targets (``[k, T]`` for the selected rows, or ``[B, T]``); and
+        the metrics, whose ``tokens_selected`` (``weight.sum()``, a device tensor) is the count the
+        loss normalises by. Summed over the micro-batches of one optimizer step it is their shared
+        ``loss_denominator`` (``cggr_compile.integrations`` does this for the Trainer).
+        ``record=False`` leaves the schedule's lagged confidence alone (push it later with
+        ``_record``), so every micro-batch of a step is planned from the same state.
+        """
+        check_batch(input_ids, labels, attention_mask)
+        b = input_ids.shape[0]
+        self._plan(b, input_ids.device)
+        rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
+        r = self.route(input_ids, attention_mask, labels, **rows)
+        selection = self._choose(r)
+        if self.cggr_config.granularity == "sequences":
+            weight = r.valid.index_select(0, selection)
+        else:
+            weight = selection
+        metrics = self._step_metrics(r, weight)
+        if record:
+            self._record(metrics)
+        return selection, weight, metrics
 
 
 def transform(model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> CGGRModel:
