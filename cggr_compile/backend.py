@@ -62,6 +62,17 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
     return (module if isinstance(module, torch.nn.Module) else None), dict(kwargs)
 
 
+def _inside_ddp() -> bool:
+    """Whether DDP's graph splitter is calling us with one bucket's fragment."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return torch._dynamo.utils.get_optimize_ddp_mode() == "ddp_optimizer" and \
+            DistributedDataParallel._get_active_ddp_module() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRModel:
     """The CGGR core (router, schedule, metrics) the backend uses for ``model``."""
     core = core_of(model)
@@ -141,7 +152,13 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     try:
         plan = recognise(gm, example_inputs, call_kwargs)
     except NotRewritable as err:
-        if "without labels" not in str(err):
+        if _inside_ddp():
+            warn_once(
+                "DDP's graph splitting (torch._dynamo.config.optimize_ddp) cut the model's graph into "
+                "buckets; set torch._dynamo.config.optimize_ddp = False for the cggr backend, or "
+                "compile DDP(cggr_compile.transform(model)), whose rewrite survives the split"
+            )
+        elif "without labels" not in str(err):
             warn_once(str(err))
         return compile_plain(gm, example_inputs)
     if module is None:
