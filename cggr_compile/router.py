@@ -98,11 +98,14 @@ def _looks_masked(model: nn.Module) -> bool:
 
 
 def _clone_tree(module: nn.Module) -> nn.Module:
-    """A new module object per node that shares every parameter and buffer tensor."""
-    clone = copy.copy(module)
+    """A new module object per node, with its own ``training`` flag and child list.
+
+    The parameter and buffer *dicts* are the originals' (not copies): whatever replaces a tensor in
+    the model (FSDP2 swapping sharded and unsharded parameters, ``load_state_dict(assign=True)``,
+    ``to_empty``) is seen by the router too. Hooks are shared the same way.
+    """
+    clone = object.__new__(type(module))  # no __init__ and no __reduce__ (FSDP2's classes define one)
     clone.__dict__ = dict(module.__dict__)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
     clone._modules = {n: (_clone_tree(c) if c is not None else None) for n, c in module._modules.items()}
     return clone
 

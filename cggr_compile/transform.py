@@ -15,8 +15,9 @@ One batch, start to end (:meth:`CGGRModel.forward`):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +112,28 @@ def score_positions(
     return Routing(target, valid, difficulty, S.batch_metrics(stats, difficulty, valid))
 
 
+@contextlib.contextmanager
+def _unsharded(model: nn.Module) -> Iterator[None]:
+    """FSDP2: gather the root's own parameters (embeddings, final norm, head) for the router.
+
+    The router runs the base model and the head directly, not the root module's forward, so the
+    root's pre-forward hook that would gather them does not fire; the layers' hooks do.
+    """
+    if hasattr(model, "unshard") and hasattr(model, "reshard"):
+        # The root must initialise first (FSDP2 initialises lazily at the first forward, and the
+        # router reaches the layers before the root's forward runs). Private API, guarded.
+        state = getattr(model, "_get_fsdp_state", None)
+        if state is not None and hasattr(state(), "_lazy_init"):
+            state()._lazy_init()
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
 def slice_rows(value: Any, idx: Tensor, batch: int) -> Any:
     """``value[idx]`` for per-row tensors (leading dim == batch); anything else unchanged."""
     if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
@@ -195,7 +218,7 @@ class CGGRModel(nn.Module):
     ) -> Routing:
         """Run the router and score every position (no grad)."""
         cfg = self.cggr_config
-        with torch.no_grad():
+        with torch.no_grad(), _unsharded(self.model):
             head = getattr(self.router, "linear_head", None) if cfg.fused_scorer else None
             if head is None:
                 out = self.router(input_ids, attention_mask, **rows)
