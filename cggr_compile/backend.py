@@ -13,6 +13,7 @@ without a warning: they must run exactly as without CGGR.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,21 +46,39 @@ def warn_once(reason: str) -> None:
 
 
 def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
-    """The module being compiled and the call's keyword arguments.
+    """The module being compiled and the call's arguments, by name.
 
     Dynamo hands a backend the graph, not the module. This reads the frame Dynamo is translating
-    (a private API, pinned by tests on each supported torch version).
+    (a private API, pinned by tests on each supported torch version). The frame is either the
+    model's ``forward`` (its parameters are locals) or a decorator's ``wrapper(self, *args,
+    **kwargs)`` (transformers' ``can_return_tuple``); positional arguments are named through the
+    forward's signature, so ``model(ids, labels=y)`` is understood like ``model(input_ids=ids, ...)``.
     """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
-        f_locals = tx.f_locals
+        f_locals = dict(InstructionTranslator.current_tx().f_locals)
     except Exception:  # noqa: BLE001 - any failure means "unknown", never a crash
         return None, {}
     module = f_locals.get("self")
-    kwargs = f_locals.get("kwargs") or {}
-    return (module if isinstance(module, torch.nn.Module) else None), dict(kwargs)
+    if not isinstance(module, torch.nn.Module):
+        return None, {}
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return module, dict(f_locals.get("kwargs") or {})
+    var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+    if "args" in f_locals and "kwargs" in f_locals and "args" not in params:
+        try:
+            bound = inspect.signature(module.forward).bind_partial(*f_locals["args"], **f_locals["kwargs"]).arguments
+        except TypeError:
+            bound = dict(f_locals["kwargs"])
+    else:
+        bound = {n: f_locals[n] for n in params if n in f_locals}
+    extra = bound.pop(var_kw, None) if var_kw else None
+    if isinstance(extra, dict):
+        bound.update(extra)
+    return module, bound
 
 
 def _inside_ddp() -> bool:
@@ -75,9 +94,10 @@ def _inside_ddp() -> bool:
 
 def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRModel:
     """The CGGR core (router, schedule, metrics) the backend uses for ``model``."""
+    config = CGGRConfig.from_options(options)
     core = core_of(model)
-    if core is None:
-        core = CGGRModel(model, CGGRConfig.from_options(options))
+    if core is None or core.cggr_config != config:  # first compile, or compiled again with new options
+        core = CGGRModel(model, config)
         model.__dict__[_CORE_ATTR] = core
     return core
 

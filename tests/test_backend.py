@@ -178,3 +178,19 @@ scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 cross_entropy_loss(None, 2) -> float32[]
 return float32[], float32[4, 6, 32], bool[4, 6], float32[], float32[], float32[], int64[], int64[]""")
+
+
+def test_positional_input_ids_are_understood():
+    model = tiny_model("llama")
+    b = batch("llama")
+    out = torch.compile(model, backend="cggr", options=OPTS)(b["input_ids"], b["attention_mask"], labels=b["labels"])
+    assert out.logits.shape[0] == 3 and core_of(model).metrics()["k"] == 3
+
+
+def test_compiling_again_with_new_options_uses_them():
+    model = tiny_model("llama")
+    b = batch("llama")
+    torch.compile(model, backend="cggr", options=OPTS)(**b)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="cggr", options=dict(OPTS, min_tokens_ratio=1 / 6))(**b)
+    assert out.logits.shape[0] == 1
