@@ -3,13 +3,17 @@
 * ``torch.compile(model, backend="cggr")``: importing this package registers the backend (it is
   also discoverable through the ``torch_dynamo_backends`` entry point).
 * :func:`transform`: the same rewrite applied to an ``nn.Module``.
+* :func:`enable_cggr`: one call turns CGGR on for a ``transformers.Trainer`` (or TRL's
+  ``SFTTrainer``); :func:`route_step` does the same for the micro-batches of a plain loop.
 """
 
 from .compat import CGGRLoss, CGGRScorer, create_truncated_router
 from .config import CGGRConfig
+from .integrations import enable_cggr, route_step
 from .transform import CGGRModel, transform
 
-__all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "transform"]
+__all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "enable_cggr",
+           "route_step", "transform"]
 __version__ = "0.1.0"
 
 from .backend import explain, last_metrics, register as _register_backend, step
