@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawn(mode: str, out_dir: Path, nprocs: int = 2, timeout_s: float = 240.0) -> None:
+    """Run the workers; a gloo rendezvous that hangs (seen once in a full CI run, never alone) is
+    retried once on a fresh port, then fails the test instead of stalling the suite."""
+    for attempt in range(2):
+        ctx = mp.start_processes(_worker, args=(nprocs, _free_port(), str(out_dir), mode), nprocs=nprocs,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                break
+        else:
+            return
+    pytest.fail(f"{mode}: the {nprocs} gloo workers did not finish within {timeout_s:.0f} s, twice")
 
 
 def _model() -> torch.nn.Module:
@@ -90,7 +108,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
 def test_ddp_gradients_equal_one_process_on_the_union_of_selected_rows(tmp_path, mode):
     from models import batch
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    _spawn(mode, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for n in r0["grads"]:  # DDP left the same averaged gradient on both ranks
         torch.testing.assert_close(r0["grads"][n], r1["grads"][n])
@@ -109,7 +127,8 @@ def test_ddp_gradients_equal_one_process_on_the_union_of_selected_rows(tmp_path,
 
 
 def test_ddp_graph_splitting_gets_a_warning_that_says_what_to_do(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "backend-split"), nprocs=2, join=True)
+    # One rank suffices: DDP's splitter runs the same way, and no peer can stall the test.
+    _spawn("backend-split", tmp_path, nprocs=1)
     got = torch.load(tmp_path / "rank0.pt")
     assert any("DDP's graph splitting" in w and "optimize_ddp = False" in w and "transform" in w
                for w in got["warnings"]), got["warnings"]
