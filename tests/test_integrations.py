@@ -16,7 +16,6 @@ import torch
 import transformers as T
 
 import cggr_compile
-from cggr_compile.config import CGGRConfig
 from cggr_compile.schedule import quantise_ratio, ratio_levels, rows_for_ratio, warmup_ratio
 from models import VOCAB, tiny_model
 
@@ -272,7 +271,6 @@ def test_compiled_model(tmp_path, how):
         trainer = T.Trainer(model=model, args=args, train_dataset=Rows(16))
     cg = cggr_compile.enable_cggr(trainer, **OPTS)
     assert cg.model is model  # the router and the selection work on the module under torch.compile
-    compiled_rows = []
     trainer.train()
     assert cg.schedule.step == 2
     assert all(h["cggr/k"] == 2 for h in trainer.state.log_history if "loss" in h)
