@@ -50,13 +50,10 @@ class _Scheduled:
         self.config = config
         self.schedule = Schedule(config)
         self._metrics: dict[str, Any] = {}
-        self._step_tensor: Optional[Tensor] = None
 
     def step(self) -> None:
         """Advance the curriculum (call after each optimizer step)."""
         self.schedule.advance()
-        if self._step_tensor is not None:
-            self._step_tensor.add_(1)
 
     def get_metrics(self) -> dict[str, Any]:
         """The last call's statistics (device tensors where they come from the batch)."""
@@ -64,12 +61,9 @@ class _Scheduled:
 
     def _select(self, r: Any) -> tuple[Tensor, float]:
         ratio = self.schedule.ratio()
-        device = r.difficulty.device
-        if self._step_tensor is None or self._step_tensor.device != device:
-            self._step_tensor = torch.full((), self.schedule.step, dtype=torch.int64, device=device)
         c = self.config
         mask = S.select_tokens(r.difficulty, r.valid, ratio, c.selection, c.num_strata,
-                               c.min_tokens_per_sequence, c.seed, self._step_tensor)
+                               c.min_tokens_per_sequence, c.seed, self.schedule.device_step(r.difficulty.device))
         if "avg_confidence" in r.metrics:
             self.schedule.confidence.push(r.metrics["avg_confidence"])
         self._metrics = dict(r.metrics, step=self.schedule.step, token_ratio=ratio,

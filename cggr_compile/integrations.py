@@ -266,8 +266,7 @@ class _TrainerIntegration:
         step = int(getattr(self.trainer.state, "global_step", 0) or 0)
         cg = self.cggr
         if cg.schedule.step != step:
-            cg.schedule.step = step
-            cg.__dict__["_step_tensor"] = None  # rebuilt from the schedule by the next plan
+            cg.schedule.set_step(step)
 
     def _check_rows(self, shape: torch.Size) -> None:
         if self.cggr.cggr_config.granularity == "sequences" and shape[0] == 1:

@@ -97,9 +97,23 @@ class Schedule:
         self.step = 0
         self.levels = ratio_levels(config.min_tokens_ratio, config.num_levels)
         self.confidence = LaggedScalar()
+        self._device_step: Optional[torch.Tensor] = None
 
     def advance(self) -> None:
         self.step += 1
+        if self._device_step is not None:
+            self._device_step.add_(1)  # in place, on the device: no host round trip
+
+    def set_step(self, step: int) -> None:
+        """Jump to ``step`` (a resumed run); the device counter is rebuilt at its next use."""
+        self.step = step
+        self._device_step = None
+
+    def device_step(self, device: torch.device) -> torch.Tensor:
+        """The step counter as an int64 device scalar, for the seeded draws inside graphs."""
+        if self._device_step is None or self._device_step.device != device:
+            self._device_step = torch.full((), self.step, dtype=torch.int64, device=device)
+        return self._device_step
 
     def ratio(self) -> float:
         """The (quantised) ratio for the next step."""

@@ -134,11 +134,18 @@ def _unsharded(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _is_per_row(value: Any, batch: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch
+
+
+def per_row_inputs(kwargs: dict, batch: int) -> dict:
+    """The keyword inputs with one entry per row (``position_ids``, ``token_type_ids``...)."""
+    return {n: v for n, v in kwargs.items() if _is_per_row(v, batch)}
+
+
 def slice_rows(value: Any, idx: Tensor, batch: int) -> Any:
     """``value[idx]`` for per-row tensors (leading dim == batch); anything else unchanged."""
-    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
-        return value.index_select(0, idx)
-    return value
+    return value.index_select(0, idx) if _is_per_row(value, batch) else value
 
 
 class CGGRModel(nn.Module):
@@ -168,6 +175,8 @@ class CGGRModel(nn.Module):
         self.causal = causal
         self._k = 1
         self._ratio = 1.0
+        # The schedule's device step counter, read by the traced step (the backend's trace swaps in
+        # its graph input here).
         self.__dict__["_step_tensor"] = None
 
     # -- checkpoint compatibility with the wrapped model --------------------------------------
@@ -187,8 +196,6 @@ class CGGRModel(nn.Module):
     def step(self) -> None:
         """Advance the schedule once; call after each optimizer step."""
         self.schedule.advance()
-        if self._step_tensor is not None:
-            self._step_tensor.add_(1)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
         """Advance the schedule after every ``optimizer.step()``; returns the hook handle."""
@@ -203,8 +210,7 @@ class CGGRModel(nn.Module):
         ratio = self.schedule.ratio()
         self._ratio = ratio
         self._k = rows_for_ratio(ratio, batch)
-        if self._step_tensor is None or self._step_tensor.device != device:
-            self.__dict__["_step_tensor"] = torch.full((), self.schedule.step, dtype=torch.int64, device=device)
+        self.__dict__["_step_tensor"] = self.schedule.device_step(device)
 
     @torch.compiler.disable
     def _record(self, metrics: dict[str, Any]) -> None:
@@ -278,19 +284,18 @@ class CGGRModel(nn.Module):
         b = input_ids.shape[0]
         kwargs = dict(kwargs)
         denominator = kwargs.pop("loss_denominator", None)
-        rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
-        r = self.route(input_ids, attention_mask, labels, **rows)
+        r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
         if cfg.granularity == "sequences":
             idx = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
-            weight = r.valid.index_select(0, idx)
+            weight = self._weight(r, idx)
             denominator = self._denominator(weight, denominator)
             loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
             out["selected_indices"] = idx
         else:
-            weight = self._choose(r)
+            weight = self._weight(r, self._choose(r))
             out = call_model(self.model, input_ids, attention_mask, **kwargs)
             denominator = self._denominator(weight, denominator)
             loss = S.selective_cross_entropy(out.logits, r.target, weight, denominator)
@@ -311,7 +316,15 @@ class CGGRModel(nn.Module):
             cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
         )
 
+    def _weight(self, r: Routing, selection: Tensor) -> Tensor:
+        """The positions that enter the loss: the selected rows' valid ones, or the token mask."""
+        if self.cggr_config.granularity == "sequences":
+            return r.valid.index_select(0, selection)
+        return selection
+
     def _step_metrics(self, r: Routing, weight: Tensor) -> dict[str, Any]:
+        # The step is read here, inline: handed to a helper as an argument, Dynamo specialised on
+        # its value and recompiled at every step (tests/test_transform.py counts the graphs).
         cfg = self.cggr_config
         metrics: dict[str, Any] = dict(r.metrics)
         metrics.update(
@@ -340,13 +353,9 @@ class CGGRModel(nn.Module):
         check_batch(input_ids, labels, attention_mask)
         b = input_ids.shape[0]
         self._plan(b, input_ids.device)
-        rows = {n: v for n, v in kwargs.items() if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == b}
-        r = self.route(input_ids, attention_mask, labels, **rows)
+        r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
         selection = self._choose(r)
-        if self.cggr_config.granularity == "sequences":
-            weight = r.valid.index_select(0, selection)
-        else:
-            weight = selection
+        weight = self._weight(r, selection)
         metrics = self._step_metrics(r, weight)
         if record:
             self._record(metrics)

@@ -554,24 +554,22 @@ def _fused_token_stats_impl(
     return torch.ops.cggr.fused_token_stats_torch(hidden, weight, bias, labels, softcap)
 
 
+def _direct_impl(hidden, weight, bias, labels, softcap=None):
+    """Eager host-side dispatch: the Triton kernel where chosen (CGGR_FUSED_SCORER_BACKEND=triton
+    with TRITON_INTERPRET=1 on the CPU, say), else the chunked torch path."""
+    if _use_triton(hidden):
+        return _launch_triton(hidden, weight, bias, labels, softcap)
+    return _torch_token_stats(hidden, weight, bias, labels, softcap)
+
+
 if HAS_TRITON_OP:
     _fused_token_stats_op = _triton_op(_OPS, _fused_token_stats_impl, mutates_args=())
     # Eager CPU calls go straight to the torch path (the fake/meta kernel is the body above,
     # which triton_op registers itself: it only allocates and launches traceable kernels).
-    @_fused_token_stats_op.register_kernel("cpu")
-    def _fused_token_stats_cpu(hidden, weight, bias, labels, softcap=None):
-        if _use_triton(hidden):  # CGGR_FUSED_SCORER_BACKEND=triton (with TRITON_INTERPRET=1)
-            return _launch_triton(hidden, weight, bias, labels, softcap)
-        return _torch_token_stats(hidden, weight, bias, labels, softcap)
+    _fused_token_stats_op.register_kernel("cpu")(_direct_impl)
 else:  # pragma: no cover - old torch or no triton
-
-    def _opaque_impl(hidden, weight, bias, labels, softcap=None):
-        if _use_triton(hidden):
-            return _launch_triton(hidden, weight, bias, labels, softcap)
-        return _torch_token_stats(hidden, weight, bias, labels, softcap)
-
-    _opaque_impl.__annotations__ = dict(_fused_token_stats_impl.__annotations__)
-    _fused_token_stats_op = torch.library.custom_op(_OPS, _opaque_impl, mutates_args=())
+    _direct_impl.__annotations__ = dict(_fused_token_stats_impl.__annotations__)
+    _fused_token_stats_op = torch.library.custom_op(_OPS, _direct_impl, mutates_args=())
     _fused_token_stats_op.register_fake(_fake_token_stats)
 
 
