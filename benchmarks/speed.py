@@ -471,11 +471,20 @@ class Ctx:
         if self.args.no_compile:
             return fn
         backend = self.args.compile_backend or ("inductor" if self.cuda else "eager")
+        if self.cudagraphs and backend == "inductor":
+            return torch.compile(fn, backend=backend, mode="reduce-overhead")
         return torch.compile(fn, backend=backend)
 
+    @property
+    def cudagraphs(self) -> bool:
+        return self.cuda and self.args.cudagraphs
+
     def cggr_options(self, ratio: float, router_layers: int, warmup_steps: int = 0) -> dict[str, Any]:
-        return dict(min_tokens_ratio=ratio, router_layers=router_layers, warmup_steps=warmup_steps,
+        opts = dict(min_tokens_ratio=ratio, router_layers=router_layers, warmup_steps=warmup_steps,
                     dynamic_threshold=False, scoring=self.args.scoring)
+        if self.cudagraphs:
+            opts["cudagraphs"] = True
+        return opts
 
 
 def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ctx: Ctx, batch: int, k: int,
@@ -508,7 +517,8 @@ def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ct
             return cm(**{n: v.index_select(0, idx) for n, v in b.items()})
         return train_step(fwd), no_info
     if mode == "router_only":
-        cg = cggr_compile.transform(model, **ctx.cggr_options(ratio, router_layers))
+        cg = cggr_compile.transform(model, **{k: v for k, v in ctx.cggr_options(ratio, router_layers).items()
+                                              if k != "cudagraphs"})
 
         def select(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             d = cg.sequence_difficulty(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -532,7 +542,8 @@ def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ct
                     "routed_graph_compiles": routed_graph_compiles(model)}
         return train_step(cm, lambda: cggr_compile.step(model)), info
     if mode == "cggr_transform":
-        cg = cggr_compile.transform(model, **ctx.cggr_options(ratio, router_layers, warmup_steps))
+        cg = cggr_compile.transform(model, **{k: v for k, v in ctx.cggr_options(ratio, router_layers, warmup_steps).items()
+                                              if k != "cudagraphs"})
         ccg = ctx.compile(cg)
 
         def info() -> dict:
@@ -608,6 +619,38 @@ def sync_check(step: Callable[[dict], Any], batch: dict, ctx: Ctx, opt: Optional
     return out
 
 
+def profile_steps(step: Callable[[dict], Any], batches: list[dict], ctx: Ctx, steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes: host time to enqueue it, device time in kernels, kernel count, top kernels.
+
+    ``host_ms`` ~ ``wall_ms`` with ``gpu_busy_ms`` well below it means the step is bound by the host
+    (launch overhead: CUDA graphs help); ``gpu_busy_ms`` ~ ``wall_ms`` means the kernels themselves.
+    """
+    if not ctx.cuda:
+        return {"note": "n/a on cpu"}
+    from torch.profiler import ProfilerActivity, profile
+
+    host, wall = [], []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            sync(ctx.device)
+            t0 = time.perf_counter()
+            step(batches[i % len(batches)])
+            host.append((time.perf_counter() - t0) * 1e3)
+            sync(ctx.device)
+            wall.append((time.perf_counter() - t0) * 1e3)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append(e.device_time_total / 1e3 if hasattr(e, "device_time_total")
+                                                  else e.cuda_time_total / 1e3)
+    busy = sum(sum(v) for v in kernels.values()) / steps
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return dict(steps=steps, host_ms=statistics.median(host), wall_ms=statistics.median(wall), gpu_busy_ms=busy,
+                kernels_per_step=sum(len(v) for v in kernels.values()) / steps,
+                top_kernels=[dict(name=n[:120], ms_per_step=sum(v) / steps, calls_per_step=len(v) / steps)
+                             for n, v in top])
+
+
 def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, router_layers: int,
              ctx: Ctx, batch: int, seq: int) -> dict[str, Any]:
     k = rows_for(ratio, batch)
@@ -638,6 +681,8 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
             rec["compile_counts"] = counter_delta(before)
             rec.update(info())
             rec["host_sync"] = sync_check(step, batches[0], ctx, opt)
+            if ctx.args.profile:
+                rec["profile"] = profile_steps(step, batches, ctx)
         rec["warnings"] = sorted({str(w.message)[:400] for w in caught})[:10]
         rec["compiled_with"] = ("none" if ctx.args.no_compile else
                                 "cggr" if mode == "cggr_backend" else
@@ -837,7 +882,9 @@ def markdown(meta: dict, records: list[dict], schedules: list[dict], predictions
     L.append(f"Settings: {s.get('warmup')} warm-up + {s.get('steps')} timed steps per mode, "
              f"{'bf16 autocast' if s.get('autocast') else 'fp32, no autocast'}, SDPA, "
              f"{'fused ' if s.get('fused_adamw') else ''}AdamW inside the step, scoring {s.get('scoring')}, "
-             f"compile backend {s.get('compile_backend')}, TORCHINDUCTOR_FORCE_DISABLE_CACHES="
+             f"compile backend {s.get('compile_backend')}"
+             f"{' with CUDA graphs (reduce-overhead; cggr: cudagraphs=True)' if s.get('cudagraphs') else ''}, "
+             f"TORCHINDUCTOR_FORCE_DISABLE_CACHES="
              f"{s.get('force_disable_caches')}.")
     if meta.get("ceilings"):
         c = meta["ceilings"]
@@ -880,6 +927,20 @@ def markdown(meta: dict, records: list[dict], schedules: list[dict], predictions
                 f"| {_fmt(d['cggr_backend_speedup_vs_compiled'], '.2f')} | {_fmt(d['cggr_transform_ms'])} "
                 f"| {_fmt(d['cggr_transform_gap_ms'], '+.1f')} | {_fmt(d['cggr_transform_speedup_vs_compiled'], '.2f')} |"
             )
+    profiled = [r for r in records if "wall_ms" in (r.get("profile") or {})]
+    if profiled:
+        L.append("")
+        L.append("Profile (`--profile`, 3 steps under torch.profiler, median): host = time to enqueue a step, "
+                 "kernels = device time inside kernels (their sum), busy = kernels / wall. Host ≈ wall with "
+                 "low busy means launch-bound.")
+        L.append("")
+        L.append("| model | mode | wall ms | host ms | kernels ms | busy | kernels/step | top kernels (ms/step) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for r in profiled:
+            pr = r["profile"]
+            top = "; ".join(f"{k['name'][:40].replace('|', '/')} {k['ms_per_step']:.2f}" for k in pr["top_kernels"][:4])
+            L.append(f"| {r['model']} | {r['mode']} | {pr['wall_ms']:.1f} | {pr['host_ms']:.1f} | {pr['gpu_busy_ms']:.1f} "
+                     f"| {pr['gpu_busy_ms'] / pr['wall_ms']:.0%} | {pr['kernels_per_step']:.0f} | {top} |")
     refs = [m for m in dict.fromkeys(r["model"] for r in records) if m in REFERENCE_H200]
     if refs:
         L.append("")
@@ -1032,6 +1093,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="output name (default: the preset, plus a suffix if the grid differs)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="CUDA graphs in every compiled mode: mode='reduce-overhead' for Inductor, "
+                        "options cudagraphs=True for the cggr backend")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps per mode: host time, kernel time, kernel count, top kernels")
     p.add_argument("--merge", nargs="+", default=None, help="merge these JSON results into one report and exit")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -1105,7 +1171,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       float32_matmul_precision=torch.get_float32_matmul_precision(),
                       schedule=args.schedule, time_budget=args.time_budget,
                       models=args.models, ratios=args.ratios, router_layers=args.router_layers,
-                      modes=args.modes, batch=args.batch, seq=args.seq),
+                      modes=args.modes, batch=args.batch, seq=args.seq, profile=args.profile,
+                      cudagraphs=args.cudagraphs and device.type == "cuda"),
     )
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
@@ -1211,6 +1278,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"#   median {rec['median_ms']:.2f} ms (p10 {rec['p10_ms']:.2f}, p90 {rec['p90_ms']:.2f}), "
                 f"cold {rec['cold_compile_s']:.1f} s, compiles {compiles_cell(rec)}, sync {sync_cell(rec)}, "
                 f"peak {_fmt(rec.get('peak_mem_gib'), '.2f')} GiB, mode {rec['mode_wall_s']:.0f} s")
+            pr = rec.get("profile") or {}
+            if "wall_ms" in pr:
+                log(f"#   profile: wall {pr['wall_ms']:.1f} ms, host enqueue {pr['host_ms']:.1f} ms, kernels "
+                    f"{pr['gpu_busy_ms']:.1f} ms busy in {pr['kernels_per_step']:.0f} kernels; top: " +
+                    "; ".join(f"{k['name'][:50]} {k['ms_per_step']:.2f}" for k in pr["top_kernels"][:6]))
         else:
             log(f"#   {rec['status']}: {rec.get('error')}")
         records.append(rec)

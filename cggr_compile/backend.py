@@ -115,20 +115,23 @@ def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
     return core.metrics() if core is not None else {}
 
 
-def compile_plain(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """Inductor where it generates GPU code, the graph's own eager ops elsewhere."""
+def compile_plain(gm: fx.GraphModule, example_inputs: Sequence[Any], cudagraphs: bool = False) -> Callable:
+    """Inductor where it generates GPU code (with CUDA graphs if asked), the graph's own eager ops elsewhere."""
     if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        return compile_fx(gm, list(example_inputs), config_patches={"triton.cudagraphs": True} if cudagraphs else None)
     return gm.forward
 
 
 class RoutedGraph:
     """The callable the backend returns for a rewritable training graph."""
 
-    def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict):
+    def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict,
+                 dynamo_gm: Optional[fx.GraphModule] = None, cudagraphs: bool = False):
         self.core = core
+        self.dynamo_gm = dynamo_gm
+        self.cudagraphs = cudagraphs
         self.plan = plan
         self.example_inputs = list(example_inputs)
         self.call_kwargs = call_kwargs
@@ -138,7 +141,8 @@ class RoutedGraph:
     def graph_for(self, k: int, step_tensor: torch.Tensor) -> fx.GraphModule:
         if k not in self.graphs:
             self.core._k = k
-            self.graphs[k] = trace_routed_step(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor)
+            self.graphs[k] = trace_routed_step(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor,
+                                               self.dynamo_gm)
         return self.graphs[k]
 
     def __call__(self, *args: Any) -> tuple:
@@ -149,7 +153,7 @@ class RoutedGraph:
         fn = self.compiled.get(k)
         if fn is None:
             gm = self.graph_for(k, step_tensor)
-            fn = compile_plain(gm, list(args) + [step_tensor])
+            fn = compile_plain(gm, list(args) + [step_tensor], self.cudagraphs)
             self.compiled[k] = fn
         loss, logits, selection, *extras = fn(*args, step_tensor)
         metrics = dict(zip(METRIC_KEYS, extras))
@@ -165,10 +169,26 @@ class RoutedGraph:
 
 
 def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
-    """Dynamo backend entry point (registered as ``"cggr"``)."""
-    config_options = dict(options.get("options", options) or {})
+    """Dynamo backend entry point (registered as ``"cggr"``).
+
+    ``options`` are CGGRConfig's fields, plus ``cudagraphs`` (bool: Inductor's CUDA graphs for the
+    compiled graphs, on CUDA); ``torch.compile(..., mode="reduce-overhead")`` also turns them on.
+    With CUDA graphs a step's outputs (loss, metrics) live in graph memory that the next step
+    overwrites: clone what you keep across steps.
+    """
+    mode = options.get("mode")
+    if mode not in (None, "default", "reduce-overhead"):
+        raise ValueError(f"cggr backend: mode={mode!r} is not supported; use mode=None, 'default' or 'reduce-overhead' "
+                         "(CUDA graphs), or options={...} with CGGR's options")
+    given = options["options"] if "options" in options else {k: v for k, v in options.items() if k != "mode"}
+    config_options = dict(given or {})
+    cudagraphs = bool(config_options.pop("cudagraphs", mode == "reduce-overhead"))
     CGGRConfig.from_options(config_options)  # bad options fail here, with the config's message
     module, call_kwargs = _captured_frame()
+
+    def plain() -> Callable:
+        return compile_plain(gm, example_inputs, cudagraphs)
+
     try:
         plan = recognise(gm, example_inputs, call_kwargs)
     except NotRewritable as err:
@@ -180,19 +200,19 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
             )
         elif "without labels" not in str(err):
             warn_once(str(err))
-        return compile_plain(gm, example_inputs)
+        return plain()
     if module is None:
         warn_once("the module being compiled could not be found (compile the model itself, not a "
                   "function that calls it, or use cggr_compile.transform(model))")
-        return compile_plain(gm, example_inputs)
+        return plain()
     if not torch.is_grad_enabled() or not module.training:
-        return compile_plain(gm, example_inputs)
+        return plain()
     try:
         core = core_for(module, config_options)
     except ValueError as err:
         warn_once(str(err))
-        return compile_plain(gm, example_inputs)
-    routed = RoutedGraph(core, plan, example_inputs, call_kwargs)
+        return plain()
+    routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs)
     core.__dict__.setdefault("routed_graphs", []).append(routed)
     return routed
 

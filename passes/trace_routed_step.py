@@ -8,12 +8,13 @@ model on the selected rows only (or the whole batch with a token mask) and retur
 ``(loss, logits, selection, *metrics)``. It is traced from the very code that
 ``cggr_compile.transform`` runs (``CGGRModel._routed_step``), so the two entry points cannot drift
 apart. Every parameter and buffer is a graph input (looked up by identity), none is baked in.
+With ``dynamo_gm`` given, the placeholders carry Dynamo's sources (``carry_dynamo_sources``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -73,8 +74,40 @@ def _router_modules(router: Any) -> list[torch.nn.Module]:
     return [m for m in vars(router).values() if isinstance(m, torch.nn.Module)]
 
 
+def carry_dynamo_sources(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bool:
+    """Give ``gm``'s placeholders the sources Dynamo gave ``dynamo_gm``'s (same order; extra trailing
+    placeholders get none), the way DDPOptimizer propagates them to its split graphs.
+
+    Why: AOTAutograd marks an input static (parameters: CUDA graphs re-record if they move, instead
+    of copying every parameter into graph memory on each replay) only for graphs it recognises as
+    Dynamo's. Returns False, changing nothing, where this torch version lacks the metadata.
+    """
+    try:
+        from torch._dynamo.source import ConstantSource
+
+        compile_id = dynamo_gm.meta["dynamo_compile_id"]
+        old = list(dynamo_gm.graph.find_nodes(op="placeholder"))
+        new = list(gm.graph.find_nodes(op="placeholder"))
+        sources = [getattr(n, "_dynamo_source") for n in old]
+    except (AttributeError, KeyError, ImportError):
+        return False
+    if len(new) < len(old):
+        return False
+    for i, node in enumerate(new):
+        node._dynamo_source = sources[i] if i < len(old) else None  # type: ignore[attr-defined]
+        if i < len(old) and "tensor_dict" in old[i].meta:
+            node.meta["tensor_dict"] = old[i].meta["tensor_dict"]
+    # The traced graph's own attributes (constants make_fx lifted) need a source each too.
+    own = [name for name, _ in gm.named_parameters(remove_duplicate=False)] + \
+          [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    gm._param_name_to_source = {name: ConstantSource(f"cggr_routed_{name}") for name in own}  # type: ignore[assignment]
+    gm.meta["dynamo_compile_id"] = compile_id
+    return True
+
+
 def trace_routed_step(
-    core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor
+    core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor,
+    dynamo_gm: Optional[fx.GraphModule] = None,
 ) -> fx.GraphModule:
     """Trace the rewritten step for the current ``core._k`` into an FX graph (fake tensors)."""
     fn = routed_step_fn(core, plan, example_inputs, call_kwargs)
@@ -85,4 +118,6 @@ def trace_routed_step(
         core.__dict__["_step_tensor"] = step_tensor
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    if dynamo_gm is not None:
+        carry_dynamo_sources(dynamo_gm, gm)
     return gm

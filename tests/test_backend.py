@@ -194,3 +194,38 @@ def test_compiling_again_with_new_options_uses_them():
     torch._dynamo.reset()
     out = torch.compile(model, backend="cggr", options=dict(OPTS, min_tokens_ratio=1 / 6))(**b)
     assert out.logits.shape[0] == 1
+
+
+def test_reduce_overhead_mode_is_accepted_and_bad_modes_are_named():
+    model = tiny_model("llama", layers=6)  # mode= excludes options=: the default router (4 layers) must fit
+    b = batch("llama", b=8)
+    out = torch.compile(model, backend="cggr", mode="reduce-overhead")(**b)  # CUDA graphs: no-op on CPU
+    assert out.loss.isfinite() and core_of(model).metrics()["k"] == 8  # rewritten (warmup: ratio 1 at step 0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="mode='max-autotune' is not supported"):
+        torch.compile(tiny_model("llama"), backend="cggr", mode="max-autotune")(**b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cudagraphs_option_gives_the_same_step_without_skips():
+    from torch._dynamo.utils import counters
+
+    b = {k: v.cuda() for k, v in batch("llama", b=8).items()}
+    results = []
+    for cudagraphs in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model("llama").cuda()
+        cm = torch.compile(model, backend="cggr", options=dict(OPTS, cudagraphs=cudagraphs))
+        for _ in range(3):  # record, then replay
+            model.zero_grad(set_to_none=True)
+            loss = cm(**b).loss
+            loss.backward()
+        results.append((loss.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        if cudagraphs:
+            assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0)
+    assert len(g0) == len(g1)
+    for a, c in zip(g0, g1):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)

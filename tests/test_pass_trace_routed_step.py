@@ -59,3 +59,26 @@ def test_tokens_granularity_keeps_the_batch_and_masks_the_loss():
     assert [n.meta["val"].shape[0] for n in sdpa] == [10, 10, 10, 10]
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert out[2].meta["val"].dtype == torch.bool and tuple(out[2].meta["val"].shape) == (10, 12)
+
+
+def test_dynamo_sources_are_carried_so_parameters_are_static_inputs():
+    """AOTAutograd must see the parameters as static inputs (CUDA graphs then do not copy them)."""
+    from torch._functorch._aot_autograd import frontend_utils
+
+    model = tiny_model("llama")
+    b = batch("llama", b=10)
+    got = capture(model, **b)
+    plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
+    core = cggr_compile.CGGRModel(model, CGGRConfig(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0,
+                                                     dynamic_threshold=False))
+    core._plan(plan.batch, torch.device("cpu"))
+    gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor, got["gm"])
+    own = list(dict(gm.named_buffers()).keys()) + list(dict(gm.named_parameters()).keys())
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    _, static = frontend_utils._try_get_metadata_from_dynamo(gm, own, len(own) + len(placeholders), [])
+    dynamic = [placeholders[i - len(own)].meta["val"] for i in range(len(own), len(own) + len(placeholders))
+               if i not in static]
+    params = {id(p) for p in model.parameters()}
+    static_args = [got["example_inputs"][i - len(own)] for i in static if len(own) <= i < len(own) + len(got["example_inputs"])]
+    assert len(dynamic) == 4  # input_ids, attention_mask, labels and the step counter
+    assert {id(t) for t in static_args} >= params
