@@ -110,6 +110,28 @@ if HAS_TRITON:
     _LOG2E_C = tl.constexpr(1.4426950408889634)
     _LN2_C = tl.constexpr(0.6931471805599453)
 
+    if _INTERPRET:
+
+        def _bound(x):
+            """A runtime loop bound as a Python int, for the interpreter only.
+
+            Triton's interpreter runs ``for i in range(lo, hi)`` as Python's ``range``, which asks
+            the scalar tensors ``lo`` / ``hi`` for ``__index__``; their data is a one-element 1-d
+            NumPy array (kernel arguments, ``program_id``, ``num_programs``, scalar loads), and
+            Triton 3.6's ``__index__`` is ``int(data)``, which NumPy >= 2.4 refuses ("only
+            0-dimensional arrays can be converted to Python scalars"; Triton >= 3.7 squeezes
+            first). Every loop with a runtime bound failed there, whatever its body.
+            """
+            data = getattr(getattr(x, "handle", None), "data", None)
+            return int(data.reshape(-1)[0]) if data is not None else x
+
+    else:
+
+        @triton.jit
+        def _bound(x):
+            # Compiled kernels: the identity (inlined), so their loops are exactly ``range(lo, hi)``.
+            return x
+
     @triton.jit
     def _top2_combine(a1, a2, b1, b2):
         # top-2 of the multiset {a1, a2} u {b1, b2}, given a1 >= a2 and b1 >= b2.
@@ -169,12 +191,12 @@ if HAS_TRITON:
         z1 = tl.full([BLOCK_N], _NEG_C, tl.float32)
         z2 = tl.full([BLOCK_N], _NEG_C, tl.float32)
 
-        for tile in range(t_lo, t_hi):
+        for tile in range(_bound(t_lo), _bound(t_hi)):
             offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # tile * BLOCK_V < V + BLOCK_V
             mask_v = offs_v < V
             w_rows = w_ptr + offs_v[:, None] * stride_wv
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, H, BLOCK_K):
+            for k0 in range(0, _bound(H), BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < H
                 xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -248,7 +270,7 @@ if HAS_TRITON:
         # pass 1: global max
         M = tl.full([BLOCK], _NEG_C, tl.float32)
         base = ws_ptr + offs  # 64-bit pointers; advanced by one split (5 * N) per iteration
-        for sp in range(0, nsplit):
+        for sp in range(0, _bound(nsplit)):
             ms = tl.load(base, mask=mask, other=_NEG_C)
             M = tl.maximum(M, ms)
             base += 5 * N
@@ -258,7 +280,7 @@ if HAS_TRITON:
         Z1 = tl.full([BLOCK], _NEG_C, tl.float32)
         Z2 = tl.full([BLOCK], _NEG_C, tl.float32)
         base = ws_ptr + offs
-        for sp in range(0, nsplit):
+        for sp in range(0, _bound(nsplit)):
             ms = tl.load(base, mask=mask, other=_NEG_C)
             ss = tl.load(base + N, mask=mask, other=0.0)
             ts = tl.load(base + 2 * N, mask=mask, other=0.0)
@@ -287,7 +309,7 @@ if HAS_TRITON:
         w_rows = w_ptr + lab_c[:, None] * stride_wv
         acc = tl.zeros([BLOCK, BLOCK_K], tl.float32)
         gmask = mask & in_range
-        for k0 in range(0, H, BLOCK_K):
+        for k0 in range(0, _bound(H), BLOCK_K):
             kk = k0 + offs_k
             mk = gmask[:, None] & (kk < H)[None, :]
             xv = tl.load(x_rows + kk[None, :] * stride_xk, mask=mk, other=0.0).to(tl.float32)
