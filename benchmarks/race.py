@@ -14,6 +14,9 @@ Modes (all start from the same initial weights and read the same sequence of tra
   seeded ``randperm(B)[:k]`` (no library involved).
 * ``cggr-<scoring>`` (entropy, margin, loss, combined): ``cggr_compile.transform(model, ...)``, which
   routes the step to the ``k`` hardest rows by its router's ``scoring``.
+* ``cggr-<scoring>-importance``: the same router, ``selection="importance"``: ``k`` rows drawn with
+  probability rising with their score (mixed with ``--importance-floor`` of token-count share), each
+  drawn row's loss weighted by ``1 / (k p)`` so that the loss estimates the full batch's without bias.
 
 Fairness rules:
 
@@ -94,7 +97,17 @@ def import_cggr():
 
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
-ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS)
+IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS)
+ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES
+DEFAULT_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + ("cggr-loss-importance",)
+
+
+def cggr_options(mode: str) -> dict:
+    """``cggr-<scoring>`` selects the k hardest rows (topk); ``cggr-<scoring>-importance`` samples them."""
+    name = mode[len("cggr-"):]
+    if name.endswith("-importance"):
+        return dict(scoring=name[: -len("-importance")], selection="importance")
+    return dict(scoring=name, selection="topk")
 
 # Every preset key is also a command-line option (dashes for underscores); options override presets.
 PRESETS: dict[str, dict] = {
@@ -301,7 +314,9 @@ def make_step_fn(mode: str, model, args, device, k: int, lr: float):
     if mode.startswith("cggr-"):
         cggr_compile = import_cggr()
         cg = cggr_compile.transform(model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
-                                    scoring=mode[len("cggr-"):], warmup_steps=0, dynamic_threshold=False)
+                                    warmup_steps=0, dynamic_threshold=False,
+                                    importance_floor=args.importance_floor, seed=args.seed,
+                                    **cggr_options(mode))
         fwd = cg
     if args.compile:
         fwd = torch.compile(fwd)
@@ -575,8 +590,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="defaults for everything below (ci, tiny: CPU; smollm135m: one H100/H200)")
-    p.add_argument("--modes", default=",".join(ALL_MODES),
-                   help=f"comma list out of {', '.join(ALL_MODES)} (default: all)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma list out of {', '.join(ALL_MODES)} (default: {', '.join(DEFAULT_MODES)})")
     p.add_argument("--regime", default="scratch", choices=["scratch", "finetune"])
     g = p.add_argument_group("corpus")
     g.add_argument("--corpus", default=None, help="a folder (read recursively, text files) or a file listing paths")
@@ -600,6 +615,9 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=preset["batch_size"])
     g.add_argument("--ratio", type=float, default=preset["ratio"])
     g.add_argument("--router-layers", type=int, default=preset["router_layers"])
+    g.add_argument("--importance-floor", type=float, default=0.5,
+                   help="cggr-*-importance modes: the library's importance_floor (share of the sampling "
+                        "probability by token count rather than difficulty; 1 = a random subset)")
     g.add_argument("--lr", type=float, default=preset["lr"])
     g.add_argument("--lr-rule", default="sqrt", choices=["sqrt", "linear", "same"])
     g.add_argument("--lr-warmup-steps", type=int, default=preset["lr_warmup_steps"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
-SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota")
+SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota", "importance")
 GRANULARITIES = ("sequences", "tokens")
 # Scorings that read the next-token label: without labels they cannot run.
 LABEL_SCORINGS = ("loss",)
@@ -28,7 +28,10 @@ class CGGRConfig:
         router_layers: decoder layers the router runs (the model's own first K layers, then its
             final norm and head); ``1 <= router_layers < num_layers``.
         scoring: token difficulty: ``entropy``, ``margin``, ``loss`` or ``combined`` (SPEC.md).
-        selection: ``topk``, ``stratified``, ``sequence_aware`` (tokens only) or ``fixed_quota``.
+        selection: ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
+            ``importance`` (sequences only: draws ``k`` rows with probability rising with their
+            difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the loss and its
+            gradient are unbiased estimates of the whole batch's; see ``importance_floor``).
         granularity: ``sequences`` (slice the batch: saves compute) or ``tokens`` (selective loss).
         warmup_steps: curriculum length: the ratio falls linearly from 1 to ``min_tokens_ratio``.
         dynamic_threshold: raise the ratio when the router is unsure (uses the previous step's
@@ -38,7 +41,11 @@ class CGGRConfig:
         min_tokens_per_sequence: the ``sequence_aware`` floor per sequence, >= 0.
         num_levels: how many distinct ratios (and so batch sizes ``k``) a schedule may use; each
             level compiles once. 1..16.
-        seed: seeds the stratified draws.
+        importance_floor: ``selection='importance'``: share of the sampling probability spread
+            over the rows by their token count rather than by difficulty, in [0, 1]
+            (``p_i = (1 - floor) * n_i s_i / sum n s + floor * n_i / N``). 1 is a plain random
+            subset; 0 is pure difficulty-proportional sampling (rows of score 0 are never drawn).
+        seed: seeds the stratified and importance draws.
         fused_scorer: score straight from the router's hidden states with the fused head+scoring
             op (``cggr_compile.ops.fused_scorer``: a Triton kernel on CUDA, chunked torch elsewhere)
             when the head is one linear layer, so the ``B x T x V`` logits are never written.
@@ -60,6 +67,7 @@ class CGGRConfig:
     num_strata: int = 4
     min_tokens_per_sequence: int = 1
     num_levels: int = 8
+    importance_floor: float = 0.5
     seed: int = 0
     fused_scorer: bool = True
     data_parallel_normalize: bool = True
@@ -89,6 +97,18 @@ class CGGRConfig:
             raise ValueError(
                 "selection='sequence_aware' tops up tokens inside each sequence, so it needs "
                 "granularity='tokens'; with granularity='sequences' use 'topk' or 'stratified'."
+            )
+        if self.selection == "importance" and self.granularity != "sequences":
+            raise ValueError(
+                "selection='importance' draws whole rows and weighs their loss, so it needs "
+                "granularity='sequences'; with granularity='tokens' use 'topk', 'stratified', "
+                "'sequence_aware' or 'fixed_quota'."
+            )
+        f = self.importance_floor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 <= float(f) <= 1.0):
+            raise ValueError(
+                f"importance_floor must be a number in [0, 1], got {f!r}: it is the share of the "
+                "sampling probability given by token count rather than difficulty (1: a random subset)."
             )
         if isinstance(self.router_layers, bool) or not isinstance(self.router_layers, int) \
                 or self.router_layers < 1:

@@ -149,6 +149,16 @@ def _cut(cg: CGGRModel, inputs: dict, sel: _Selected) -> dict:
     return out
 
 
+def _check_selection(cg: CGGRModel) -> None:
+    """The model's own loss counts labelled tokens; it cannot carry importance weights."""
+    if cg.cggr_config.selection == "importance":
+        raise ValueError(
+            "cggr: selection='importance' weighs each drawn row's loss by 1/(k p), which the model's own "
+            "loss (labels and num_items_in_batch) cannot express; use cggr_compile.transform(model, "
+            "selection='importance') in your own loop, or another selection here."
+        )
+
+
 def _routable(inputs: Any) -> bool:
     return isinstance(inputs, Mapping) and isinstance(inputs.get("labels"), Tensor) \
         and isinstance(inputs.get("input_ids"), Tensor)
@@ -167,6 +177,7 @@ def route_step(cg: CGGRModel, micro_batches: Iterable[dict], num_items_key: str 
     data-parallel one (``cggr_compile.distributed``). Call ``cg.step()`` after each optimizer step.
     In eval, or for a batch without labels, use the model as usual.
     """
+    _check_selection(cg)
     batches = [dict(b) for b in micro_batches]
     sels = [_select(cg, b, record=False) for b in batches]
     for s in sels:
@@ -414,6 +425,7 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
             "TrainingArguments(torch_compile=True)) and pass the CGGR options to enable_cggr."
         )
     cg = CGGRModel(_unwrap(model), config, **options)
+    _check_selection(cg)
     integration = _TrainerIntegration(trainer, cg)
     trainer.get_batch_samples = integration.get_batch_samples
     trainer.compute_loss = integration.compute_loss

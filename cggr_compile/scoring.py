@@ -196,6 +196,65 @@ def select_sequences(
     return torch.sort(chosen).values
 
 
+def importance_probabilities(seq_difficulty: Tensor, counts: Tensor, floor: float) -> Tensor:
+    """Sampling probability of each row (float32 ``[B]``, summing to 1) for ``selection='importance'``.
+
+    ``p_i = (1 - floor) * n_i s_i / sum_j n_j s_j + floor * n_i / N``: the row's share of the batch's
+    total difficulty (its mean difficulty ``s_i`` times its ``n_i`` valid positions), mixed with its
+    share of the ``N`` valid positions. Scores are made nonnegative first by shifting them up by the
+    batch's lowest row score when that is negative (``combined`` z-scores); rows without valid
+    positions get 0. When every score is 0 the token share alone is used; with no valid position
+    at all, uniform.
+    """
+    n = counts.to(torch.float32)
+    has = n > 0
+    s = torch.where(has, seq_difficulty.float(), torch.zeros_like(n))
+    lowest = torch.where(has, s, torch.full_like(s, math.inf)).amin()
+    shift = torch.where(torch.isfinite(lowest), lowest.clamp(max=0.0), torch.zeros_like(lowest))
+    s = torch.where(has, s - shift, torch.zeros_like(s))
+    mass = n * s
+    total_n = n.sum()
+    total_mass = mass.sum()
+    share = n / total_n.clamp(min=1.0)
+    rel = torch.where(total_mass > 0, mass / total_mass.clamp(min=1e-30), share)
+    p = (1.0 - float(floor)) * rel + float(floor) * share
+    uniform = torch.full_like(p, 1.0 / p.shape[0])
+    return torch.where(total_n > 0, p, uniform)
+
+
+def sample_importance(probs: Tensor, k: int, seed: int = 0, step: Optional[Tensor] = None) -> Tensor:
+    """``k`` row indices (int64, ascending, repeats allowed) drawn with probabilities ``probs``.
+
+    Systematic sampling: one counter-based uniform ``U`` per (seed, step), points ``(m + U) / k``
+    for ``m = 0..k-1`` mapped through the inverse CDF. Each row is drawn ``floor(k p_i)`` or
+    ``ceil(k p_i)`` times, ``k p_i`` times on average, which is all the weights of
+    :func:`importance_weights` need to make the loss unbiased. Static shapes, no host sync; a
+    row with ``p_i = 0`` is never drawn.
+    """
+    b = probs.shape[0]
+    dev = probs.device
+    step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    u = _hash_uniform(torch.zeros(1, dtype=torch.int64, device=dev), seed, step_t)
+    cdf = torch.cumsum(probs.float(), 0)
+    points = (torch.arange(k, device=dev, dtype=torch.float32) + u) / k * cdf[-1]
+    idx = torch.searchsorted(cdf, points, right=True)
+    # Float rounding may point past the last row that can be drawn: clamp to it.
+    last = (torch.arange(b, device=dev) * (probs > 0).to(torch.int64)).amax()
+    return torch.minimum(idx, last)
+
+
+def importance_weights(valid_rows: Tensor, probs: Tensor, idx: Tensor) -> Tensor:
+    """Loss weight ``1 / (k p_i)`` on each valid position of the drawn rows (float32 ``[k, T]``).
+
+    Summed over the drawn rows, ``weight * token loss`` is an unbiased estimate of the whole batch's
+    summed token loss (and ``weight.sum()`` of its valid positions): divided by the batch's valid
+    positions it estimates the full batch's mean loss without bias.
+    """
+    k = idx.shape[0]
+    scale = 1.0 / (k * probs.index_select(0, idx).clamp(min=1e-30))
+    return valid_rows.to(torch.float32) * scale.unsqueeze(-1)
+
+
 def select_tokens(
     difficulty: Tensor, valid: Tensor, ratio: float | Tensor, selection: str, num_strata: int = 4,
     min_tokens_per_sequence: int = 1, seed: int = 0, step: Optional[Tensor] = None,
@@ -283,10 +342,19 @@ def selective_cross_entropy(
     ``target`` is aligned with the positions (see :func:`aligned_labels`). No position gives a
     zero that is still connected to the graph, never NaN. ``denominator`` replaces the count of
     selected positions (gradient accumulation, data parallelism: the selected tokens of every
-    micro-batch and rank, so that each selected token weighs the same).
+    micro-batch and rank, so that each selected token weighs the same). A floating ``weight``
+    (``selection='importance'``) weighs each position's loss: ``sum(weight * loss) / denominator``,
+    the denominator defaulting to ``weight.sum()``.
     """
     v = logits.shape[-1]
     flat = logits.reshape(-1, v).float()
+    if weight.is_floating_point():
+        tgt = torch.where(weight != 0, target, torch.full_like(target, IGNORE_INDEX)).reshape(-1)
+        per = torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE_INDEX, reduction="none")
+        total = (per * weight.reshape(-1).float()).sum()
+        if denominator is None:
+            return total / weight.sum().to(total.dtype).clamp(min=1e-12)
+        return total / torch.as_tensor(denominator, device=total.device).clamp(min=1).to(total.dtype)
     tgt = torch.where(weight, target, torch.full_like(target, IGNORE_INDEX)).reshape(-1)
     total = torch.nn.functional.cross_entropy(flat, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
     count = weight.sum() if denominator is None else torch.as_tensor(denominator, device=total.device)

@@ -178,6 +178,9 @@ class CGGRModel(nn.Module):
         # The schedule's device step counter, read by the traced step (the backend's trace swaps in
         # its graph input here).
         self.__dict__["_step_tensor"] = None
+        # Whether ``route`` calls the fused scorer op itself (cfg.fused_scorer and a linear head).
+        # The backend traces with this off and lets passes/fuse_scorer.py put the op in the graph.
+        self.fuse_in_route = True
 
     # -- checkpoint compatibility with the wrapped model --------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -225,7 +228,12 @@ class CGGRModel(nn.Module):
         """Run the router and score every position (no grad)."""
         cfg = self.cggr_config
         with torch.no_grad(), _unsharded(self.model):
-            head = getattr(self.router, "linear_head", None) if cfg.fused_scorer else None
+            # The eager transform (and torch.compile of it) fuses here, calling the op directly.
+            # The cggr backend's trace turns this off and traces the unfused head + token_stats;
+            # its graph pass (passes/fuse_scorer.py) then decides where the op pays. Same numbers
+            # either way, up to float rounding.
+            fuse = cfg.fused_scorer and self.fuse_in_route
+            head = getattr(self.router, "linear_head", None) if fuse else None
             if head is None:
                 out = self.router(input_ids, attention_mask, **rows)
                 return score_positions(out, attention_mask, labels, self.causal, cfg.scoring)
@@ -271,11 +279,22 @@ class CGGRModel(nn.Module):
         self._record(metrics)
         return out
 
-    def _denominator(self, weight: Tensor, given: Any) -> Any:
-        """The loss's denominator: the caller's, else the data-parallel count, else the local one."""
-        if given is not None or not self.cggr_config.data_parallel_normalize or data_parallel_world() == 1:
+    def _denominator(self, weight: Tensor, given: Any, count: Optional[Tensor] = None) -> Any:
+        """The loss's denominator: the caller's, else the data-parallel count, else the local one.
+
+        ``count`` is the local count (default: the selected tokens, ``weight.sum()``; for
+        ``selection='importance'`` the batch's valid tokens, whose mean loss the weighted loss
+        estimates).
+        """
+        if given is not None:
             return given
-        return rank_normaliser(weight.sum())
+        if not self.cggr_config.data_parallel_normalize or data_parallel_world() == 1:
+            return count
+        return rank_normaliser(weight.sum() if count is None else count)
+
+    def _loss_count(self, r: Routing) -> Optional[Tensor]:
+        """``selection='importance'``: the batch's valid tokens; otherwise None (the selected ones)."""
+        return r.valid.sum() if self.cggr_config.selection == "importance" else None
 
     def _routed_step(
         self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
@@ -291,7 +310,7 @@ class CGGRModel(nn.Module):
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
             weight = self._weight(r, idx)
-            denominator = self._denominator(weight, denominator)
+            denominator = self._denominator(weight, denominator, self._loss_count(r))
             loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
             out["selected_indices"] = idx
         else:
@@ -310,6 +329,9 @@ class CGGRModel(nn.Module):
         cfg = self.cggr_config
         if cfg.granularity == "sequences":
             seq = S.sequence_difficulty(r.difficulty, r.valid)
+            if cfg.selection == "importance":
+                probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
+                return S.sample_importance(probs, self._k, cfg.seed, self._step_tensor)
             return S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
         return S.select_tokens(
             r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
@@ -317,9 +339,18 @@ class CGGRModel(nn.Module):
         )
 
     def _weight(self, r: Routing, selection: Tensor) -> Tensor:
-        """The positions that enter the loss: the selected rows' valid ones, or the token mask."""
-        if self.cggr_config.granularity == "sequences":
-            return r.valid.index_select(0, selection)
+        """The positions that enter the loss: the selected rows' valid ones, or the token mask.
+
+        ``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid positions.
+        """
+        cfg = self.cggr_config
+        if cfg.granularity == "sequences":
+            rows = r.valid.index_select(0, selection)
+            if cfg.selection == "importance":
+                seq = S.sequence_difficulty(r.difficulty, r.valid)
+                probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
+                return S.importance_weights(rows, probs, selection)
+            return rows
         return selection
 
     def _step_metrics(self, r: Routing, weight: Tensor) -> dict[str, Any]:
@@ -329,7 +360,8 @@ class CGGRModel(nn.Module):
         metrics: dict[str, Any] = dict(r.metrics)
         metrics.update(
             step=self.schedule.step, token_ratio=self._ratio, k=self._k,
-            tokens_selected=weight.sum(), tokens_total=r.valid.sum(),
+            tokens_selected=weight.sum() if weight.dtype == torch.bool else (weight != 0).sum(),
+            tokens_total=r.valid.sum(),
             selection=cfg.selection, scoring=cfg.scoring,
         )
         return metrics
@@ -346,7 +378,10 @@ class CGGRModel(nn.Module):
         aligned like the router's targets (``[k, T]`` for the selected rows, or ``[B, T]``); and
         the metrics, whose ``tokens_selected`` (``weight.sum()``, a device tensor) is the count the
         loss normalises by. Summed over the micro-batches of one optimizer step it is their shared
-        ``loss_denominator`` (``cggr_compile.integrations`` does this for the Trainer).
+        ``loss_denominator`` (``cggr_compile.integrations`` does this for the Trainer). With
+        ``selection='importance'`` the weight is float, ``1 / (k p)`` on the drawn rows' valid
+        positions, and the loss normalises by ``tokens_total`` (the batch's valid positions): sum
+        that instead.
         ``record=False`` leaves the schedule's lagged confidence alone (push it later with
         ``_record``), so every micro-batch of a step is planned from the same state.
         """

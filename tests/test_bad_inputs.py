@@ -81,3 +81,13 @@ def test_unrecognised_model_trains_with_whole_model_router_and_warns():
     out = cg(input_ids=ids, labels=ids)  # trains, with the whole model as router
     out.loss.backward()
     assert out.logits.shape[0] == 1 and cg.model.emb.weight.grad is not None
+
+
+def test_importance_selection_options():
+    with pytest.raises(ValueError, match="selection='importance' draws whole rows .* needs granularity='sequences'"):
+        CGGRConfig(selection="importance", granularity="tokens")
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match=r"importance_floor must be a number in \[0, 1\]"):
+            CGGRConfig(selection="importance", importance_floor=bad)
+    CGGRConfig(selection="importance", importance_floor=0)  # the bounds are allowed
+    CGGRConfig(selection="importance", importance_floor=1.0)

@@ -191,3 +191,93 @@ def test_selective_cross_entropy_mean_over_selected_and_zero_when_empty():
     assert empty.item() == 0.0 and empty.requires_grad
     empty.backward()
     assert torch.isfinite(z.grad).all()
+
+
+# -- selection="importance" ------------------------------------------------------------------------
+def test_importance_probabilities_formula_floor_and_empty_rows():
+    seq = torch.tensor([2.0, 1.0, -math.inf, 4.0])
+    counts = torch.tensor([10, 5, 0, 5])
+    p = S.importance_probabilities(seq, counts, 0.25)
+    n = counts.double()
+    s = torch.tensor([2.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    ref = 0.75 * n * s / (n * s).sum() + 0.25 * n / n.sum()
+    torch.testing.assert_close(p.double(), ref)
+    assert p[2] == 0 and abs(float(p.sum()) - 1) < 1e-6
+    # floor 1: each row's share of the tokens (a random subset); all-zero scores: the same
+    torch.testing.assert_close(S.importance_probabilities(seq, counts, 1.0).double(), n / n.sum())
+    torch.testing.assert_close(S.importance_probabilities(torch.zeros(4), counts, 0.0).double(), n / n.sum())
+    # negative scores (combined z-scores) are shifted up by the lowest row's score
+    neg = S.importance_probabilities(torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([4, 4, 4]), 0.0)
+    torch.testing.assert_close(neg, torch.tensor([0.0, 1 / 3, 2 / 3]))
+    # no valid position at all: uniform, no NaN
+    assert torch.equal(S.importance_probabilities(torch.full((4,), -math.inf), torch.zeros(4), 0.5),
+                       torch.full((4,), 0.25))
+
+
+def test_importance_sampling_counts_order_and_determinism():
+    p = torch.tensor([0.05, 0.4, 0.0, 0.15, 0.3, 0.1])
+    k = 4
+    seen = set()
+    for step in range(200):
+        idx = S.sample_importance(p, k, seed=1, step=torch.tensor(step))
+        assert idx.shape == (k,) and idx.dtype == torch.int64
+        assert torch.equal(idx, torch.sort(idx).values)  # ascending
+        counts = torch.bincount(idx, minlength=6).double()
+        # systematic sampling: floor(k p) or ceil(k p) copies of each row; never a row of p = 0
+        assert ((counts >= torch.floor(k * p.double())) & (counts <= torch.ceil(k * p.double()))).all(), idx
+        assert counts[2] == 0
+        assert torch.equal(idx, S.sample_importance(p, k, seed=1, step=torch.tensor(step)))
+        seen.add(tuple(idx.tolist()))
+    assert len(seen) > 3  # varies with the step
+
+
+def test_importance_weighted_loss_is_unbiased_for_the_full_batch_mean():
+    """Mean over many draws of sum(w * token loss) / N equals the full batch's token-mean loss."""
+    g = torch.Generator().manual_seed(0)
+    b, t, v, k = 8, 6, 11, 3
+    z = torch.randn(b, t, v, generator=g) * 2
+    y = torch.randint(0, v, (b, t), generator=g)
+    valid = torch.rand(b, t, generator=g) > 0.25
+    valid[5] = False  # a row without valid positions
+    y = torch.where(valid, y, torch.full_like(y, -100))
+    tok = torch.nn.functional.cross_entropy(z.reshape(-1, v), y.reshape(-1), ignore_index=-100,
+                                            reduction="none").view(b, t)
+    full = tok[valid].double().mean()
+    seq = S.sequence_difficulty(torch.where(valid, tok, torch.zeros_like(tok)), valid)
+    for floor in (0.0, 0.5, 1.0):
+        p = S.importance_probabilities(seq, valid.sum(-1), floor)
+        # exact expectation: each row is drawn k p_i times on average, weighted 1 / (k p_i)
+        w_one = S.importance_weights(valid, p, torch.arange(b)) * b  # 1 / p_i on valid positions
+        exact = (p.double().unsqueeze(-1) * w_one.double() * tok.double()).sum() / valid.sum()
+        torch.testing.assert_close(exact, full, rtol=1e-5, atol=1e-6)
+        ests = []
+        for step in range(3000):
+            idx = S.sample_importance(p, k, seed=0, step=torch.tensor(step))
+            w = S.importance_weights(valid.index_select(0, idx), p, idx)
+            loss = S.selective_cross_entropy(z.index_select(0, idx), y.index_select(0, idx), w, valid.sum())
+            ests.append(float(loss))
+        ests = torch.tensor(ests, dtype=torch.float64)
+        assert abs(float(ests.mean()) - float(full)) < 4 * float(ests.std()) / math.sqrt(len(ests)) + 1e-6, floor
+    # loss-proportional sampling has a lower variance than the random subset (floor 1) here
+    def spread(floor):
+        p = S.importance_probabilities(seq, valid.sum(-1), floor)
+        vals = []
+        for step in range(500):
+            idx = S.sample_importance(p, k, seed=0, step=torch.tensor(step))
+            w = S.importance_weights(valid.index_select(0, idx), p, idx)
+            vals.append(float(S.selective_cross_entropy(z.index_select(0, idx), y.index_select(0, idx), w, valid.sum())))
+        return float(torch.tensor(vals).std())
+    assert spread(0.0) < spread(1.0)
+
+
+def test_selective_cross_entropy_float_weights():
+    z = _logits().requires_grad_()
+    y = torch.randint(0, 11, (3, 5))
+    w = torch.zeros(3, 5)
+    w[0, :2] = 2.0
+    w[2, 4] = 0.5
+    per = torch.nn.functional.cross_entropy(z.detach().double().reshape(-1, 11), y.reshape(-1), reduction="none").view(3, 5)
+    torch.testing.assert_close(S.selective_cross_entropy(z, y, w, 7).double(), (per * w.double()).sum() / 7)
+    torch.testing.assert_close(S.selective_cross_entropy(z, y, w).double(), (per * w.double()).sum() / w.sum())
+    empty = S.selective_cross_entropy(z, y, torch.zeros(3, 5))
+    assert empty.item() == 0.0 and empty.requires_grad
