@@ -2,8 +2,9 @@
 
 For each captured graph: recognise it (``passes/recognise_training_graph``); if it is a training
 step of a supported model with labels, build the rewritten step for the schedule's current level
-``k`` (``passes/trace_routed_step``) and compile it with Inductor on CUDA, or run the same graph
-with eager ops elsewhere. One rewritten graph is built per level, lazily, so a whole warmup
+``k`` (``passes/trace_routed_step``, with the router's scoring unfused, then ``passes/fuse_scorer``,
+which puts the fused scorer op in where it pays) and compile it with Inductor on CUDA, or run the
+same graph with eager ops elsewhere. One rewritten graph is built per level, lazily, so a whole warmup
 schedule compiles at most ``num_levels`` times, all with the default static shapes.
 
 Where it cannot rewrite it warns once, naming the reason and what to do, and compiles the graph
@@ -21,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from cggr_compile.config import CGGRConfig
+from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
 from cggr_compile.graph_text import graph_text
@@ -115,6 +117,24 @@ def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
     return core.metrics() if core is not None else {}
 
 
+def routed_graph(
+    core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor,
+    dynamo_gm: Optional[fx.GraphModule] = None,
+) -> fx.GraphModule:
+    """The rewritten step for ``core._k``: traced with the router's scoring unfused (head, then
+    ``scoring.token_stats``), then ``passes/fuse_scorer`` replaces that subgraph by the fused scorer
+    op where it pays. So the fusion in a compiled graph is the pass's decision, visible in the graph
+    (``gm.meta["cggr_fuse_scorer"]`` says what it did, or why not), not the router code's."""
+    fuse_in_route = core.fuse_in_route
+    core.fuse_in_route = False
+    try:
+        gm = trace_routed_step(core, plan, example_inputs, call_kwargs, step_tensor, dynamo_gm)
+    finally:
+        core.fuse_in_route = fuse_in_route
+    fuse_scorer(gm, enabled=core.cggr_config.fused_scorer)
+    return gm
+
+
 def compile_plain(gm: fx.GraphModule, example_inputs: Sequence[Any], cudagraphs: bool = False) -> Callable:
     """Inductor where it generates GPU code (with CUDA graphs if asked), the graph's own eager ops elsewhere."""
     if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
@@ -141,8 +161,8 @@ class RoutedGraph:
     def graph_for(self, k: int, step_tensor: torch.Tensor) -> fx.GraphModule:
         if k not in self.graphs:
             self.core._k = k
-            self.graphs[k] = trace_routed_step(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor,
-                                               self.dynamo_gm)
+            self.graphs[k] = routed_graph(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor,
+                                          self.dynamo_gm)
         return self.graphs[k]
 
     def __call__(self, *args: Any) -> tuple:
@@ -274,7 +294,7 @@ def explain(
     plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"])
     core = CGGRModel(model, CGGRConfig.from_options(options))
     core._plan(plan.batch, input_ids.device)
-    gm = trace_routed_step(core, plan, captured["example_inputs"], captured["call_kwargs"], core._step_tensor)
+    gm = routed_graph(core, plan, captured["example_inputs"], captured["call_kwargs"], core._step_tensor)
     return graph_text(gm, full)
 
 

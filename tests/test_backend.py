@@ -140,8 +140,9 @@ _set_grad_enabled(False)
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 _set_grad_enabled(False)
 _set_grad_enabled(False)
-cggr.fused_token_stats(None)
 _set_grad_enabled(False)
+log_softmax.int(-1) -> float32[4, 6, 32]
+topk(2)
 _set_grad_enabled(True)
 sort.stable()
 sort()
@@ -167,8 +168,9 @@ _set_grad_enabled(False)
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 _set_grad_enabled(False)
 _set_grad_enabled(False)
-cggr.fused_token_stats(None)
 _set_grad_enabled(False)
+log_softmax.int(-1) -> float32[4, 6, 32]
+topk(2)
 _set_grad_enabled(True)
 sort.stable()
 embedding() -> float32[4, 6, 16]
