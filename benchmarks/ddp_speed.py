@@ -1,0 +1,268 @@
+"""Data-parallel throughput: CGGR under DDP on N GPUs of one host against one GPU and against DDP of
+the compiled full batch.
+
+    python benchmarks/ddp_speed.py --model smollm360m --worlds 1 2            # 2 GPUs of one host
+    python benchmarks/ddp_speed.py --preset tiny                               # the CPU check (gloo)
+
+Each world size runs in its own group of processes (spawned here, NCCL on CUDA with
+``NCCL_NVLS_ENABLE=0``, gloo on the CPU). World 1 is plain single-device training (no DDP wrapper);
+larger worlds wrap the model in ``DistributedDataParallel`` with its default bucketing. Modes:
+
+* ``compiled``: ``torch.compile(DDP(model))``, the full per-rank batch (the usual DDP + compile);
+* ``cggr_transform``: ``torch.compile(DDP(cggr_compile.transform(model)))`` with DDP's default
+  ``optimize_ddp`` graph splitting (the rewrite is in the module, so it survives the split, and the
+  gradient all-reduce still overlaps the backward bucket by bucket);
+* ``cggr_backend``: ``torch.compile(DDP(model), backend="cggr")`` with
+  ``torch._dynamo.config.optimize_ddp = False`` (the backend must see the whole graph; DDP then
+  all-reduces after the whole backward, without overlap).
+
+Every rank trains ``B`` rows per step (CGGR: its own ``k`` hardest of them); every selected token
+weighs the same across ranks (``data_parallel_normalize``). Throughput = world · B · T / step time
+(the slowest rank's median by CUDA events). Output: ``benchmarks/results/ddp_<name>_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODES = ("compiled", "cggr_transform", "cggr_backend")
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": dict(model="smollm360m", worlds=[1, 2], modes=list(MODES), warmup=8, steps=20),
+    "tiny": dict(model="tiny", worlds=[1, 2], modes=list(MODES), warmup=2, steps=3),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Namespace, device: torch.device):
+    """(step(batch) -> loss, optimizer, cggr module or None) for one mode."""
+    import cggr_compile
+    from benchmarks.speed import make_optimizer
+
+    opts = dict(min_tokens_ratio=args.ratio, router_layers=args.router_layers, warmup_steps=0,
+                dynamic_threshold=False, scoring=args.scoring)
+    cg = None
+    net: torch.nn.Module = model
+    torch._dynamo.config.optimize_ddp = mode != "cggr_backend"
+    if mode == "cggr_transform":
+        cg = cggr_compile.transform(model, **opts)
+        net = cg
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    backend = "cggr" if mode == "cggr_backend" else ("inductor" if device.type == "cuda" else "eager")
+    compiled = torch.compile(net, backend=backend, options=opts) if mode == "cggr_backend" else \
+        torch.compile(net, backend=backend)
+    opt = make_optimizer(model, device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step(b: dict) -> torch.Tensor:
+        with autocast:
+            out = compiled(**b)
+        loss = out["loss"] if isinstance(out, dict) else out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, opt, (cg if cg is not None else (model if mode == "cggr_backend" else None))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    import cggr_compile
+    from benchmarks.speed import SHAPES, build_model, make_batches, rows_for
+
+    shape = dict(SHAPES[args.model])
+    batch, seq = args.batch or shape["batch"], args.seq or shape["seq"]
+    rec: dict[str, Any] = dict(mode=mode, world=world, batch_per_rank=batch, seq=seq, status="ok",
+                               k=batch if mode == "compiled" else rows_for(args.ratio, batch))
+    torch._dynamo.reset()
+    model = build_model(shape, device)
+    batches = [{k: v for k, v in b.items()} for b in make_batches(shape, batch, seq, device, n=4)]
+    # every rank its own data: shift the token ids by rank (same distribution, other rows)
+    for b in batches:
+        b["input_ids"] = (b["input_ids"] + 7919 * rank) % shape["vocab"]
+        b["labels"] = b["input_ids"].clone()
+    step, opt, cg = _step_fn(mode, model, world, args, device)
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+    rec["warmup_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
+        for i in range(args.steps):
+            ev[i][0].record()
+            loss = step(batches[i % len(batches)])
+            ev[i][1].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in ev]
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        times = []
+        for i in range(args.steps):
+            t = time.perf_counter()
+            loss = step(batches[i % len(batches)])
+            times.append((time.perf_counter() - t) * 1e3)
+    rec["median_ms"] = statistics.median(times)
+    rec["last_loss"] = float(loss)
+    if cg is not None:
+        m = cg.metrics() if hasattr(cg, "metrics") else cggr_compile.last_metrics(cg)
+        rec["k_observed"] = m.get("k")
+        if rec["k_observed"] != rec["k"]:
+            rec["status"] = "not_routed"
+    if device.type == "cuda":
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step(batches[0])
+            rec["host_sync"] = False
+        except Exception as err:  # noqa: BLE001
+            rec["host_sync"] = f"{type(err).__name__}: {str(err)[:300]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    del step, opt, cg, model
+    return rec
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                **({"device_id": device} if cuda else {}))
+    records = []
+    try:
+        for mode in args.modes:
+            try:
+                rec = _run_mode(mode, rank, world, args, device)
+            except Exception as err:  # noqa: BLE001
+                rec = dict(mode=mode, world=world, status="error", error=f"{type(err).__name__}: {str(err)[:800]}",
+                           traceback=traceback.format_exc()[-2000:])
+            if world > 1:  # the step of a data-parallel job is its slowest rank's
+                t = torch.tensor([rec.get("median_ms", float("nan"))], device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                rec["median_ms_slowest_rank"] = float(t)
+            else:
+                rec["median_ms_slowest_rank"] = rec.get("median_ms")
+            records.append(rec)
+            if cuda:
+                torch.cuda.empty_cache()
+            if rank == 0:
+                print(f"# world {world} {mode}: {rec.get('median_ms_slowest_rank')} ms {rec['status']} "
+                      f"{rec.get('error', '')[:300]}", flush=True)
+    finally:
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(records))
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    L = [f"# Data parallel: {meta['model']} on {meta['device_name']}", "",
+         f"torch {meta['torch']}, transformers {meta['transformers']}; command: `{meta['command']}`", "",
+         f"Per rank: {meta['batch']}×{meta['seq']} rows, ratio {meta['ratio']}, router {meta['router_layers']} layers, "
+         f"bf16 autocast, fused AdamW in the step, {meta['warmup']} warm-up + {meta['steps']} timed steps. "
+         "Step = slowest rank's median (CUDA events). Throughput = world·B·T / step. "
+         "Scaling = throughput / the same mode's throughput on one device.", "",
+         "| mode | world | step ms | tok/s | scaling vs 1 device | × DDP compiled full batch | k | peak GiB | sync | status |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["mode"], r["world"]): r for r in records}
+    for r in records:
+        ms = r.get("median_ms_slowest_rank")
+        tput = r["world"] * meta["batch"] * meta["seq"] / (ms * 1e-3) if ms else None
+        one = by.get((r["mode"], 1), {}).get("median_ms_slowest_rank")
+        scaling = (tput / (meta["batch"] * meta["seq"] / (one * 1e-3))) if tput and one else None
+        full = by.get(("compiled", r["world"]), {}).get("median_ms_slowest_rank")
+        vs_full = full / ms if full and ms else None
+        f = lambda x, s=".1f": "–" if x is None else format(x, s)  # noqa: E731
+        L.append(f"| {r['mode']} | {r['world']} | {f(ms)} | {f(tput, ',.0f')} | {f(scaling, '.2f')} | "
+                 f"{f(vs_full, '.2f')} | {r.get('k', '–')} | {f(r.get('peak_mem_gib'), '.2f')} | "
+                 f"{'no' if r.get('host_sync') is False else r.get('host_sync', '–')} | {r['status']} {r.get('error', '')[:120]} |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
+    p.add_argument("--model")
+    p.add_argument("--worlds", nargs="+", type=int)
+    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int, help="rows per rank (default: the shape's)")
+    p.add_argument("--seq", type=int)
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--router-layers", type=int, default=4)
+    p.add_argument("--scoring", default="entropy")
+    p.add_argument("--device", default=None, help="cpu forces gloo on the CPU")
+    p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    for key, val in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, val)
+    if args.preset == "tiny":
+        args.router_layers = min(args.router_layers, 1)
+    from benchmarks.common import device_name, device_slug
+    from benchmarks.speed import SHAPES
+    import transformers
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda and max(args.worlds) > torch.cuda.device_count():
+        raise SystemExit(f"--worlds {max(args.worlds)} needs that many GPUs; this host has {torch.cuda.device_count()}")
+    shape = SHAPES[args.model]
+    meta = dict(model=args.model, device_name=device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
+                command=" ".join(["python"] + sys.argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
+                ratio=args.ratio, router_layers=args.router_layers, warmup=args.warmup, steps=args.steps,
+                gpus=torch.cuda.device_count() if cuda else 0, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    records: list[dict] = []
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"ddp_{args.name or args.preset + '-' + args.model}_{device_slug(dev)}"
+    for world in args.worlds:
+        tmp = out_dir / f".{stem}_world{world}.json"
+        mp.start_processes(_worker, args=(world, _free_port(), args, str(tmp)), nprocs=world, start_method="spawn")
+        records += json.loads(tmp.read_text())
+        tmp.unlink()
+        md = markdown(meta, records)
+        (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        (out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
