@@ -37,7 +37,9 @@ Fairness rules:
 * For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
   difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
 
-Results: ``benchmarks/results/race_<preset>[-finetune]_<device-slug>.json`` and ``.png``.
+Results: ``benchmarks/results/race_<preset>[-finetune]_<device-slug>.json`` and ``.png`` (``--tag``
+replaces ``<preset>[-finetune]``). After each mode but the last, the finished modes are also written to
+``<same stem>.partial.json``, so that a run cut short keeps them; a completed run removes that file.
 """
 
 from __future__ import annotations
@@ -659,6 +661,11 @@ def parse_args(argv=None):
     return args
 
 
+def result_stem(args, device) -> str:
+    tag = args.tag or (args.preset + ("-finetune" if args.regime == "finetune" else ""))
+    return f"race_{tag}_{device_slug(device)}"
+
+
 def main(argv=None) -> dict:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw and raw[0] == "--merge":  # python benchmarks/race.py --merge a.json b.json [--results-dir D]
@@ -760,6 +767,12 @@ def main(argv=None) -> dict:
             f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if len(results) < len(args.modes):  # a run cut short (a machine's time limit) keeps its finished modes
+            partial = Path(args.results_dir) / f"{result_stem(args, device)}.partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(dict(argv=argv_list, initial_heldout_loss=float(init_eval.mean()),
+                                               k=k, summary_table=summary_table(results), modes=results),
+                                          indent=1, default=str))
 
     table = summary_table(results)
     print()
@@ -770,7 +783,8 @@ def main(argv=None) -> dict:
     tag = args.tag or (args.preset + ("-finetune" if args.regime == "finetune" else ""))
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"race_{tag}_{device_slug(device)}"
+    stem = result_stem(args, device)
+    (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
     try:
         lib_version = getattr(import_cggr(), "__version__", "unknown")
     except ImportError:

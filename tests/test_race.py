@@ -82,7 +82,7 @@ def _check_report(rep: dict, modes: list[str]) -> None:
 def test_race_ci_toy_corpus(tmp_path):
     src = tmp_path / "toy"
     _write_toy_corpus(src)
-    modes = ["full", "random"] + (["cggr-loss"] if _have_cggr() else [])
+    modes = ["full", "random"] + (["cggr-loss", "cggr-loss-importance"] if _have_cggr() else [])
     rep = race.main(["--preset", "ci", "--corpus", str(src), "--modes", ",".join(modes),
                      "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"),
                      "--results-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu"])
@@ -93,6 +93,9 @@ def test_race_ci_toy_corpus(tmp_path):
     total = splits["train"]["bytes"] + splits["heldout"]["bytes"]
     assert 0.05 * total <= splits["heldout"]["bytes"] < 0.5 * total
     assert Path(rep["json_path"]).name == "race_ci_cpu.json"
+    assert not list((tmp_path / "res").glob("*.partial.json"))  # written after each mode, removed at the end
+    if _have_cggr():
+        assert rep["modes"]["cggr-loss-importance"]["cggr_metrics"]["selection"] == "importance"
 
 
 def test_race_ci_stdlib_cli(tmp_path):
