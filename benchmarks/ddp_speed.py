@@ -138,6 +138,12 @@ def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device
         rec["k_observed"] = m.get("k")
         if rec["k_observed"] != rec["k"]:
             rec["status"] = "not_routed"
+    if args.profile and device.type == "cuda":
+        from types import SimpleNamespace
+
+        from benchmarks.speed import profile_steps
+
+        rec["profile"] = profile_steps(step, batches, SimpleNamespace(cuda=True, device=device))
     if device.type == "cuda":
         try:
             torch.cuda.set_sync_debug_mode("error")
@@ -182,6 +188,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file
             if rank == 0:
                 print(f"# world {world} {mode}: {rec.get('median_ms_slowest_rank')} ms {rec['status']} "
                       f"{rec.get('error', '')[:300]}", flush=True)
+                pr = rec.get("profile") or {}
+                if "wall_ms" in pr:
+                    print(f"#   profile: wall {pr['wall_ms']:.1f} ms, host {pr['host_ms']:.1f} ms, kernels "
+                          f"{pr['gpu_busy_ms']:.1f} ms in {pr['kernels_per_step']:.0f}; top: " +
+                          "; ".join(f"{k['name'][:60]} {k['ms_per_step']:.2f}" for k in pr["top_kernels"][:10]), flush=True)
     finally:
         if rank == 0:
             Path(out_file).write_text(json.dumps(records))
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-layers", type=int, default=4)
     p.add_argument("--scoring", default="entropy")
     p.add_argument("--device", default=None, help="cpu forces gloo on the CPU")
+    p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
