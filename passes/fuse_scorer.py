@@ -182,11 +182,11 @@ def _match(ls: fx.Node) -> _Match:
     outputs: dict = {}
     exp = mul = gather = None
     for u in ls.users:
-        if _is_call(u, aten.exp.default):
+        if _is_call(u, aten.exp.default) and exp is None:
             exp = u
-        elif _is_call(u, aten.mul.Tensor):
+        elif _is_call(u, aten.mul.Tensor) and mul is None:
             mul = u
-        elif _is_call(u, aten.gather.default):
+        elif _is_call(u, aten.gather.default) and gather is None:
             gather = u
         else:
             raise _NoMatch(f"the log-probabilities are also read by {u.target} ({u.name})")
@@ -198,7 +198,7 @@ def _match(ls: fx.Node) -> _Match:
     for u in exp.users:
         if u is mul:
             continue
-        if _is_call(u, aten.topk.default):
+        if _is_call(u, aten.topk.default) and topk is None:
             topk = u
         else:
             raise _NoMatch(f"the probabilities are also read by {u.target} ({u.name})")
@@ -269,6 +269,12 @@ def _match(ls: fx.Node) -> _Match:
     if not outputs:
         raise _NoMatch("none of entropy, p1, p2 or the NLL is used")
     hidden, weight, bias, softcap = _match_head(z, dead)
+    # Everything erased must be read only by what is erased with it (the outputs' readers move to the op).
+    gone = set(dead)
+    for node in gone:
+        if node not in outputs.values() and not set(node.users) <= gone:
+            raise _NoMatch(f"{node.name} is also read outside the scoring "
+                           f"({', '.join(u.name for u in node.users if u not in gone)})")
     return _Match(hidden, weight, bias, softcap, target, ls, outputs, dead)
 
 

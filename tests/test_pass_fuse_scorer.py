@@ -137,6 +137,14 @@ def test_policy_for_the_triton_kernel(monkeypatch):
     assert fusion_pays(h, pass_mod.MIN_VOCAB, 8) is None
 
 
+def test_declines_when_the_logits_have_another_reader():
+    gm, _ = _unfused()
+    (ls,) = _calls(gm, "log_softmax")
+    with gm.graph.inserting_after(ls):
+        gm.graph.call_function(torch.ops.aten.amax.default, (ls.args[0], [-1]))  # a second reader
+    _unchanged(gm, fuse_scorer(gm, force=True), "fusing would still materialise it")
+
+
 def test_declines_a_router_that_returns_difficulties():
     gm, _ = _unfused(router=lambda ids, mask, **_: ids.float())
     result = fuse_scorer(gm, force=True)
