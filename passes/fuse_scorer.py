@@ -339,14 +339,17 @@ def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict) -> None:
     fake_mode = getattr(h_val, "fake_mode", None) or torch._guards.detect_fake_mode([h_val])
     if fake_mode is None:
         raise _NoMatch("the graph carries no fake tensors")
-    with fake_mode:
-        h2_val = h_val.reshape(n, h_val.shape[-1])
-        if m.target is not None:
-            lab_val = _val(m.target).reshape(n)
-        else:
-            lab_val = torch.full((n,), IGNORE_INDEX, dtype=torch.int64, device=h_val.device)
-        outs_val = torch.ops.cggr.fused_token_stats.default(h2_val, w_val, _val(m.bias), lab_val, m.softcap)
-        views_val = [o.reshape(lead) for o in outs_val]
+    try:
+        with fake_mode:
+            h2_val = h_val.reshape(n, h_val.shape[-1])
+            if m.target is not None:
+                lab_val = _val(m.target).reshape(n)
+            else:
+                lab_val = torch.full((n,), IGNORE_INDEX, dtype=torch.int64, device=h_val.device)
+            outs_val = torch.ops.cggr.fused_token_stats.default(h2_val, w_val, _val(m.bias), lab_val, m.softcap)
+            views_val = [o.reshape(lead) for o in outs_val]
+    except Exception as err:  # noqa: BLE001 - never break the step: leave the scoring unfused
+        raise _NoMatch(f"the op did not run on the graph's fake tensors ({type(err).__name__}: {err})") from err
 
     with graph.inserting_before(at):
         h2 = graph.call_function(aten.reshape.default, (m.hidden, [n, h_val.shape[-1]]))
