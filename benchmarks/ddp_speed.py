@@ -71,6 +71,10 @@ def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Names
         net = cg
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.comm_hook == "bf16":  # all-reduce the gradients in bf16: half the bytes
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            net.register_comm_hook(None, default_hooks.bf16_compress_hook)
     backend = "cggr" if mode == "cggr_backend" else ("inductor" if device.type == "cuda" else "eager")
     compiled = torch.compile(net, backend=backend, options=opts) if mode == "cggr_backend" else \
         torch.compile(net, backend=backend)
@@ -157,6 +161,23 @@ def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device
     return rec
 
 
+def _allreduce_rate(device: torch.device, numel: int = 90_000_000) -> dict[str, Any]:
+    """The interconnect's all-reduce rate on this host: a 360 MB fp32 tensor, median of 5 (bus GB/s as
+    nccl-tests counts it: 2 (n - 1) / n of the bytes cross a link)."""
+    x = torch.ones(numel, device=device)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dist.all_reduce(x)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times[1:])
+    n = dist.get_world_size()
+    return dict(mode="allreduce_probe", world=n, status="ok", bytes=numel * 4, median_ms=med * 1e3,
+                bus_gbps=numel * 4 * 2 * (n - 1) / n / med / 1e9, median_ms_slowest_rank=med * 1e3)
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -170,6 +191,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file
                                 **({"device_id": device} if cuda else {}))
     records = []
     try:
+        if world > 1 and cuda:
+            records.append(_allreduce_rate(device))
         for mode in args.modes:
             try:
                 rec = _run_mode(mode, rank, world, args, device)
@@ -209,6 +232,12 @@ def markdown(meta: dict, records: list[dict]) -> str:
          "Scaling = throughput / the same mode's throughput on one device.", "",
          "| mode | world | step ms | tok/s | scaling vs 1 device | × DDP compiled full batch | k | peak GiB | sync | status |",
          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["mode"] == "allreduce_probe":
+            L.insert(5, f"Interconnect: all-reduce of {r['bytes'] / 1e6:.0f} MB fp32 over {r['world']} GPUs in "
+                        f"{r['median_ms']:.1f} ms, {r['bus_gbps']:.0f} GB/s bus bandwidth. DDP comm hook: {meta.get('comm_hook')}.")
+            L.insert(6, "")
+    records = [r for r in records if r["mode"] != "allreduce_probe"]
     by = {(r["mode"], r["world"]): r for r in records}
     for r in records:
         ms = r.get("median_ms_slowest_rank")
@@ -238,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-layers", type=int, default=4)
     p.add_argument("--scoring", default="entropy")
     p.add_argument("--device", default=None, help="cpu forces gloo on the CPU")
+    p.add_argument("--comm-hook", choices=("none", "bf16"), default="none",
+                   help="DDP comm hook: bf16 compresses the gradient all-reduce to half the bytes")
     p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--name", default=None)
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(model=args.model, device_name=device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
                 command=" ".join(["python"] + sys.argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
                 ratio=args.ratio, router_layers=args.router_layers, warmup=args.warmup, steps=args.steps,
-                gpus=torch.cuda.device_count() if cuda else 0, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                gpus=torch.cuda.device_count() if cuda else 0, comm_hook=args.comm_hook, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
     records: list[dict] = []
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

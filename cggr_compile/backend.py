@@ -131,8 +131,16 @@ def routed_graph(
         gm = trace_routed_step(core, plan, example_inputs, call_kwargs, step_tensor, dynamo_gm)
     finally:
         core.fuse_in_route = fuse_in_route
-    fuse_scorer(gm, enabled=core.cggr_config.fused_scorer)
+    fuse_scorer(gm, enabled=core.cggr_config.fused_scorer, autocast_dtype=_autocast_dtype(example_inputs))
     return gm
+
+
+def _autocast_dtype(example_inputs: Sequence[Any]) -> Optional[torch.dtype]:
+    """The autocast dtype in force for the inputs' device while the step is traced, if any."""
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def compile_plain(gm: fx.GraphModule, example_inputs: Sequence[Any], cudagraphs: bool = False) -> Callable:

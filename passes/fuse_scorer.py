@@ -319,9 +319,13 @@ def _set_val(node: fx.Node, val: Any) -> None:
         node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
 
-def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict) -> None:
+def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict, autocast_dtype: Optional[torch.dtype]) -> None:
     graph = gm.graph
     h_val, w_val = _val(m.hidden), _val(m.weight)
+    # A pre-dispatch graph traced under autocast still shows the head in float32 (autocast applies
+    # below it, when the graph is compiled); the unfused head would run in the autocast dtype, so the
+    # op must get its inputs in that dtype too, or its matmul runs in float32 (~10x slower).
+    cast = autocast_dtype if autocast_dtype is not None and h_val.dtype == torch.float32 else None
     lead = tuple(h_val.shape[:-1])
     n = 1
     for d in lead:
@@ -339,20 +343,32 @@ def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict) -> None:
     fake_mode = getattr(h_val, "fake_mode", None) or torch._guards.detect_fake_mode([h_val])
     if fake_mode is None:
         raise _NoMatch("the graph carries no fake tensors")
+    b_val = _val(m.bias)
     try:
         with fake_mode:
             h2_val = h_val.reshape(n, h_val.shape[-1])
+            if cast is not None:
+                h2_val, w_val = h2_val.to(cast), w_val.to(cast)
+                b_val = b_val.to(cast) if b_val is not None else None
             if m.target is not None:
                 lab_val = _val(m.target).reshape(n)
             else:
                 lab_val = torch.full((n,), IGNORE_INDEX, dtype=torch.int64, device=h_val.device)
-            outs_val = torch.ops.cggr.fused_token_stats.default(h2_val, w_val, _val(m.bias), lab_val, m.softcap)
+            outs_val = torch.ops.cggr.fused_token_stats.default(h2_val, w_val, b_val, lab_val, m.softcap)
             views_val = [o.reshape(lead) for o in outs_val]
     except Exception as err:  # noqa: BLE001 - never break the step: leave the scoring unfused
         raise _NoMatch(f"the op did not run on the graph's fake tensors ({type(err).__name__}: {err})") from err
 
     with graph.inserting_before(at):
         h2 = graph.call_function(aten.reshape.default, (m.hidden, [n, h_val.shape[-1]]))
+        weight, bias = m.weight, m.bias
+        if cast is not None:
+            h2 = graph.call_function(aten._to_copy.default, (h2,), dict(dtype=cast))
+            weight = graph.call_function(aten._to_copy.default, (weight,), dict(dtype=cast))
+            _set_val(weight, w_val)
+            if bias is not None:
+                bias = graph.call_function(aten._to_copy.default, (bias,), dict(dtype=cast))
+                _set_val(bias, b_val)
         _set_val(h2, h2_val)
         if m.target is not None:
             lab = graph.call_function(aten.reshape.default, (m.target, [n]))
@@ -360,7 +376,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict) -> None:
             lab = graph.call_function(aten.full.default, ([n], IGNORE_INDEX),
                                       dict(dtype=torch.int64, device=h_val.device, pin_memory=False))
         _set_val(lab, lab_val)
-        op_args = (h2, m.weight, m.bias, lab) + ((m.softcap,) if m.softcap is not None else ())
+        op_args = (h2, weight, bias, lab) + ((m.softcap,) if m.softcap is not None else ())
         op = graph.call_function(torch.ops.cggr.fused_token_stats.default, op_args)
         _set_val(op, tuple(outs_val))
         for i, name in enumerate(("lse", "entropy", "p1", "p2", "nll")):
@@ -377,9 +393,13 @@ def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict) -> None:
         graph.erase_node(node)
 
 
-def fuse_scorer(gm: fx.GraphModule, enabled: bool = True, force: bool = False) -> FuseScorerResult:
+def fuse_scorer(gm: fx.GraphModule, enabled: bool = True, force: bool = False,
+                autocast_dtype: Optional[torch.dtype] = None) -> FuseScorerResult:
     """Replace the router's head + scoring by ``cggr::fused_token_stats`` where it pays.
 
+    ``autocast_dtype``: the dtype autocast gives the head where the graph will run (the graph was
+    traced under autocast, which a pre-dispatch graph does not show): float32 inputs of the op are
+    cast to it, as the unfused head's would be.
     ``enabled=False`` (``CGGRConfig.fused_scorer=False``) leaves the graph alone; ``force=True``
     fuses wherever the pattern matches, paying or not (tests, and users who want the chunked path's
     memory bound on any device). Returns how many subgraphs were fused and why (not).
@@ -400,7 +420,7 @@ def fuse_scorer(gm: fx.GraphModule, enabled: bool = True, force: bool = False) -
             if why is not None:
                 reasons.append(why)
                 continue
-            _rewrite(gm, m, order, _grad_modes(gm.graph))
+            _rewrite(gm, m, order, _grad_modes(gm.graph), autocast_dtype)
         except _NoMatch as err:
             reasons.append(f"{ls.name}: {err}")
             continue
