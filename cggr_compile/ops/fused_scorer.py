@@ -57,9 +57,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # any device; with TRITON_INTERPRET=1 that runs the kernels on the CPU, for tests).
 _BACKEND = os.environ.get("CGGR_FUSED_SCORER_BACKEND", "auto").lower()
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Which tile top-2 reduction the kernel uses by default ("1": the one-pass tuple reduction, "0": the
-# built-in ones); unset: the tuple one on a GPU, the built-in ones under the interpreter.
-_TOP2_TUPLE_ENV = os.environ.get("CGGR_SCORER_TOP2_TUPLE")
 
 try:  # Triton is optional: without it only the torch path exists.
     import triton
@@ -430,8 +427,7 @@ def _launch_triton(
         HAS_SOFTCAP=softcap is not None,
         FP32_DOT=fp32,
         UPCAST_DOT=_INTERPRET and hidden.dtype == torch.bfloat16,
-        TOP2_TUPLE=bool(top2_tuple) if top2_tuple is not None else
-        (_TOP2_TUPLE_ENV != "0") if _TOP2_TUPLE_ENV is not None else not _INTERPRET,
+        TOP2_TUPLE=(not _INTERPRET) if top2_tuple is None else bool(top2_tuple),
     )
     if config is None and _INTERPRET:
         config = _INTERPRET_CONFIG
