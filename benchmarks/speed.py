@@ -640,7 +640,9 @@ def profile_steps(step: Callable[[dict], Any], batches: list[dict], ctx: Ctx, st
             wall.append((time.perf_counter() - t0) * 1e3)
     kernels: dict[str, list[float]] = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        # user annotations (Optimizer.step#..., DDP's forward, nccl:all_reduce) span kernels: not kernels
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
+                and not e.name.startswith(("Optimizer.", "DistributedDataParallel.", "nccl:")):
             kernels.setdefault(e.name, []).append(e.device_time_total / 1e3 if hasattr(e, "device_time_total")
                                                   else e.cuda_time_total / 1e3)
     busy = sum(sum(v) for v in kernels.values()) / steps
@@ -1125,6 +1127,9 @@ def merge(args: argparse.Namespace) -> int:
         records += d["records"]
         schedules += d.get("schedules", [])
         predictions += d.get("predictions", [])
+    models = {r["model"] for r in records}
+    predictions = list({(p["model"], p["ratio"], p["router_layers"]): p for p in predictions
+                        if p["model"] in models}.values())
     meta = dict(metas[0])
     meta["name"] = args.name if args.name != args.preset else "merged"
     meta["command"] = " ; ".join(m.get("command", "?") for m in metas)
