@@ -141,7 +141,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _softcap(z, cap):
-        # cap * tanh(z / cap); tanh through exp(-2|x|), which never overflows.
+        # cap * tanh(z / cap); tanh through exp(-2|x|), which never overflows. Inductor passes a
+        # Python float argument as fp64 (torch >= 2.10), which would make the loop-carried
+        # statistics fp64 and fail to compile: compute in fp32 whatever the caller's type.
+        cap = tl.cast(cap, tl.float32)
         x = z / cap
         e = tl.exp(-2.0 * tl.abs(x))
         th = (1.0 - e) / (1.0 + e)
