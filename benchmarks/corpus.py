@@ -37,6 +37,12 @@ the *base* part (the names before the cut) comes closest to half of the bytes, t
 *race* part. The base model trains on every file of the
 base part; the race's train / held-out split (above) is made on the race part alone.
 
+The ``finetune-mixed`` regime makes the same base / race partition, then also splits the base part
+into train / held-out (the same rule, same seed): the base model trains on the base part's train
+files only (split ``base``), and ``heldout_base`` (the base part's held-out files, never trained on)
+measures retention. The race's training stream itself (a mix of ``base`` and ``train`` sequences) is
+made in ``benchmarks/race.py`` (``--replay-fraction``).
+
 Tokenizer: a byte-level BPE (``tokenizers``: BPE model, ByteLevel pre-tokenizer without prefix space,
 ByteLevel decoder, the 256 byte symbols as the initial alphabet, special token ``<|endoftext|>`` with
 id 0) trained on the train files only (in the finetune regime: base part + race train split), at most
@@ -374,7 +380,8 @@ def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed:
                  cache_dir: Path | None = None, log=print) -> Corpus:
     """Scan, cap, split, train (or load) the tokenizer, encode and pack.
 
-    Splits: ``train`` and ``heldout`` (and ``base`` in the finetune regime).
+    Splits: ``train`` and ``heldout`` (and ``base`` in the finetune regimes; ``heldout_base`` in the
+    finetune-mixed regime).
     """
     import time
 
@@ -389,10 +396,18 @@ def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed:
             raise ValueError("finetune regime: too few files to make a base part and a race part")
         train, held = split_files(race, heldout_fraction, seed)
         splits["base"] = Split("base", shuffled(base, seed))
+    elif regime == "finetune-mixed":
+        base, race, base_names, race_names = partition_by_package(kept, race_packages)
+        if len(race) < 2 or len(base) < 2:
+            raise ValueError("finetune-mixed regime: too few files to split both the base part and the race part")
+        train, held = split_files(race, heldout_fraction, seed)
+        base_train, base_held = split_files(base, heldout_fraction, seed)
+        splits["base"] = Split("base", base_train)
+        splits["heldout_base"] = Split("heldout_base", base_held)
     elif regime == "scratch":
         train, held = split_files(kept, heldout_fraction, seed)
     else:
-        raise ValueError(f"unknown regime {regime!r} (scratch|finetune)")
+        raise ValueError(f"unknown regime {regime!r} (scratch|finetune|finetune-mixed)")
     splits["train"] = Split("train", train)
     splits["heldout"] = Split("heldout", held)
     tok_files = (splits["base"].files if "base" in splits else []) + train

@@ -3,6 +3,15 @@
     python benchmarks/race.py --preset tiny             # the README's main job, a few minutes on a CPU
     python benchmarks/race.py --preset smollm135m       # SmolLM-135M shape on one H100 / H200
     python benchmarks/race.py --preset tiny --regime finetune
+    python benchmarks/race.py --preset tiny --regime finetune-mixed --modes full,random,cggr-loss,cggr-loss-importance,cggr-excess
+
+Regimes: ``scratch`` (random init, race on the train split); ``finetune`` (a base model trained on one
+half of the packages, race on the other half); ``finetune-mixed`` (continued training with replay: the
+base model trains on the train files of part A; the race's stream is a seeded shuffle of part B's train
+sequences and ``--replay-fraction`` of A's (the base model's own training sequences, already learned);
+held-out loss is reported on B's held-out files (``heldout_new``, the new domain) and on A's held-out
+files (``heldout_replay``, retention, never trained on), ``--eval-sequences`` of each, and the headline
+``heldout_loss`` is the mean of the two).
 
 Corpus: see ``benchmarks/corpus.py`` (by default the ``*.py`` files of this interpreter's standard
 library, split by file into train / held-out, a byte-level BPE trained on the train files).
@@ -17,6 +26,12 @@ Modes (all start from the same initial weights and read the same sequence of tra
 * ``cggr-<scoring>-importance``: the same router, ``selection="importance"``: ``k`` rows drawn with
   probability rising with their score (mixed with ``--importance-floor`` of token-count share), each
   drawn row's loss weighted by ``1 / (k p)`` so that the loss estimates the full batch's without bias.
+* ``cggr-excess`` (race-only experiment, reducible loss in the spirit of RHO-LOSS): the library with a
+  user router (``router=``) that returns per-token ``loss_router - loss_reference``: the live router
+  (the model's first ``--router-layers`` layers, final norm and head, shared weights) minus a frozen
+  snapshot of the same truncated model taken from the race's initial weights (the base model in the
+  finetune regimes; a full frozen copy is kept, only its first K layers run). Top-k rows by the mean
+  excess. The reference's extra router pass runs inside the step, so the wall-clock budget charges it.
 
 Fairness rules:
 
@@ -100,13 +115,16 @@ def import_cggr():
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
 IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS)
-ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES
+EXCESS_MODES = ("cggr-excess",)
+ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES + EXCESS_MODES
 DEFAULT_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + ("cggr-loss-importance",)
 
 
 def cggr_options(mode: str) -> dict:
     """``cggr-<scoring>`` selects the k hardest rows (topk); ``cggr-<scoring>-importance`` samples them."""
     name = mode[len("cggr-"):]
+    if name == "excess":  # the router= callable returns the difficulties; scoring is then unused
+        return dict(scoring="loss", selection="topk")
     if name.endswith("-importance"):
         return dict(scoring=name[: -len("-importance")], selection="importance")
     return dict(scoring=name, selection="topk")
@@ -275,6 +293,16 @@ def heldout_losses(model, seqs: torch.Tensor, batch: int, device, dtype) -> torc
     return torch.cat(out)
 
 
+def eval_summary(losses: torch.Tensor, n_new) -> dict:
+    """``heldout_loss`` (the headline); with ``n_new`` (finetune-mixed: the first ``n_new`` eval
+    sequences are the new domain's, the rest the replayed domain's) also ``heldout_new`` and
+    ``heldout_replay``, and ``heldout_loss`` is their mean."""
+    if n_new is None:
+        return dict(heldout_loss=float(losses.mean()))
+    new, old = float(losses[:n_new].mean()), float(losses[n_new:].mean())
+    return dict(heldout_loss=(new + old) / 2, heldout_new=new, heldout_replay=old)
+
+
 class BatchOrder:
     """Seeded epochs of random permutations of the train sequences; the same for every mode."""
 
@@ -309,16 +337,49 @@ def dynamo_graphs() -> int:
 
 
 # --------------------------------------------------------------------------------------------- a mode
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token loss ``[B, T]`` (position t against token t+1; the last position 0)."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return F.pad(nll, (0, 1))
+
+
+def excess_loss_router(model, router_layers: int):
+    """``cggr-excess``: a user router returning ``loss_live_router - loss_frozen_reference`` per token.
+
+    The reference is a frozen deep copy of ``model`` as it is now (the race's initial weights: the
+    base model in the finetune regimes), of which only the first ``router_layers`` layers, the final
+    norm and the head run. Two router passes per step; the race's step timer charges both.
+    """
+    from cggr_compile.router import build_router
+
+    ref_model = copy.deepcopy(model).eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    live, _ = build_router(model, router_layers)
+    ref, _ = build_router(ref_model, router_layers)
+
+    def router(input_ids, attention_mask=None, **rows):
+        with torch.no_grad():
+            return token_nll(live(input_ids, attention_mask), input_ids) - \
+                token_nll(ref(input_ids, attention_mask), input_ids)
+
+    router.reference_model = ref_model  # keep it alive
+    return router
+
+
 def make_step_fn(mode: str, model, args, device, k: int, lr: float):
     """Returns (step(idx_batch) -> loss tensor, cg or None, optimizer)."""
     cg = None
     fwd = model
     if mode.startswith("cggr-"):
         cggr_compile = import_cggr()
+        extra = {}
+        if mode in EXCESS_MODES:
+            extra["router"] = excess_loss_router(model, args.router_layers)
         cg = cggr_compile.transform(model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
                                     warmup_steps=0, dynamic_threshold=False,
                                     importance_floor=args.importance_floor, seed=args.seed,
-                                    **cggr_options(mode))
+                                    **cggr_options(mode), **extra)
         fwd = cg
     if args.compile:
         fwd = torch.compile(fwd)
@@ -363,8 +424,9 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     order = BatchOrder(train_seqs.shape[0], B, args.seed)
     ebatch = args.eval_batch_size or B
 
+    n_new = getattr(args, "eval_n_new", None)
     curve = [dict(time_s=0.0, steps=0, tokens_seen=0, tokens_trained=0, epochs=0.0,
-                  heldout_loss=float(init_eval.mean()), train_loss=None)]
+                  **eval_summary(init_eval, n_new), train_loss=None)]
     steps = 0
     step_times: list[float] = []
     loss_sum = torch.zeros((), device=device)
@@ -372,13 +434,13 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
 
     def checkpoint(t: float) -> float:
         nonlocal loss_sum, loss_n
-        ev = float(heldout_losses(model, eval_seqs, ebatch, device, args.dtype).mean())
+        ev = eval_summary(heldout_losses(model, eval_seqs, ebatch, device, args.dtype), n_new)
         tl = float(loss_sum) / loss_n if loss_n else None
         loss_sum, loss_n = torch.zeros((), device=device), 0
         curve.append(dict(time_s=round(t, 3), steps=steps, tokens_seen=steps * B * T,
                           tokens_trained=steps * k * T, epochs=round(order.epochs(), 4),
-                          heldout_loss=ev, train_loss=tl))
-        return ev
+                          **ev, train_loss=tl))
+        return ev["heldout_loss"]
 
     # warm-up (compilation): real steps, not counted in the budget
     load0 = load_avg()
@@ -434,6 +496,10 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         graphs_compiled_warmup=graphs_warm - graphs0, graphs_compiled_in_budget=graphs_end - graphs_warm,
         spearman=None, load_avg_start=load0, load_avg_end=load_avg(), curve=curve,
     )
+    if n_new is not None:
+        for part in ("new", "replay"):
+            res[f"final_heldout_{part}"] = curve[-1][f"heldout_{part}"]
+            res[f"best_heldout_{part}"] = min(c[f"heldout_{part}"] for c in curve)
     if cg is not None:
         res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
         metrics = getattr(cg, "metrics", None)
@@ -508,15 +574,17 @@ def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict,
 
 # --------------------------------------------------------------------------------------------- output
 def summary_table(results: dict) -> str:
+    mixed = any("final_heldout_new" in r for r in results.values())
     head = ("| mode | lr | steps | step ms | tokens trained | final held-out | best held-out | "
-            "compile s | spearman |")
-    lines = [head, "|" + "---|" * 9]
+            + ("final new (B) | final replay (A) | " if mixed else "") + "compile s | spearman |")
+    lines = [head, "|" + "---|" * (11 if mixed else 9)]
     for m, r in results.items():
         sp = "" if r["spearman"] is None else f"{r['spearman']:.3f}"
         cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        parts = (f"{r['final_heldout_new']:.4f} | {r['final_heldout_replay']:.4f} | " if mixed else "")
         lines.append(f"| {m} | {r['lr']:.2e} | {r['steps']} | {r['step_ms_median']:.1f} | "
                      f"{r['tokens_trained']:,} | {r['final_heldout_loss']:.4f} | "
-                     f"{r['best_heldout_loss']:.4f} | {cs} | {sp} |")
+                     f"{r['best_heldout_loss']:.4f} | {parts}{cs} | {sp} |")
     return "\n".join(lines)
 
 
@@ -526,18 +594,29 @@ def plot(results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m, r in results.items():
+    mixed = any("heldout_new" in r["curve"][0] for r in results.values())
+    fig, axes = plt.subplots(1, 3 if mixed else 2, figsize=(18 if mixed else 12, 4.5))
+    for i, (m, r) in enumerate(results.items()):
         xs = [c["time_s"] for c in r["curve"]]
         ys = [c["heldout_loss"] for c in r["curve"]]
         style = "-" if m.startswith("cggr") else "--"
-        axes[0].plot(xs, ys, style, marker=".", label=m)
+        line, = axes[0].plot(xs, ys, style, marker=".", label=m)
         axes[1].plot([c["steps"] for c in r["curve"]], ys, style, marker=".", label=m)
+        if mixed:
+            axes[2].plot(xs, [c["heldout_new"] for c in r["curve"]], style, color=line.get_color(),
+                         label=f"{m}: new (B)")
+            axes[2].plot(xs, [c["heldout_replay"] for c in r["curve"]], ":", color=line.get_color(),
+                         label=f"{m}: replay (A)")
     axes[0].set_xlabel("training wall-clock (s, step time only)")
     axes[1].set_xlabel("optimizer steps")
-    for ax in axes:
-        ax.set_ylabel("held-out loss (full model)")
+    for ax in axes[:2]:
+        ax.set_ylabel("held-out loss (full model)" + (", mean of new and replay" if mixed else ""))
         ax.grid(alpha=0.3)
+    if mixed:
+        axes[2].set_xlabel("training wall-clock (s, step time only)")
+        axes[2].set_ylabel("held-out loss: new domain B (solid), replayed A (dotted)")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=6)
     axes[0].legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -594,7 +673,10 @@ def parse_args(argv=None):
                    help="defaults for everything below (ci, tiny: CPU; smollm135m: one H100/H200)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma list out of {', '.join(ALL_MODES)} (default: {', '.join(DEFAULT_MODES)})")
-    p.add_argument("--regime", default="scratch", choices=["scratch", "finetune"])
+    p.add_argument("--regime", default="scratch", choices=["scratch", "finetune", "finetune-mixed"])
+    p.add_argument("--replay-fraction", type=float, default=0.5,
+                   help="finetune-mixed: share of the race's train stream that is replay of the base "
+                        "model's own train sequences (part A); the rest is part B's train split")
     g = p.add_argument_group("corpus")
     g.add_argument("--corpus", default=None, help="a folder (read recursively, text files) or a file listing paths")
     g.add_argument("--include-site-packages", action=argparse.BooleanOptionalAction,
@@ -656,13 +738,15 @@ def parse_args(argv=None):
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
     if not 0 < args.ratio <= 1:
         p.error("--ratio must be in (0, 1]")
+    if not 0 <= args.replay_fraction < 1:
+        p.error("--replay-fraction must be in [0, 1)")
     if not 0 < args.heldout_fraction < 1:
         p.error("--heldout-fraction must be in (0, 1)")
     return args
 
 
 def result_stem(args, device) -> str:
-    tag = args.tag or (args.preset + ("-finetune" if args.regime == "finetune" else ""))
+    tag = args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
     return f"race_{tag}_{device_slug(device)}"
 
 
@@ -713,7 +797,7 @@ def main(argv=None) -> dict:
     for s in corpus.splits.values():
         log(f"  {s.name:8s}: {len(s.files):6d} files  {s.bytes:13,d} bytes  {s.tokens:12,d} tokens  "
             f"{s.sequences.shape[0]:8d} sequences of {args.seq_len + 1}")
-    if args.regime == "finetune":
+    if args.regime != "scratch":
         log(f"  base packages ({len(corpus.base_packages)}): {corpus.base_packages[0]} .. {corpus.base_packages[-1]}; "
             f"race packages ({len(corpus.race_packages)}): {corpus.race_packages[0]} .. {corpus.race_packages[-1]}")
     log(f"tokenizer: vocab {corpus.vocab_size}, {corpus.tokenizer_seconds:.1f} s "
@@ -721,12 +805,36 @@ def main(argv=None) -> dict:
 
     train = corpus.splits["train"].sequences
     held = corpus.splits["heldout"].sequences
-    if args.eval_pick == "first" or args.eval_sequences >= held.shape[0]:
-        eval_seqs = held[: args.eval_sequences]
-    else:  # evenly spaced over the held-out stream, so that the set spans its files
-        eval_seqs = held[torch.linspace(0, held.shape[0] - 1, args.eval_sequences).round().long()]
-    if eval_seqs.shape[0] < args.eval_sequences:
-        log(f"warning: only {eval_seqs.shape[0]} held-out sequences (asked {args.eval_sequences})")
+
+    def pick_eval(held):
+        if args.eval_pick == "first" or args.eval_sequences >= held.shape[0]:
+            ev = held[: args.eval_sequences]
+        else:  # evenly spaced over the held-out stream, so that the set spans its files
+            ev = held[torch.linspace(0, held.shape[0] - 1, args.eval_sequences).round().long()]
+        if ev.shape[0] < args.eval_sequences:
+            log(f"warning: only {ev.shape[0]} held-out sequences (asked {args.eval_sequences})")
+        return ev
+
+    eval_seqs = pick_eval(held)
+    args.eval_n_new = None
+    mix_info = None
+    if args.regime == "finetune-mixed":
+        # race stream: all of B's train sequences plus a seeded sample of A's (the base model's own
+        # train sequences) making up --replay-fraction of the stream (as many as A has, at most)
+        base_seqs = corpus.splits["base"].sequences
+        n_b = train.shape[0]
+        n_a = min(base_seqs.shape[0], round(args.replay_fraction / (1 - args.replay_fraction) * n_b))
+        pick_a = torch.randperm(base_seqs.shape[0], generator=torch.Generator().manual_seed(args.seed + 11))[:n_a]
+        train = torch.cat([train, base_seqs[pick_a]])
+        args.eval_n_new = eval_seqs.shape[0]
+        eval_replay = pick_eval(corpus.splits["heldout_base"].sequences)
+        eval_seqs = torch.cat([eval_seqs, eval_replay])
+        mix_info = dict(new_train_sequences=n_b, replay_train_sequences=n_a,
+                        replay_share=round(n_a / (n_a + n_b), 4), eval_new=args.eval_n_new,
+                        eval_replay=int(eval_replay.shape[0]))
+        log(f"finetune-mixed: race stream {n_b} new (B) + {n_a} replayed (A) sequences "
+            f"({mix_info['replay_share']:.0%} replay), shuffled; eval {args.eval_n_new} new + "
+            f"{eval_replay.shape[0]} replay held-out sequences")
     if device.type == "cuda":
         train = train.to(device)
 
@@ -736,7 +844,7 @@ def main(argv=None) -> dict:
     init_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
     del model0
     base_info = None
-    if args.regime == "finetune":
+    if args.regime != "scratch":
         init_state, base_info = base_model_state(args, corpus, init_state, device, log)
     k = subset_k(args.ratio, args.batch_size)
     log(f"model: Llama, {n_params / 1e6:.2f}M parameters (hidden {args.hidden_size}, {args.num_layers} layers, "
@@ -752,7 +860,8 @@ def main(argv=None) -> dict:
     init_eval_model.to(device)
     init_eval = heldout_losses(init_eval_model, eval_seqs, args.eval_batch_size or args.batch_size, device, args.dtype)
     del init_eval_model
-    log(f"initial held-out loss {float(init_eval.mean()):.4f}")
+    init_summary = eval_summary(init_eval, args.eval_n_new)
+    log("initial held-out loss " + ", ".join(f"{kk} {v:.4f}" for kk, v in init_summary.items()))
 
     results: dict[str, dict] = {}
     for mode in args.modes:
@@ -763,6 +872,8 @@ def main(argv=None) -> dict:
         sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
         if device.type == "cpu" and r["load_avg_end"]:
             sp += f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} on {os.cpu_count()} cores"
+        if "final_heldout_new" in r:
+            sp = f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}" + sp
         log(f"{mode}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
             f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
         if device.type == "cuda":
@@ -770,7 +881,7 @@ def main(argv=None) -> dict:
         if len(results) < len(args.modes):  # a run cut short (a machine's time limit) keeps its finished modes
             partial = Path(args.results_dir) / f"{result_stem(args, device)}.partial.json"
             partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(dict(argv=argv_list, initial_heldout_loss=float(init_eval.mean()),
+            partial.write_text(json.dumps(dict(argv=argv_list, initial_heldout_loss=init_summary["heldout_loss"],
                                                k=k, summary_table=summary_table(results), modes=results),
                                           indent=1, default=str))
 
@@ -780,7 +891,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - t_start
     print(f"\ntotal run time {total:.1f} s")
 
-    tag = args.tag or (args.preset + ("-finetune" if args.regime == "finetune" else ""))
+    tag = args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(args, device)
@@ -800,7 +911,8 @@ def main(argv=None) -> dict:
         command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_list),
         argv=argv_list, args={k: v for k, v in vars(args).items()}, total_seconds=round(total, 2),
         model=dict(n_params=n_params, config=cfg_dict), corpus=corpus.describe(), base=base_info,
-        k=k, lr_rule=args.lr_rule, initial_heldout_loss=float(init_eval.mean()),
+        k=k, lr_rule=args.lr_rule, initial_heldout_loss=init_summary["heldout_loss"],
+        initial_heldout=init_summary, mix=mix_info,
         modes=results, summary_table=table,
     )
     json_path = out_dir / f"{stem}.json"

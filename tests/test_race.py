@@ -205,3 +205,55 @@ def test_race_ci_finetune_regime(tmp_path):
     assert rep["initial_heldout_loss"] < math.log(rep["corpus"]["vocab_size"]) - 1.0
     for m in ("full", "random"):
         assert math.isfinite(rep["modes"][m]["final_heldout_loss"])
+
+
+def test_race_ci_finetune_mixed_regime(tmp_path):
+    """finetune-mixed: base trained on A's train files; race stream = B's train + replayed A; held-out
+    loss on B (new) and A (replay, held-out files of A) separately; cggr-excess runs (frozen reference)."""
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    modes = ["full", "random"] + (["cggr-loss", "cggr-excess"] if _have_cggr() else [])
+    argv = ["--preset", "ci", "--regime", "finetune-mixed", "--corpus", str(src), "--modes", ",".join(modes),
+            "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res"),
+            "--no-progress", "--device", "cpu", "--budget-seconds", "2", "--base-budget-seconds", "3",
+            "--replay-fraction", "0.5"]
+    rep = race.main(argv)
+    assert Path(rep["json_path"]).name == "race_ci-finetune-mixed_cpu.json"
+    c = rep["corpus"]["splits"]
+    assert c["base"]["files"] + c["heldout_base"]["files"] + c["train"]["files"] + c["heldout"]["files"] == 40
+    mix = rep["mix"]
+    assert mix["replay_train_sequences"] > 0 and mix["new_train_sequences"] == c["train"]["sequences"]
+    assert 0.3 <= mix["replay_share"] <= 0.5 + 1e-9
+    assert mix["eval_new"] > 0 and mix["eval_replay"] > 0
+    init = rep["initial_heldout"]
+    assert init["heldout_loss"] == pytest.approx((init["heldout_new"] + init["heldout_replay"]) / 2)
+    # the base model learned A: its held-out A loss is below its loss on the new domain B
+    assert init["heldout_replay"] < init["heldout_new"]
+    for m in modes:
+        r = rep["modes"][m]
+        assert r["final_heldout_loss"] == pytest.approx((r["final_heldout_new"] + r["final_heldout_replay"]) / 2)
+        for cpt in r["curve"]:
+            assert math.isfinite(cpt["heldout_new"]) and math.isfinite(cpt["heldout_replay"])
+        if m.startswith("cggr-"):
+            assert r["spearman"] is not None
+    assert "final new (B)" in rep["summary_table"]
+
+
+def test_excess_loss_router_is_zero_against_its_own_snapshot():
+    """cggr-excess: the live router minus a frozen snapshot is 0 at the start, and moves once the
+    live weights change (the snapshot does not)."""
+    pytest.importorskip("transformers")
+    if not _have_cggr():
+        pytest.skip("cggr_compile not importable")
+    args = race.parse_args(["--preset", "ci"])
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model, _ = race.build_model(args, 64)
+    router = race.excess_loss_router(model, 1)
+    x = torch.randint(0, 64, (3, 9))
+    d0 = router(x)
+    assert d0.shape == (3, 9) and torch.allclose(d0, torch.zeros_like(d0), atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    d1 = router(x)
+    assert d1.abs().max() > 1e-3 and not any(p.requires_grad for p in router.reference_model.parameters())
