@@ -389,8 +389,11 @@ def make_step_fn(mode: str, model, args, device, k: int, lr: float):
     state = {"n": 0}
 
     def step(x: torch.Tensor) -> torch.Tensor:
+        state["rows"] = None
         if mode == "random":
-            x = x[torch.randperm(x.shape[0], generator=pick)[:k].to(x.device)]
+            rows = torch.randperm(x.shape[0], generator=pick)[:k]
+            state["rows"] = rows
+            x = x[rows.to(x.device)]
         n = state["n"]
         if args.lr_warmup_steps > 0:
             scale = min(1.0, (n + 1) / args.lr_warmup_steps)
@@ -399,6 +402,8 @@ def make_step_fn(mode: str, model, args, device, k: int, lr: float):
         with autocast_ctx(device, args.dtype):
             out = fwd(input_ids=x, labels=x)
         loss = out.loss
+        if cg is not None and isinstance(out, dict) and out.get("selected_indices") is not None:
+            state["rows"] = out["selected_indices"].detach()
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -409,6 +414,7 @@ def make_step_fn(mode: str, model, args, device, k: int, lr: float):
         state["n"] = n + 1
         return loss.detach()
 
+    step.state = state
     return step, cg, opt
 
 
@@ -460,6 +466,8 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
             log(f"warning: {mode}: the library selects k={lib_k} rows, not ceil(ratio*B)={k}")
             k = lib_k
 
+    n_new_train = getattr(args, "n_new_train", None)
+    replay_rows = trained_rows = 0
     prog = Progress(args.budget_seconds, f"{mode:>13}", args.progress)
     t_train = 0.0
     next_eval = args.eval_every_seconds
@@ -472,6 +480,11 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         dt = time.perf_counter() - t0
         t_train += dt
         step_times.append(dt)
+        if n_new_train is not None:  # finetune-mixed: which rows trained (outside the timed step)
+            rows = step.state.get("rows")
+            rows = idx if rows is None else idx[rows.cpu()]
+            replay_rows += int((rows >= n_new_train).sum())
+            trained_rows += int(rows.numel())
         steps += 1
         loss_n += 1
         post = {}
@@ -500,6 +513,8 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         for part in ("new", "replay"):
             res[f"final_heldout_{part}"] = curve[-1][f"heldout_{part}"]
             res[f"best_heldout_{part}"] = min(c[f"heldout_{part}"] for c in curve)
+        # share of the rows the counted steps trained on that were replayed (part A) sequences
+        res["replay_share_trained"] = round(replay_rows / max(1, trained_rows), 4)
     if cg is not None:
         res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
         metrics = getattr(cg, "metrics", None)
@@ -576,12 +591,14 @@ def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict,
 def summary_table(results: dict) -> str:
     mixed = any("final_heldout_new" in r for r in results.values())
     head = ("| mode | lr | steps | step ms | tokens trained | final held-out | best held-out | "
-            + ("final new (B) | final replay (A) | " if mixed else "") + "compile s | spearman |")
-    lines = [head, "|" + "---|" * (11 if mixed else 9)]
+            + ("final new (B) | final replay (A) | replay share trained | " if mixed else "")
+            + "compile s | spearman |")
+    lines = [head, "|" + "---|" * (12 if mixed else 9)]
     for m, r in results.items():
         sp = "" if r["spearman"] is None else f"{r['spearman']:.3f}"
         cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-        parts = (f"{r['final_heldout_new']:.4f} | {r['final_heldout_replay']:.4f} | " if mixed else "")
+        parts = (f"{r['final_heldout_new']:.4f} | {r['final_heldout_replay']:.4f} | "
+                 f"{r.get('replay_share_trained', float('nan')):.2f} | " if mixed else "")
         lines.append(f"| {m} | {r['lr']:.2e} | {r['steps']} | {r['step_ms_median']:.1f} | "
                      f"{r['tokens_trained']:,} | {r['final_heldout_loss']:.4f} | "
                      f"{r['best_heldout_loss']:.4f} | {parts}{cs} | {sp} |")
@@ -816,7 +833,7 @@ def main(argv=None) -> dict:
         return ev
 
     eval_seqs = pick_eval(held)
-    args.eval_n_new = None
+    args.eval_n_new = args.n_new_train = None
     mix_info = None
     if args.regime == "finetune-mixed":
         # race stream: all of B's train sequences plus a seeded sample of A's (the base model's own
@@ -825,7 +842,8 @@ def main(argv=None) -> dict:
         n_b = train.shape[0]
         n_a = min(base_seqs.shape[0], round(args.replay_fraction / (1 - args.replay_fraction) * n_b))
         pick_a = torch.randperm(base_seqs.shape[0], generator=torch.Generator().manual_seed(args.seed + 11))[:n_a]
-        train = torch.cat([train, base_seqs[pick_a]])
+        train = torch.cat([train, base_seqs[pick_a]])  # indices >= n_b are replay
+        args.n_new_train = n_b
         args.eval_n_new = eval_seqs.shape[0]
         eval_replay = pick_eval(corpus.splits["heldout_base"].sequences)
         eval_seqs = torch.cat([eval_seqs, eval_replay])
@@ -873,7 +891,8 @@ def main(argv=None) -> dict:
         if device.type == "cpu" and r["load_avg_end"]:
             sp += f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} on {os.cpu_count()} cores"
         if "final_heldout_new" in r:
-            sp = f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}" + sp
+            sp = (f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}, "
+                  f"replay share of trained rows {r['replay_share_trained']:.2f}" + sp)
         log(f"{mode}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
             f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
         if device.type == "cuda":

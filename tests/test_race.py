@@ -232,11 +232,14 @@ def test_race_ci_finetune_mixed_regime(tmp_path):
     for m in modes:
         r = rep["modes"][m]
         assert r["final_heldout_loss"] == pytest.approx((r["final_heldout_new"] + r["final_heldout_replay"]) / 2)
+        assert 0.0 <= r["replay_share_trained"] <= 1.0
         for cpt in r["curve"]:
             assert math.isfinite(cpt["heldout_new"]) and math.isfinite(cpt["heldout_replay"])
         if m.startswith("cggr-"):
             assert r["spearman"] is not None
     assert "final new (B)" in rep["summary_table"]
+    # the full batch trains on every row of the stream: about the stream's replay share
+    assert abs(rep["modes"]["full"]["replay_share_trained"] - mix["replay_share"]) < 0.25
 
 
 def test_excess_loss_router_is_zero_against_its_own_snapshot():
