@@ -52,8 +52,8 @@ Fairness rules:
 * For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
   difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
 
-Results: ``benchmarks/results/race_<preset>[-finetune]_<device-slug>.json`` and ``.png`` (``--tag``
-replaces ``<preset>[-finetune]``). After each mode but the last, the finished modes are also written to
+Results: ``benchmarks/results/race_<preset>[-<regime>]_<device-slug>.json`` and ``.png`` (no suffix for
+scratch; ``--tag`` replaces ``<preset>[-<regime>]``). After each mode but the last, the finished modes are also written to
 ``<same stem>.partial.json``, so that a run cut short keeps them; a completed run removes that file.
 """
 
