@@ -305,16 +305,15 @@ class CGGRModel(nn.Module):
         denominator = kwargs.pop("loss_denominator", None)
         r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
         if cfg.granularity == "sequences":
-            idx = self._choose(r)
+            idx, weight = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
-            weight = self._weight(r, idx)
             denominator = self._denominator(weight, denominator, self._loss_count(r))
             loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
             out["selected_indices"] = idx
         else:
-            weight = self._weight(r, self._choose(r))
+            _, weight = self._choose(r)
             out = call_model(self.model, input_ids, attention_mask, **kwargs)
             denominator = self._denominator(weight, denominator)
             loss = S.selective_cross_entropy(out.logits, r.target, weight, denominator)
@@ -324,34 +323,28 @@ class CGGRModel(nn.Module):
         out["cggr_metrics"] = metrics
         return out, metrics
 
-    def _choose(self, r: Routing) -> Tensor:
-        """The selection from the router's scores: row indices ``[k]`` or a token mask ``[B, T]``."""
-        cfg = self.cggr_config
-        if cfg.granularity == "sequences":
-            seq = S.sequence_difficulty(r.difficulty, r.valid)
-            if cfg.selection == "importance":
-                probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
-                return S.sample_importance(probs, self._k, cfg.seed, self._step_tensor)
-            return S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
-        return S.select_tokens(
-            r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
-            cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
-        )
+    def _choose(self, r: Routing) -> tuple[Tensor, Tensor]:
+        """The selection from the router's scores, and the loss weight of its positions.
 
-    def _weight(self, r: Routing, selection: Tensor) -> Tensor:
-        """The positions that enter the loss: the selected rows' valid ones, or the token mask.
-
-        ``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid positions.
+        Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
+        (``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid
+        positions, from the same probabilities the rows were drawn with). Tokens: the token mask
+        ``[B, T]``, which is also the weight.
         """
         cfg = self.cggr_config
-        if cfg.granularity == "sequences":
-            rows = r.valid.index_select(0, selection)
-            if cfg.selection == "importance":
-                seq = S.sequence_difficulty(r.difficulty, r.valid)
-                probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
-                return S.importance_weights(rows, probs, selection)
-            return rows
-        return selection
+        if cfg.granularity != "sequences":
+            mask = S.select_tokens(
+                r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
+                cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
+            )
+            return mask, mask
+        seq = S.sequence_difficulty(r.difficulty, r.valid)
+        if cfg.selection == "importance":
+            probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
+            idx = S.sample_importance(probs, self._k, cfg.seed, self._step_tensor)
+            return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
+        idx = S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
+        return idx, r.valid.index_select(0, idx)
 
     def _step_metrics(self, r: Routing, weight: Tensor) -> dict[str, Any]:
         # The step is read here, inline: handed to a helper as an argument, Dynamo specialised on
@@ -389,8 +382,7 @@ class CGGRModel(nn.Module):
         b = input_ids.shape[0]
         self._plan(b, input_ids.device)
         r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
-        selection = self._choose(r)
-        weight = self._weight(r, selection)
+        selection, weight = self._choose(r)
         metrics = self._step_metrics(r, weight)
         if record:
             self._record(metrics)

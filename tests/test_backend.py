@@ -146,6 +146,7 @@ topk(2)
 _set_grad_enabled(True)
 sort.stable()
 sort()
+index_select(0) -> bool[2, 6]
 index_select(0) -> int64[2, 6]
 index_select(0) -> int64[2, 6]
 embedding() -> float32[2, 6, 16]
@@ -153,7 +154,6 @@ _set_grad_enabled(False)
 _set_grad_enabled(True)
 scaled_dot_product_attention() -> float32[2, 2, 6, 8]
 scaled_dot_product_attention() -> float32[2, 2, 6, 8]
-index_select(0) -> bool[2, 6]
 index_select(0) -> int64[2, 6]
 cross_entropy_loss(None, 2) -> float32[]
 return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], int64[], int64[]""")
