@@ -71,7 +71,8 @@ def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Names
         net = cg
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        bucket_cap_mb=args.bucket_cap_mb)
+                                                        bucket_cap_mb=args.bucket_cap_mb,
+                                                        gradient_as_bucket_view=args.bucket_view)
         if args.comm_hook == "bf16":  # all-reduce the gradients in bf16: half the bytes
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -228,7 +229,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
     L = [f"# Data parallel: {meta['model']} on {meta['device_name']}", "",
          f"torch {meta['torch']}, transformers {meta['transformers']}; command: `{meta['command']}`", "",
          f"Per rank: {meta['batch']}×{meta['seq']} rows, ratio {meta['ratio']}, router {meta['router_layers']} layers, "
-         f"bf16 autocast, fused AdamW in the step, {meta['warmup']} warm-up + {meta['steps']} timed steps, DDP buckets of {meta.get('bucket_cap_mb', 25)} MB. "
+         f"bf16 autocast, fused AdamW in the step, {meta['warmup']} warm-up + {meta['steps']} timed steps, DDP buckets of {meta.get('bucket_cap_mb', 25)} MB"
+         f"{' (gradient_as_bucket_view)' if meta.get('bucket_view') else ''}. "
          "Step = slowest rank's median (CUDA events). Throughput = world·B·T / step. "
          "Scaling = throughput / the same mode's throughput on one device.", "",
          "| mode | world | step ms | tok/s | scaling vs 1 device | × DDP compiled full batch | k | peak GiB | sync | status |",
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="DDP's bucket size; with graph splitting also the size of each compiled fragment")
     p.add_argument("--comm-hook", choices=("none", "bf16"), default="none",
                    help="DDP comm hook: bf16 compresses the gradient all-reduce to half the bytes")
+    p.add_argument("--bucket-view", action="store_true",
+                   help="DDP gradient_as_bucket_view: the gradients live in the buckets (no copy in and out)")
     p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--name", default=None)
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(model=args.model, device_name=device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
                 command=" ".join(["python"] + sys.argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
                 ratio=args.ratio, router_layers=args.router_layers, warmup=args.warmup, steps=args.steps,
-                gpus=torch.cuda.device_count() if cuda else 0, comm_hook=args.comm_hook, bucket_cap_mb=args.bucket_cap_mb, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                gpus=torch.cuda.device_count() if cuda else 0, comm_hook=args.comm_hook, bucket_cap_mb=args.bucket_cap_mb,
+                bucket_view=args.bucket_view, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
     records: list[dict] = []
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

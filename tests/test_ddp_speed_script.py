@@ -20,7 +20,7 @@ def test_ddp_speed_tiny_runs_every_mode_on_two_processes(tmp_path):
     env = dict(os.environ)
     env.pop("OUT", None)
     cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--worlds", "2",
-           "--out-dir", str(tmp_path), "--name", "test"]
+           "--bucket-view", "--out-dir", str(tmp_path), "--name", "test"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     data = json.loads((tmp_path / "ddp_test_cpu.json").read_text())
@@ -30,4 +30,5 @@ def test_ddp_speed_tiny_runs_every_mode_on_two_processes(tmp_path):
         assert r["status"] == "ok", (mode, r.get("error"), r.get("traceback"))
         assert r["median_ms_slowest_rank"] > 0 and r["world"] == 2
     assert records["cggr_transform"]["k_observed"] == records["cggr_backend"]["k_observed"] == 2  # ceil(0.25 * 8)
-    assert "| cggr_backend | 2 |" in (tmp_path / "ddp_test_cpu.md").read_text()
+    md = (tmp_path / "ddp_test_cpu.md").read_text()
+    assert "| cggr_backend | 2 |" in md and "(gradient_as_bucket_view)" in md
