@@ -78,8 +78,11 @@ def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Names
 
             net.register_comm_hook(None, default_hooks.bf16_compress_hook)
     backend = "cggr" if mode == "cggr_backend" else ("inductor" if device.type == "cuda" else "eager")
-    compiled = torch.compile(net, backend=backend, options=opts) if mode == "cggr_backend" else \
-        torch.compile(net, backend=backend)
+    graphs = args.cudagraphs and device.type == "cuda"
+    if mode == "cggr_backend":
+        compiled = torch.compile(net, backend=backend, options=dict(opts, cudagraphs=graphs))
+    else:
+        compiled = torch.compile(net, backend=backend, **({"mode": "reduce-overhead"} if graphs else {}))
     opt = make_optimizer(model, device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -230,7 +233,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
          f"torch {meta['torch']}, transformers {meta['transformers']}; command: `{meta['command']}`", "",
          f"Per rank: {meta['batch']}×{meta['seq']} rows, ratio {meta['ratio']}, router {meta['router_layers']} layers, "
          f"bf16 autocast, fused AdamW in the step, {meta['warmup']} warm-up + {meta['steps']} timed steps, DDP buckets of {meta.get('bucket_cap_mb', 25)} MB"
-         f"{' (gradient_as_bucket_view)' if meta.get('bucket_view') else ''}. "
+         f"{' (gradient_as_bucket_view)' if meta.get('bucket_view') else ''}"
+         f"{'; CUDA graphs in the compiled graphs' if meta.get('cudagraphs') else ''}. "
          "Step = slowest rank's median (CUDA events). Throughput = world·B·T / step. "
          "Scaling = throughput / the same mode's throughput on one device.", "",
          "| mode | world | step ms | tok/s | scaling vs 1 device | × DDP compiled full batch | k | peak GiB | sync | status |",
@@ -276,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="DDP comm hook: bf16 compresses the gradient all-reduce to half the bytes")
     p.add_argument("--bucket-view", action="store_true",
                    help="DDP gradient_as_bucket_view: the gradients live in the buckets (no copy in and out)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="CUDA graphs for the compiled graphs (reduce-overhead; cggr: cudagraphs=True); the DDP "
+                        "reducer and its all-reduces stay outside the graphs")
     p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--name", default=None)
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 command=" ".join(["python"] + sys.argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
                 ratio=args.ratio, router_layers=args.router_layers, warmup=args.warmup, steps=args.steps,
                 gpus=torch.cuda.device_count() if cuda else 0, comm_hook=args.comm_hook, bucket_cap_mb=args.bucket_cap_mb,
-                bucket_view=args.bucket_view, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                bucket_view=args.bucket_view, cudagraphs=args.cudagraphs, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
     records: list[dict] = []
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
