@@ -170,6 +170,19 @@ def _match_head(z: fx.Node, dead: list) -> tuple[fx.Node, fx.Node, Optional[fx.N
     return hidden, weight, bias, softcap
 
 
+def _users_by_op(node: fx.Node, ops: dict, what: str, skip: Optional[fx.Node] = None) -> dict:
+    """``{name: user}``: each user of ``node`` (but ``skip``) must be the one call of one of ``ops``."""
+    found: dict = {}
+    for u in node.users:
+        if u is skip:
+            continue
+        name = next((n for n, op in ops.items() if n not in found and _is_call(u, op)), None)
+        if name is None:
+            raise _NoMatch(f"{what} are also read by {u.target} ({u.name})")
+        found[name] = u
+    return found
+
+
 def _match(ls: fx.Node) -> _Match:
     """The scoring subgraph around one ``log_softmax`` node, or :class:`_NoMatch`."""
     z = ls.args[0]
@@ -180,28 +193,14 @@ def _match(ls: fx.Node) -> _Match:
         raise _NoMatch("log_softmax is not over float32 logits")
     dead: list = []
     outputs: dict = {}
-    exp = mul = gather = None
-    for u in ls.users:
-        if _is_call(u, aten.exp.default) and exp is None:
-            exp = u
-        elif _is_call(u, aten.mul.Tensor) and mul is None:
-            mul = u
-        elif _is_call(u, aten.gather.default) and gather is None:
-            gather = u
-        else:
-            raise _NoMatch(f"the log-probabilities are also read by {u.target} ({u.name})")
+    users = _users_by_op(ls, {"exp": aten.exp.default, "mul": aten.mul.Tensor, "gather": aten.gather.default},
+                         "the log-probabilities")
+    exp, mul, gather = users.get("exp"), users.get("mul"), users.get("gather")
     if exp is None:
         raise _NoMatch("no softmax probabilities (exp of log_softmax)")
     if mul is not None and set(mul.args[:2]) != {exp, ls}:
         raise _NoMatch(f"{mul.name} is not p * log p")
-    topk = None
-    for u in exp.users:
-        if u is mul:
-            continue
-        if _is_call(u, aten.topk.default) and topk is None:
-            topk = u
-        else:
-            raise _NoMatch(f"the probabilities are also read by {u.target} ({u.name})")
+    topk = _users_by_op(exp, {"topk": aten.topk.default}, "the probabilities", skip=mul).get("topk")
     if topk is None:
         raise _NoMatch("no top-2 of the probabilities")
     k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
