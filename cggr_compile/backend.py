@@ -66,13 +66,14 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
     if not isinstance(module, torch.nn.Module):
         return None, {}
     try:
-        params = inspect.signature(module.forward).parameters
+        sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return module, dict(f_locals.get("kwargs") or {})
+    params = sig.parameters
     var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
     if "args" in f_locals and "kwargs" in f_locals and "args" not in params:
         try:
-            bound = inspect.signature(module.forward).bind_partial(*f_locals["args"], **f_locals["kwargs"]).arguments
+            bound = sig.bind_partial(*f_locals["args"], **f_locals["kwargs"]).arguments
         except TypeError:
             bound = dict(f_locals["kwargs"])
     else:
