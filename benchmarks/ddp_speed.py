@@ -3,6 +3,7 @@ the compiled full batch.
 
     python benchmarks/ddp_speed.py --model smollm360m --worlds 1 2            # 2 GPUs of one host
     python benchmarks/ddp_speed.py --preset tiny                               # the CPU check (gloo)
+    python benchmarks/ddp_speed.py --merge a.json b.json --name both           # one table from several runs
 
 Each world size runs in its own group of processes (spawned here, NCCL on CUDA with
 ``NCCL_NVLS_ENABLE=0``, gloo on the CPU). World 1 is plain single-device training (no DDP wrapper);
@@ -224,6 +225,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_file
     finally:
         if rank == 0:
             Path(out_file).write_text(json.dumps(records))
+        if world > 1 and cuda:
+            # After CUDA-graph replays, NCCL's teardown in destroy_process_group hung the run (H200, torch
+            # 2.11, twice): the records are written, so leave without tearing the communicators down.
+            torch.cuda.synchronize(device)
+            sys.stdout.flush()
+            os._exit(0)
         if world > 1:
             dist.destroy_process_group()
 
@@ -260,6 +267,20 @@ def markdown(meta: dict, records: list[dict]) -> str:
     return "\n".join(L) + "\n"
 
 
+def merge(args: argparse.Namespace) -> int:
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    meta = dict(runs[0]["meta"], command=" ; ".join(r["meta"]["command"] for r in runs),
+                merged_from=[Path(f).name for f in args.merge])
+    records = [rec for r in runs for rec in r["records"]]
+    stem = f"ddp_{args.name or 'merged'}_{Path(args.merge[0]).stem.rsplit('_', 1)[-1]}"
+    md = markdown(meta, records)
+    out_dir = Path(args.out_dir)
+    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    (out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
@@ -284,9 +305,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="CUDA graphs for the compiled graphs (reduce-overhead; cggr: cudagraphs=True); the DDP "
                         "reducer and its all-reduces stay outside the graphs")
     p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
+    p.add_argument("--world-timeout-s", type=float, default=900.0,
+                   help="kill a world's processes after this long and go on to the next world")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--name", default=None)
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="merge these runs' JSON (same host and options, e.g. run side by side on other GPUs) into one report")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     for key, val in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, val)
@@ -312,7 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"ddp_{args.name or args.preset + '-' + args.model}_{device_slug(dev)}"
     for world in args.worlds:
         tmp = out_dir / f".{stem}_world{world}.json"
-        mp.start_processes(_worker, args=(world, _free_port(), args, str(tmp)), nprocs=world, start_method="spawn")
+        print(f"# world {world}: starting", flush=True)
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), args, str(tmp)), nprocs=world,
+                                 start_method="spawn", join=False)
+        deadline = time.monotonic() + args.world_timeout_s
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:  # keep what the ranks wrote; a hung world must not stop the next
+                for proc in ctx.processes:
+                    proc.kill()
+                print(f"# world {world}: killed after {args.world_timeout_s:.0f} s", flush=True)
+                break
+        if not tmp.exists():
+            records.append(dict(mode="world", world=world, status="error", error="no records: the ranks did not finish"))
+            continue
         records += json.loads(tmp.read_text())
         tmp.unlink()
         md = markdown(meta, records)

@@ -14,6 +14,7 @@ without a warning: they must run exactly as without CGGR.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -22,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from cggr_compile.config import CGGRConfig
+from cggr_compile.distributed import active_ddp_bucket_bytes, compile_in_ddp_buckets
 from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
@@ -157,10 +159,12 @@ class RoutedGraph:
     """The callable the backend returns for a rewritable training graph."""
 
     def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict,
-                 dynamo_gm: Optional[fx.GraphModule] = None, cudagraphs: bool = False):
+                 dynamo_gm: Optional[fx.GraphModule] = None, cudagraphs: bool = False,
+                 ddp_bucket_bytes: Optional[int] = None):
         self.core = core
         self.dynamo_gm = dynamo_gm
         self.cudagraphs = cudagraphs
+        self.ddp_bucket_bytes = ddp_bucket_bytes
         self.plan = plan
         self.example_inputs = list(example_inputs)
         self.call_kwargs = call_kwargs
@@ -174,6 +178,14 @@ class RoutedGraph:
                                           self.dynamo_gm)
         return self.graphs[k]
 
+    def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """One level's graph compiled whole, or (under DDP) cut at DDP's buckets so that the gradient
+        all-reduces overlap the backward."""
+        plain = functools.partial(compile_plain, cudagraphs=self.cudagraphs)
+        if self.ddp_bucket_bytes is None:
+            return plain(gm, example_inputs)
+        return compile_in_ddp_buckets(gm, example_inputs, plain, self.ddp_bucket_bytes)
+
     def __call__(self, *args: Any) -> tuple:
         core, plan = self.core, self.plan
         ids = args[plan.inputs["input_ids"]]
@@ -182,7 +194,7 @@ class RoutedGraph:
         fn = self.compiled.get(k)
         if fn is None:
             gm = self.graph_for(k, step_tensor)
-            fn = compile_plain(gm, list(args) + [step_tensor], self.cudagraphs)
+            fn = self.compile(gm, list(args) + [step_tensor])
             self.compiled[k] = fn
         loss, logits, selection, *extras = fn(*args, step_tensor)
         metrics = dict(zip(METRIC_KEYS, extras))
@@ -201,7 +213,10 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     """Dynamo backend entry point (registered as ``"cggr"``).
 
     ``options`` are CGGRConfig's fields, plus ``cudagraphs`` (bool: Inductor's CUDA graphs for the
-    compiled graphs, on CUDA); ``torch.compile(..., mode="reduce-overhead")`` also turns them on.
+    compiled graphs, on CUDA; ``torch.compile(..., mode="reduce-overhead")`` also turns them on) and
+    ``ddp_buckets`` (bool, default True: under DDP, which needs ``optimize_ddp = False`` for this
+    backend, compile the rewritten step cut at DDP's bucket boundaries, so that the gradient
+    all-reduces overlap the backward as with DDP's own graph splitting).
     With CUDA graphs a step's outputs (loss, metrics) live in graph memory that the next step
     overwrites: clone what you keep across steps.
     """
@@ -212,6 +227,7 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     given = options["options"] if "options" in options else {k: v for k, v in options.items() if k != "mode"}
     config_options = dict(given or {})
     cudagraphs = bool(config_options.pop("cudagraphs", mode == "reduce-overhead"))
+    ddp_buckets = bool(config_options.pop("ddp_buckets", True))
     CGGRConfig.from_options(config_options)  # bad options fail here, with the config's message
     module, call_kwargs = _captured_frame()
 
@@ -241,7 +257,8 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     except ValueError as err:
         warn_once(str(err))
         return plain()
-    routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs)
+    routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs,
+                         active_ddp_bucket_bytes() if ddp_buckets else None)
     core.__dict__.setdefault("routed_graphs", []).append(routed)
     return routed
 

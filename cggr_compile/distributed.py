@@ -1,4 +1,4 @@
-"""Loss normalisation across data-parallel ranks.
+"""Data parallel: loss normalisation across ranks, and the backend's compile cut at DDP's buckets.
 
 DDP and FSDP2 average gradients over ranks. For every selected token to weigh the same across
 ranks (SPEC.md), each rank divides its summed loss by ``(selected tokens on all ranks) / world``:
@@ -9,8 +9,11 @@ host synchronisation); the router itself adds no collective and no parameter.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional, Sequence
+
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch import Tensor
 
 
@@ -30,3 +33,33 @@ def rank_normaliser(selected: Tensor) -> Tensor:
 
     total = funcol.all_reduce(selected.to(torch.float32), "sum", dist.group.WORLD)
     return total / world
+
+
+def active_ddp_bucket_bytes() -> Optional[int]:
+    """DDP's bucket size when Dynamo is capturing inside a ``DistributedDataParallel`` forward, else None."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel._get_active_ddp_module()
+    except Exception:  # noqa: BLE001 - no DDP (or a torch without this private API): nothing to split for
+        return None
+    return int(ddp.bucket_bytes_cap) if ddp is not None else None
+
+
+def compile_in_ddp_buckets(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable, bucket_bytes: int,
+) -> Callable:
+    """Compile ``gm`` cut where DDP's gradient buckets end, each piece with ``compile_fn``.
+
+    Why: compiled whole, the step's backward is one autograd node, so DDP's all-reduces all wait for
+    its end. Cut into pieces (Dynamo's own DDPOptimizer, applied to the rewritten step, which the
+    backend only sees when ``optimize_ddp`` is off), each piece's gradients are reduced while the
+    earlier pieces' backward runs. The parameters are the graph inputs that are ``nn.Parameter``s.
+    """
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        node.meta.setdefault("example_value", value)  # where DDPOptimizer looks for an input's parameter
+    if not hasattr(gm, "_param_name_to_source"):
+        gm._param_name_to_source = {}  # type: ignore[assignment]
+    return DDPOptimizer(bucket_bytes_cap=bucket_bytes, backend_compile_fn=compile_fn).compile_fn(gm, list(example_inputs))

@@ -32,3 +32,15 @@ def test_ddp_speed_tiny_runs_every_mode_on_two_processes(tmp_path):
     assert records["cggr_transform"]["k_observed"] == records["cggr_backend"]["k_observed"] == 2  # ceil(0.25 * 8)
     md = (tmp_path / "ddp_test_cpu.md").read_text()
     assert "| cggr_backend | 2 |" in md and "(gradient_as_bucket_view)" in md
+
+    # Runs side by side on other GPUs become one report: their records, both commands
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ddp_speed import main
+
+    (tmp_path / "ddp_other_cpu.json").write_text(json.dumps(dict(meta=dict(data["meta"], command="other"),
+                                                                 records=data["records"][:1])))
+    assert main(["--merge", str(tmp_path / "ddp_test_cpu.json"), str(tmp_path / "ddp_other_cpu.json"),
+                 "--name", "both", "--out-dir", str(tmp_path)]) == 0
+    both = json.loads((tmp_path / "ddp_both_cpu.json").read_text())
+    assert len(both["records"]) == len(data["records"]) + 1 and both["meta"]["command"].endswith(" ; other")
+    assert (tmp_path / "ddp_both_cpu.md").read_text().count("| compiled | 2 |") == 2
