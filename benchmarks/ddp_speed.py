@@ -14,8 +14,8 @@ larger worlds wrap the model in ``DistributedDataParallel`` with its default buc
   ``optimize_ddp`` graph splitting (the rewrite is in the module, so it survives the split, and the
   gradient all-reduce still overlaps the backward bucket by bucket);
 * ``cggr_backend``: ``torch.compile(DDP(model), backend="cggr")`` with
-  ``torch._dynamo.config.optimize_ddp = False`` (the backend must see the whole graph; DDP then
-  all-reduces after the whole backward, without overlap).
+  ``torch._dynamo.config.optimize_ddp = False`` (the backend must see the whole graph; it then cuts
+  the rewritten step at DDP's buckets itself, so the all-reduces overlap the backward here too).
 
 Every rank trains ``B`` rows per step (CGGR: its own ``k`` hardest of them); every selected token
 weighs the same across ranks (``data_parallel_normalize``). Throughput = world · B · T / step time
