@@ -182,9 +182,14 @@ class RoutedGraph:
         """One level's graph compiled whole, or (under DDP) cut at DDP's buckets so that the gradient
         all-reduces overlap the backward."""
         plain = functools.partial(compile_plain, cudagraphs=self.cudagraphs)
-        if self.ddp_bucket_bytes is None:
-            return plain(gm, example_inputs)
-        return compile_in_ddp_buckets(gm, example_inputs, plain, self.ddp_bucket_bytes)
+        if self.ddp_bucket_bytes is not None:
+            try:
+                return compile_in_ddp_buckets(gm, example_inputs, plain, self.ddp_bucket_bytes)
+            except Exception as err:  # noqa: BLE001 - DDPOptimizer is private API: train unsplit rather than fail
+                warnings.warn(f"cggr backend: could not cut the step at DDP's buckets ({type(err).__name__}: {err}); "
+                              "it is compiled whole, so the gradient all-reduces wait for the whole backward. "
+                              "options={'ddp_buckets': False} silences this.", stacklevel=2)
+        return plain(gm, example_inputs)
 
     def __call__(self, *args: Any) -> tuple:
         core, plan = self.core, self.plan

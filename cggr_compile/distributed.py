@@ -60,6 +60,11 @@ def compile_in_ddp_buckets(
 
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         node.meta.setdefault("example_value", value)  # where DDPOptimizer looks for an input's parameter
+        if not hasattr(node, "_dynamo_source"):  # DDPOptimizer hands each piece its inputs' sources
+            node._dynamo_source = None  # type: ignore[attr-defined]
     if not hasattr(gm, "_param_name_to_source"):
         gm._param_name_to_source = {}  # type: ignore[assignment]
-    return DDPOptimizer(bucket_bytes_cap=bucket_bytes, backend_compile_fn=compile_fn).compile_fn(gm, list(example_inputs))
+    # DDP's own first bucket is the smaller of its default (1 MiB) and the bucket size
+    first = min(getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", bucket_bytes), bucket_bytes)
+    splitter = DDPOptimizer(bucket_bytes_cap=bucket_bytes, backend_compile_fn=compile_fn, first_bucket_cap=first)
+    return splitter.compile_fn(gm, list(example_inputs))
