@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,10 @@ def _model() -> torch.nn.Module:
     cfg = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=64, initializer_range=0.2)
     return T.LlamaForCausalLM(cfg).train()
+
+
+def _collectives(prof: torch.profiler.profile) -> list[str]:
+    return sorted(e.name for e in prof.events() if "c10d" in e.name)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
@@ -98,11 +103,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
             ddp = torch.nn.parallel.DistributedDataParallel(cggr_compile.transform(model, **OPTS), bucket_cap_mb=2)
             # "compiled": DDP's default graph splitting cuts the CGGR graph into buckets; the rewrite,
             # done at module level, survives it.
-            out = (torch.compile(ddp, backend="eager") if mode == "compiled" else ddp)(**b)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = (torch.compile(ddp, backend="eager") if mode == "compiled" else ddp)(**b)
+            forward_collectives = _collectives(prof)
+            # the same DDP forward without CGGR (DDP's own collectives: buffer broadcast...)
+            plain = torch.nn.parallel.DistributedDataParallel(_model(), bucket_cap_mb=2)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                plain(**b)
+            forward_collectives = (forward_collectives, _collectives(prof))
             idx = out.selected_indices
         out.loss.backward()
         torch.save({"idx": idx, "grads": {n: p.grad for n, p in model.named_parameters()},
-                    "pieces": pieces if mode == "backend" else None}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "pieces": pieces if mode == "backend" else None,
+                    "forward_collectives": forward_collectives if mode in ("eager", "compiled") else None},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -113,6 +127,13 @@ def test_ddp_gradients_equal_one_process_on_the_union_of_selected_rows(tmp_path,
 
     _spawn(mode, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    if mode in ("eager", "compiled"):
+        # Against DDP's own forward, CGGR adds one collective that communicates (c10d::, not the
+        # functional wrappers, which compile-time tracing also records): the loss normaliser's scalar
+        # all-reduce. The router adds none.
+        cggr, plain = r0["forward_collectives"]
+        added = Counter(n for n in cggr if n.startswith("c10d::")) - Counter(n for n in plain if n.startswith("c10d::"))
+        assert added == Counter({"c10d::allreduce_": 1}), (cggr, plain)
     if mode == "backend":  # 10 MB of weights in 2 MB buckets: several pieces, as DDP's own splitting makes
         assert len(r0["pieces"]) >= 4, r0["pieces"]
     for n in r0["grads"]:  # DDP left the same averaged gradient on both ranks
