@@ -1,4 +1,4 @@
-"""Data parallel on the CPU (gloo, 2 processes): DDP (or per-layer FSDP2) with CGGR gives, after one step,
+"""Data parallel on the CPU (gloo, 2 processes): DDP (or per-layer FSDP2, eager or compiled) with CGGR gives, after one step,
 the gradients of one process training on the union of the ranks' selected rows, every selected
 token weighing the same."""
 
@@ -79,13 +79,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
             torch.save({"warnings": [str(w.message) for w in caught], "loss": out.loss.detach(),
                         "rows": out.logits.shape[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
             return
-        if mode == "fsdp2":
+        if mode.startswith("fsdp2"):
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
-            out = cggr_compile.transform(model, **OPTS)(**b)
+            cg = cggr_compile.transform(model, **OPTS)
+            # "fsdp2-compiled": Dynamo breaks the graph at FSDP2's hooks; the rewrite is in the module
+            out = (torch.compile(cg, backend="aot_eager") if mode == "fsdp2-compiled" else cg)(**b)
             out.loss.backward()
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
             torch.save({"idx": out.selected_indices, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -121,7 +123,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled", "backend", "fsdp2"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "backend", "fsdp2", "fsdp2-compiled"])
 def test_ddp_gradients_equal_one_process_on_the_union_of_selected_rows(tmp_path, mode):
     from models import batch
 
