@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from cggr_compile.config import CGGRConfig
-from cggr_compile.distributed import active_ddp_bucket_bytes, compile_in_ddp_buckets
+from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module, compile_in_ddp_buckets
 from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
@@ -89,12 +89,10 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
 def _inside_ddp() -> bool:
     """Whether DDP's graph splitter is calling us with one bucket's fragment."""
     try:
-        from torch.nn.parallel import DistributedDataParallel
-
-        return torch._dynamo.utils.get_optimize_ddp_mode() == "ddp_optimizer" and \
-            DistributedDataParallel._get_active_ddp_module() is not None
-    except Exception:  # noqa: BLE001
+        splitting = torch._dynamo.utils.get_optimize_ddp_mode() == "ddp_optimizer"
+    except Exception:  # noqa: BLE001 - a torch without this private API
         return False
+    return splitting and active_ddp_module() is not None
 
 
 def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRModel:

@@ -35,14 +35,19 @@ def rank_normaliser(selected: Tensor) -> Tensor:
     return total / world
 
 
-def active_ddp_bucket_bytes() -> Optional[int]:
-    """DDP's bucket size when Dynamo is capturing inside a ``DistributedDataParallel`` forward, else None."""
+def active_ddp_module() -> Optional[torch.nn.Module]:
+    """The ``DistributedDataParallel`` whose forward is running (Dynamo captures inside it), else None."""
     try:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel._get_active_ddp_module()
-    except Exception:  # noqa: BLE001 - no DDP (or a torch without this private API): nothing to split for
+        return DistributedDataParallel._get_active_ddp_module()
+    except Exception:  # noqa: BLE001 - no DDP (or a torch without this private API)
         return None
+
+
+def active_ddp_bucket_bytes() -> Optional[int]:
+    """DDP's bucket size when Dynamo is capturing inside a ``DistributedDataParallel`` forward, else None."""
+    ddp = active_ddp_module()
     return int(ddp.bucket_bytes_cap) if ddp is not None else None
 
 
