@@ -273,12 +273,16 @@ def merge(args: argparse.Namespace) -> int:
                 merged_from=[Path(f).name for f in args.merge])
     records = [rec for r in runs for rec in r["records"]]
     stem = f"ddp_{args.name or 'merged'}_{Path(args.merge[0]).stem.rsplit('_', 1)[-1]}"
+    print(write_report(Path(args.out_dir), stem, meta, records))
+    return 0
+
+
+def write_report(out_dir: Path, stem: str, meta: dict, records: list[dict]) -> str:
+    """``<stem>.json`` (meta and records) and ``<stem>.md`` (the table); returns the table."""
     md = markdown(meta, records)
-    out_dir = Path(args.out_dir)
     (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
     (out_dir / f"{stem}.md").write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,14 +353,12 @@ def main(argv: list[str] | None = None) -> int:
                     proc.kill()
                 print(f"# world {world}: killed after {args.world_timeout_s:.0f} s", flush=True)
                 break
-        if not tmp.exists():
+        if tmp.exists():
+            records += json.loads(tmp.read_text())
+            tmp.unlink()
+        else:
             records.append(dict(mode="world", world=world, status="error", error="no records: the ranks did not finish"))
-            continue
-        records += json.loads(tmp.read_text())
-        tmp.unlink()
-        md = markdown(meta, records)
-        (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-        (out_dir / f"{stem}.md").write_text(md)
+        md = write_report(out_dir, stem, meta, records)  # after every world: a later hang keeps this one
     print(md)
     return 0
 
