@@ -72,6 +72,7 @@ import torch
 EOT = "<|endoftext|>"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+PRETRAINED_REGIMES = ("pretrained", "pretrained-noisy")
 
 
 @dataclass(frozen=True)
@@ -160,14 +161,43 @@ def python_roots(include_site_packages: bool) -> list[tuple[str, Path]]:
     return roots
 
 
+DOC_SUFFIXES = (".md", ".rst", ".txt")
+
+
+def doc_roots() -> list[tuple[str, Path]]:
+    """Installed documentation: the interpreter's site-packages (READMEs, docs shipped in packages)
+    and ``/usr/share/doc`` (uncompressed files only: ``.gz`` is not UTF-8 text)."""
+    roots = [(lab + "-docs", p) for lab, p in python_roots(True)[1:]]
+    if Path("/usr/share/doc").is_dir():
+        roots.append(("usr-share-doc", Path("/usr/share/doc")))
+    return roots
+
+
+def _walk_docs(root: Path, label: str, scan: Scan, max_file_bytes: int, seen: set) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(DOC_SUFFIXES):
+                continue
+            if name in ("RECORD", "top_level.txt", "entry_points.txt", "SOURCES.txt") or name.endswith(".dist-info"):
+                continue
+            p = Path(dirpath) / name
+            _add_file(p, label + "/" + p.relative_to(root).as_posix(), scan, max_file_bytes, seen)
+
+
 def scan_files(source: str = "stdlib", max_file_bytes: int = 1_000_000) -> Scan:
-    """List the corpus files of ``source`` ("stdlib", "stdlib+site", or a folder / list-file path)."""
+    """List the corpus files of ``source`` ("stdlib", "stdlib+site", "stdlib+site+docs", or a folder /
+    list-file path)."""
     seen: set = set()
-    if source in ("stdlib", "stdlib+site"):
-        roots = python_roots(source == "stdlib+site")
+    if source in ("stdlib", "stdlib+site", "stdlib+site+docs"):
+        roots = python_roots(source != "stdlib")
         scan = Scan(files=[], roots=[f"{lab}={p}" for lab, p in roots])
         for label, root in roots:
             _walk(root, label, True, scan, max_file_bytes, seen)
+        if source.endswith("+docs"):
+            for label, root in doc_roots():
+                scan.roots.append(f"{label}={root}")
+                _walk_docs(root, label, scan, max_file_bytes, seen)
     else:
         src = Path(source).expanduser().resolve()
         scan = Scan(files=[], roots=[str(src)])
@@ -305,18 +335,23 @@ def train_tokenizer(files: list[SourceFile], vocab_size: int, max_bytes: int | N
     return tok, key, True
 
 
-def encode_files(tok, files: list[SourceFile], tok_key: str, cache_dir: Path | None = None) -> torch.Tensor:
-    """One int32 token stream: each file's tokens followed by EOT, files in the given order. Cached."""
+def encode_files(tok, files: list[SourceFile], tok_key: str, cache_dir: Path | None = None,
+                 eot_id: int | None = None) -> torch.Tensor:
+    """One int32 token stream: each file's tokens followed by EOT (``eot_id``, default the id of
+    ``<|endoftext|>``), files in the given order, no special tokens added (no BOS). Cached.
+
+    ``tok`` is a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (its backend is used)."""
+    tok = getattr(tok, "backend_tokenizer", tok)
     cache_dir = Path(cache_dir or CACHE_DIR)
     path = cache_dir / f"enc_{tok_key}_{files_hash(files)}.pt"
     if path.exists():
         return torch.load(path)
-    eot = tok.token_to_id(EOT)
+    eot = tok.token_to_id(EOT) if eot_id is None else eot_id
     ids: list[int] = []
     batch = 256
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]
-        for enc in tok.encode_batch([read_text(f) for f in chunk]):
+        for enc in tok.encode_batch([read_text(f) for f in chunk], add_special_tokens=False):
             ids.extend(enc.ids)
             ids.append(eot)
     stream = torch.tensor(ids, dtype=torch.int32)
@@ -377,11 +412,19 @@ def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed:
                  heldout_fraction: float = 0.05, max_bytes: int | None = None,
                  max_file_bytes: int = 1_000_000, tokenizer_max_bytes: int | None = None,
                  regime: str = "scratch", race_packages: list[str] | None = None,
-                 cache_dir: Path | None = None, log=print) -> Corpus:
+                 cache_dir: Path | None = None, log=print, tokenizer=None,
+                 reference_fraction: float = 0.0) -> Corpus:
     """Scan, cap, split, train (or load) the tokenizer, encode and pack.
 
     Splits: ``train`` and ``heldout`` (and ``base`` in the finetune regimes; ``heldout_base`` in the
-    finetune-mixed regime).
+    finetune-mixed regime). In the ``pretrained`` regimes (``pretrained``, ``pretrained-noisy``) the
+    files are split like ``scratch``, and with ``reference_fraction > 0`` a ``reference`` split is
+    carved out of the *train* files (the shortest prefix of a second seeded shuffle of them that
+    holds that share of their bytes, by file): the files the race's reference model trains on,
+    never the held-out files, and never in the race's ``train`` split.
+
+    ``tokenizer``: a given tokenizer (a transformers fast tokenizer: the pretrained model's own)
+    instead of training a BPE; files are then separated by its ``<|endoftext|>`` (or EOS) token.
     """
     import time
 
@@ -404,26 +447,147 @@ def build_corpus(source: str = "stdlib", *, seq_len: int, vocab_size: int, seed:
         base_train, base_held = split_files(base, heldout_fraction, seed)
         splits["base"] = Split("base", base_train)
         splits["heldout_base"] = Split("heldout_base", base_held)
-    elif regime == "scratch":
+    elif regime in ("scratch",) + PRETRAINED_REGIMES:
         train, held = split_files(kept, heldout_fraction, seed)
+        if regime in PRETRAINED_REGIMES and reference_fraction > 0:
+            train, ref = split_files(train, reference_fraction, seed + 1)
+            splits["reference"] = Split("reference", ref)
     else:
-        raise ValueError(f"unknown regime {regime!r} (scratch|finetune|finetune-mixed)")
+        raise ValueError(f"unknown regime {regime!r} (scratch|finetune|finetune-mixed|pretrained|pretrained-noisy)")
     splits["train"] = Split("train", train)
     splits["heldout"] = Split("heldout", held)
-    tok_files = (splits["base"].files if "base" in splits else []) + train
     t0 = time.perf_counter()
-    tok, tok_key, trained = train_tokenizer(tok_files, vocab_size, tokenizer_max_bytes, cache_dir, log)
+    eot_id = None
+    if tokenizer is not None:
+        from benchmarks.pretrained import separator_id, tokenizer_key
+
+        tok, tok_key, trained, eot_id = tokenizer, tokenizer_key(tokenizer), False, separator_id(tokenizer)
+    else:
+        tok_files = (splits["base"].files if "base" in splits else []) + train
+        tok, tok_key, trained = train_tokenizer(tok_files, vocab_size, tokenizer_max_bytes, cache_dir, log)
     tok_s = time.perf_counter() - t0
     for s in splits.values():
-        stream = encode_files(tok, s.files, tok_key, cache_dir)
+        stream = encode_files(tok, s.files, tok_key, cache_dir, eot_id)
         s.tokens = int(stream.numel())
         s.sequences = pack(stream, seq_len)
         if s.sequences.shape[0] == 0:
             raise ValueError(f"split {s.name}: {s.tokens} tokens, fewer than one sequence of {seq_len + 1}")
+    vocab = len(tok) if tokenizer is not None else tok.get_vocab_size()
     return Corpus(source=source, scan_description=scan.describe(), tokenizer=tok, tokenizer_key=tok_key,
-                  vocab_size=tok.get_vocab_size(), seq_len=seq_len, splits=splits,
+                  vocab_size=vocab, seq_len=seq_len, splits=splits,
                   base_packages=base_names, race_packages=race_names, tokenizer_seconds=tok_s,
                   tokenizer_trained=trained)
+
+
+# ------------------------------------------------------------------------------ unlearnable noise
+def binary_files() -> list[Path]:
+    """Shared objects (``*.so``, ``*.so.*``) of this interpreter: its ``lib-dynload`` and its
+    installed packages (``platlib``), sorted; the source of the noise regime's binary dumps."""
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["platstdlib"]) / "lib-dynload", Path(paths["platlib"])]
+    out, seen = [], set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            for name in sorted(filenames):
+                if name.endswith(".so") or ".so." in name:
+                    p = Path(dirpath) / name
+                    try:
+                        real = os.path.realpath(p)
+                        if real in seen or not os.path.isfile(real) or os.path.getsize(real) < 4096:
+                            continue
+                    except OSError:
+                        continue
+                    seen.add(real)
+                    out.append(p)
+    return sorted(out)
+
+
+def _binary_chunk(files: list[Path], rnd: random.Random, nbytes: int) -> tuple[bytes, str]:
+    """A seeded chunk of a binary file that does not compress below half its size (machine code,
+    compressed data: no runs of zeros, no string tables), at most 20 tries."""
+    import zlib
+
+    chunk, name = b"", ""
+    for _ in range(20):
+        p = files[rnd.randrange(len(files))]
+        size = os.path.getsize(p)
+        off = rnd.randrange(0, max(1, size - nbytes))
+        with open(p, "rb") as f:
+            f.seek(off)
+            chunk = f.read(nbytes)
+        name = p.name
+        if len(chunk) == nbytes and len(zlib.compress(chunk)) > 0.5 * nbytes:
+            break
+    return chunk, name
+
+
+def make_noise(tok, n_sequences: int, seq_len: int, clean: torch.Tensor, seed: int = 0,
+               cache_dir: Path | None = None, tok_key: str = "", log=print) -> tuple[torch.Tensor, dict]:
+    """``n_sequences`` unlearnable sequences of ``seq_len + 1`` tokens, for the noisy regime.
+
+    Half (rounded down) are *token-shuffled text*: seeded clean train sequences (``clean``) whose
+    tokens are permuted within the row (the unigram mix of the corpus, no order). The other half are
+    *dumps of binary files found on this machine* (:func:`binary_files`: the interpreter's shared
+    objects), alternately base64 (76-character lines) and hex (``xxd``-like: 16 bytes a line, in
+    groups of 2 bytes), of a seeded high-entropy chunk, tokenized with ``tok`` and cut to
+    ``seq_len + 1`` tokens. Cached by (tokenizer, n, seq_len, seed, clean-stream hash, file list).
+    """
+    import base64
+
+    n_shuf = n_sequences // 2
+    n_bin = n_sequences - n_shuf
+    files = binary_files() if n_bin else []
+    if n_bin and not files:
+        log("noise: no shared objects found; all noise sequences are token-shuffled text")
+        n_shuf, n_bin = n_sequences, 0
+    h = hashlib.sha256(json.dumps([tok_key, n_sequences, seq_len, seed, [str(f) for f in files]]).encode())
+    h.update(clean[: min(len(clean), 64)].numpy().tobytes())
+    cache_dir = Path(cache_dir or CACHE_DIR)
+    path = cache_dir / f"noise_{h.hexdigest()[:16]}.pt"
+    info = dict(sequences=n_sequences, token_shuffled=n_shuf, binary_dumps=n_bin, binary_files=len(files),
+                binary_source="lib-dynload + platlib *.so", kinds_binary="base64 / hex, alternating")
+    if path.exists():
+        blob = torch.load(path)
+        return blob["seqs"], dict(blob["info"], cached=True)
+    g = torch.Generator().manual_seed(seed + 31)
+    rows = torch.randint(0, clean.shape[0], (n_shuf,), generator=g)
+    shuf = clean[rows].clone()
+    for i in range(n_shuf):
+        shuf[i] = shuf[i][torch.randperm(shuf.shape[1], generator=g)]
+    out = [shuf]
+    if n_bin:
+        backend = getattr(tok, "backend_tokenizer", tok)
+        rnd = random.Random(seed + 37)
+        texts, names = [], set()
+        for i in range(n_bin):
+            if i % 2 == 0:  # base64: ~1 token per 1.5-3 characters; read enough bytes to fill a row
+                chunk, name = _binary_chunk(files, rnd, 3 * (seq_len + 1))
+                b = base64.b64encode(chunk).decode()
+                texts.append("\n".join(b[j:j + 76] for j in range(0, len(b), 76)))
+            else:
+                chunk, name = _binary_chunk(files, rnd, 2 * (seq_len + 1))
+                lines = []
+                for j in range(0, len(chunk), 16):
+                    row = chunk[j:j + 16].hex()
+                    lines.append(f"{j:08x}: " + " ".join(row[q:q + 4] for q in range(0, len(row), 4)))
+                texts.append("\n".join(lines))
+            names.add(name)
+        dumps = torch.zeros(n_bin, seq_len + 1, dtype=torch.long)
+        for i in range(0, n_bin, 256):
+            for j, enc in enumerate(backend.encode_batch(texts[i:i + 256], add_special_tokens=False)):
+                ids = torch.tensor(enc.ids, dtype=torch.long)
+                reps = -(-(seq_len + 1) // max(1, ids.numel()))
+                dumps[i + j] = ids.repeat(reps)[: seq_len + 1] if ids.numel() else 0
+        out.append(dumps)
+        info["binary_files_used"] = len(names)
+    seqs = torch.cat(out).long()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"seqs": seqs, "info": info}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return seqs, dict(info, cached=False)
 
 
 if __name__ == "__main__":  # python benchmarks/corpus.py [source]: print what would be read
