@@ -23,12 +23,13 @@ import torch
 import torch.fx as fx
 
 from cggr_compile.config import CGGRConfig
+from cggr_compile.errors import fall_back
 from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module, compile_in_ddp_buckets
 from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
 from cggr_compile.graph_text import graph_text
-from cggr_compile.transform import CGGRModel
+from cggr_compile.transform import CGGRModel, StepLevel
 
 _warned: set[str] = set()
 # Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
@@ -42,21 +43,53 @@ def core_of(model: torch.nn.Module) -> Optional[CGGRModel]:
     return model.__dict__.get(_CORE_ATTR)
 
 
-def warn_once(reason: str) -> None:
-    if reason not in _warned:
+def warn_once(reason: str, strict: bool = False) -> None:
+    """Fall back (compile the graph unmodified) with a warning once per reason, or raise if ``strict``."""
+    message = f"cggr backend: not rewriting this graph: {reason.rstrip('.')}. It is compiled unmodified."
+    if strict or reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"cggr backend: not rewriting this graph: {reason.rstrip('.')}. It is compiled unmodified.",
-                      stacklevel=2)
+        fall_back(message, strict, stacklevel=3)
 
 
-def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
+def _frame_modules(f_locals: dict) -> list[torch.nn.Module]:
+    """The ``nn.Module`` objects among a frame's locals and the items of its tuple / dict locals
+    (a decorator's ``wrapper(*args, **kwargs)`` holds the model in ``args[0]``), ``self`` first."""
+    found: list[torch.nn.Module] = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.nn.Module) and all(value is not m for m in found):
+            found.append(value)
+
+    add(f_locals.get("self"))
+    for value in f_locals.values():
+        add(value)
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                add(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+    return found
+
+
+def _owns_parameters(module: torch.nn.Module, wanted: set[int]) -> bool:
+    own = {id(p) for p in module.parameters()}
+    own.update(id(b) for b in module.buffers())
+    return wanted <= own
+
+
+def _captured_frame(example_inputs: Sequence[Any] = ()) -> tuple[Optional[torch.nn.Module], dict]:
     """The module being compiled and the call's arguments, by name.
 
     Dynamo hands a backend the graph, not the module. This reads the frame Dynamo is translating
-    (a private API, pinned by tests on each supported torch version). The frame is either the
-    model's ``forward`` (its parameters are locals) or a decorator's ``wrapper(self, *args,
-    **kwargs)`` (transformers' ``can_return_tuple``); positional arguments are named through the
-    forward's signature, so ``model(ids, labels=y)`` is understood like ``model(input_ids=ids, ...)``.
+    (a private API, pinned by tests on each supported torch and transformers version). That frame
+    is the model's ``forward`` (its parameters are locals), or a decorator's wrapper around it
+    (transformers' ``can_return_tuple`` is ``wrapper(self, *args, **kwargs)``; 5.24's
+    ``deprecate_kwarg`` is ``wrapped_func(*args, **kwargs)``, with the model in ``args[0]``).
+    The module is found by identity, not by a local's name: the module among the frame's locals
+    (and their items) that owns every parameter the graph lifted from ``example_inputs``. Positional
+    arguments are named through the forward's signature, so ``model(ids, labels=y)`` is understood
+    like ``model(input_ids=ids, ...)``.
     """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -64,9 +97,12 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
         f_locals = dict(InstructionTranslator.current_tx().f_locals)
     except Exception:  # noqa: BLE001 - any failure means "unknown", never a crash
         return None, {}
-    module = f_locals.get("self")
-    if not isinstance(module, torch.nn.Module):
+    wanted = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
+    candidates = [m for m in _frame_modules(f_locals) if _owns_parameters(m, wanted)]
+    if not candidates:
         return None, {}
+    # the innermost module that owns them all (a wrapper module also owns its child's parameters)
+    module = min(candidates, key=lambda m: sum(1 for _ in m.parameters()))
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
@@ -74,10 +110,13 @@ def _captured_frame() -> tuple[Optional[torch.nn.Module], dict]:
     params = sig.parameters
     var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
     if "args" in f_locals and "kwargs" in f_locals and "args" not in params:
+        args = tuple(f_locals["args"] or ())
+        if args and args[0] is module:  # wrapped_func(*args): the bound method's self comes first
+            args = args[1:]
         try:
-            bound = sig.bind_partial(*f_locals["args"], **f_locals["kwargs"]).arguments
+            bound = sig.bind_partial(*args, **(f_locals["kwargs"] or {})).arguments
         except TypeError:
-            bound = dict(f_locals["kwargs"])
+            bound = dict(f_locals["kwargs"] or {})
     else:
         bound = {n: f_locals[n] for n in params if n in f_locals}
     extra = bound.pop(var_kw, None) if var_kw else None
@@ -166,15 +205,17 @@ class RoutedGraph:
         self.plan = plan
         self.example_inputs = list(example_inputs)
         self.call_kwargs = call_kwargs
-        self.compiled: dict[int, Callable] = {}
-        self.graphs: dict[int, fx.GraphModule] = {}
+        # one graph per StepLevel: k, and for granularity="tokens" the token ratio too (both baked in)
+        self.compiled: dict[StepLevel, Callable] = {}
+        self.graphs: dict[StepLevel, fx.GraphModule] = {}
 
-    def graph_for(self, k: int, step_tensor: torch.Tensor) -> fx.GraphModule:
-        if k not in self.graphs:
-            self.core._k = k
-            self.graphs[k] = routed_graph(self.core, self.plan, self.example_inputs, self.call_kwargs, step_tensor,
-                                          self.dynamo_gm)
-        return self.graphs[k]
+    def graph_for(self, level: StepLevel, step_tensor: torch.Tensor) -> fx.GraphModule:
+        """The rewritten graph for ``level``, which must be the core's current plan (``core._plan``)."""
+        assert self.core.level() == level, (self.core.level(), level)
+        if level not in self.graphs:
+            self.graphs[level] = routed_graph(self.core, self.plan, self.example_inputs, self.call_kwargs,
+                                              step_tensor, self.dynamo_gm)
+        return self.graphs[level]
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """One level's graph compiled whole, or (under DDP) cut at DDP's buckets so that the gradient
@@ -193,12 +234,12 @@ class RoutedGraph:
         core, plan = self.core, self.plan
         ids = args[plan.inputs["input_ids"]]
         core._plan(plan.batch, ids.device)
-        k, step_tensor = core._k, core._step_tensor
-        fn = self.compiled.get(k)
+        level, k, step_tensor = core.level(), core._k, core._step_tensor
+        fn = self.compiled.get(level)
         if fn is None:
-            gm = self.graph_for(k, step_tensor)
+            gm = self.graph_for(level, step_tensor)
             fn = self.compile(gm, list(args) + [step_tensor])
-            self.compiled[k] = fn
+            self.compiled[level] = fn
         loss, logits, selection, *extras = fn(*args, step_tensor)
         metrics = dict(zip(METRIC_KEYS, extras))
         metrics.update(step=core.schedule.step, token_ratio=core._ratio, k=k,
@@ -231,8 +272,9 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     config_options = dict(given or {})
     cudagraphs = bool(config_options.pop("cudagraphs", mode == "reduce-overhead"))
     ddp_buckets = bool(config_options.pop("ddp_buckets", True))
-    CGGRConfig.from_options(config_options)  # bad options fail here, with the config's message
-    module, call_kwargs = _captured_frame()
+    # bad options fail here, with the config's message
+    strict = CGGRConfig.from_options(config_options).strict
+    module, call_kwargs = _captured_frame(example_inputs)
 
     def plain() -> Callable:
         return compile_plain(gm, example_inputs, cudagraphs)
@@ -244,21 +286,22 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
             warn_once(
                 "DDP's graph splitting (torch._dynamo.config.optimize_ddp) cut the model's graph into "
                 "buckets; set torch._dynamo.config.optimize_ddp = False for the cggr backend, or "
-                "compile DDP(cggr_compile.transform(model)), whose rewrite survives the split"
+                "compile DDP(cggr_compile.transform(model)), whose rewrite survives the split", strict
             )
         elif "without labels" not in str(err):
-            warn_once(str(err))
+            warn_once(str(err), strict)
         return plain()
     if module is None:
-        warn_once("the module being compiled could not be found (compile the model itself, not a "
-                  "function that calls it, or use cggr_compile.transform(model))")
+        warn_once("the module being compiled could not be found among the compiled frame's locals "
+                  "(compile the model itself, not a function that calls it, or use "
+                  "cggr_compile.transform(model))", strict)
         return plain()
     if not torch.is_grad_enabled() or not module.training:
         return plain()
     try:
         core = core_for(module, config_options)
     except ValueError as err:
-        warn_once(str(err))
+        warn_once(str(err), strict)
         return plain()
     routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs,
                          active_ddp_bucket_bytes() if ddp_buckets else None)
@@ -305,7 +348,7 @@ def explain(
     captured: dict[str, Any] = {}
 
     def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
-        module, call_kwargs = _captured_frame()
+        module, call_kwargs = _captured_frame(example_inputs)
         if "gm" not in captured and "input_ids" in "".join(n.name for n in gm.graph.nodes if n.op == "placeholder"):
             captured.update(gm=gm, example_inputs=list(example_inputs), call_kwargs=call_kwargs)
         return gm.forward

@@ -52,6 +52,9 @@ class CGGRConfig:
         data_parallel_normalize: under an initialised process group (DDP, FSDP2), divide each
             rank's loss by the selected tokens of all ranks over the world size, so that every
             selected token weighs the same across ranks (``cggr_compile.distributed``).
+        strict: raise :class:`~cggr_compile.errors.CGGRFallbackError` instead of warning where CGGR
+            cannot route as asked (the backend cannot rewrite a training graph; no truncated router
+            for the model), so that a fallback can never train the full batch unnoticed.
         router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
             or ``-> difficulties [B, T]``; replaces the truncated model.
     """
@@ -71,6 +74,7 @@ class CGGRConfig:
     seed: int = 0
     fused_scorer: bool = True
     data_parallel_normalize: bool = True
+    strict: bool = False
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .errors import fall_back
+
 # model_type -> causal (False: masked LM scored without shift). Each is covered by a test.
 SUPPORTED_ARCHITECTURES: dict[str, bool] = {
     "llama": True, "mistral": True, "qwen2": True, "qwen3": True, "gemma": True, "gemma2": True,
@@ -189,22 +191,23 @@ class WholeModelRouter:
 
 
 def build_router(
-    model: nn.Module, num_layers: int, user_router: Optional[Callable[..., Tensor]] = None
+    model: nn.Module, num_layers: int, user_router: Optional[Callable[..., Tensor]] = None,
+    strict: bool = False,
 ) -> tuple[Callable[..., Tensor], bool]:
     """The router for ``model`` and whether the model is causal.
 
     ``router_layers`` out of range raises; an unrecognised model gets the whole-model router and a
-    warning that says why and how to supply a router.
+    warning that says why and how to supply a router (an error when ``strict``).
     """
     try:
         arch = describe(model)
     except ValueError as err:
         if user_router is not None:
             return user_router, not _looks_masked(model)
-        warnings.warn(
+        fall_back(
             f"cggr: {err}; the whole model is used as the router, which costs a full extra forward "
             "pass. Pass router=callable(input_ids, attention_mask) -> logits to avoid it.",
-            stacklevel=3,
+            strict, stacklevel=3,
         )
         return WholeModelRouter(model), not _looks_masked(model)
     if user_router is not None:

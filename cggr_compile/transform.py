@@ -49,6 +49,15 @@ def call_model(model: nn.Module, input_ids: Any, attention_mask: Any = None, lab
     return CGGROutput(logits=out) if isinstance(out, Tensor) else out
 
 
+@dataclass(frozen=True)
+class StepLevel:
+    """What a traced routed step bakes in as constants, so one compiled graph per distinct value:
+    ``k`` rows (sequences), or for tokens also the ratio that sets the token budget."""
+
+    k: int
+    token_ratio: Optional[float] = None
+
+
 @dataclass
 class Routing:
     """What the router decided for one batch (all device tensors)."""
@@ -168,7 +177,7 @@ class CGGRModel(nn.Module):
             config = config.replace(**options)
         self.model = model
         self.cggr_config = config
-        router, causal = build_router(model, config.router_layers, config.router)
+        router, causal = build_router(model, config.router_layers, config.router, config.strict)
         # Plain attributes (not submodules): no second registration of the shared tensors.
         self.__dict__["router"] = router
         self.__dict__["schedule"] = Schedule(config)
@@ -214,6 +223,11 @@ class CGGRModel(nn.Module):
         self._ratio = ratio
         self._k = rows_for_ratio(ratio, batch)
         self.__dict__["_step_tensor"] = self.schedule.device_step(device)
+
+    def level(self) -> StepLevel:
+        """The level the last ``_plan`` chose (the backend's graph cache key)."""
+        tokens = self.cggr_config.granularity == "tokens"
+        return StepLevel(self._k, self._ratio if tokens else None)
 
     @torch.compiler.disable
     def _record(self, metrics: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ def capture(model, **call):
 
     def backend(gm, example_inputs, **_):
         if "gm" not in got:
-            module, kwargs = _captured_frame()
+            module, kwargs = _captured_frame(example_inputs)
             got.update(gm=gm, example_inputs=list(example_inputs), kwargs=kwargs, module=module)
         return gm.forward
 

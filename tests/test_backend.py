@@ -14,7 +14,7 @@ import cggr_compile
 from cggr_compile.backend import core_of
 from models import batch, tiny_model
 
-OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, strict=True)
 
 
 def test_backend_is_registered_and_discoverable():
@@ -99,7 +99,7 @@ def test_backend_schedule_advances_and_compiles_per_level_only():
     core = core_of(model)
     assert ks == sorted(ks, reverse=True) and ks[0] == 8 and ks[-1] == 2
     assert len(core.routed_graphs) == 1  # Dynamo captured once
-    assert set(core.routed_graphs[0].compiled) == set(ks) and len(set(ks)) <= 4
+    assert {level.k for level in core.routed_graphs[0].compiled} == set(ks) and len(set(ks)) <= 4
 
 
 def test_backward_graph_holds_only_selected_rows():
@@ -109,7 +109,8 @@ def test_backward_graph_holds_only_selected_rows():
     b = batch("llama", b=10)  # B=10 and k=3 differ from every other dim of the tiny model
     torch.compile(model, backend="cggr", options=dict(OPTS, min_tokens_ratio=0.25))(**b)
     routed = core_of(model).routed_graphs[0]
-    (k, gm), = routed.graphs.items()
+    (level, gm), = routed.graphs.items()
+    k = level.k
     args = [b["input_ids"] if i == routed.plan.inputs["input_ids"] else
             b["attention_mask"] if i == routed.plan.inputs.get("attention_mask") else
             b["labels"] if i == routed.plan.inputs["labels"] else x
@@ -132,26 +133,16 @@ class TestGraphSnapshot(expecttest.TestCase):
 
     def test_sequences(self):
         self.assertExpectedInline(self._text("sequences"), """\
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 embedding() -> float32[4, 6, 16]
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
-_set_grad_enabled(False)
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 log_softmax.int(-1) -> float32[4, 6, 32]
 topk(2)
-_set_grad_enabled(True)
 sort.stable()
 sort()
 index_select(0) -> bool[2, 6]
 index_select(0) -> int64[2, 6]
 index_select(0) -> int64[2, 6]
 embedding() -> float32[2, 6, 16]
-_set_grad_enabled(False)
-_set_grad_enabled(True)
 scaled_dot_product_attention() -> float32[2, 2, 6, 8]
 scaled_dot_product_attention() -> float32[2, 2, 6, 8]
 index_select(0) -> int64[2, 6]
@@ -160,22 +151,12 @@ return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], 
 
     def test_tokens(self):
         self.assertExpectedInline(self._text("tokens"), """\
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 embedding() -> float32[4, 6, 16]
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
-_set_grad_enabled(False)
-_set_grad_enabled(False)
-_set_grad_enabled(False)
 log_softmax.int(-1) -> float32[4, 6, 32]
 topk(2)
-_set_grad_enabled(True)
 sort.stable()
 embedding() -> float32[4, 6, 16]
-_set_grad_enabled(False)
-_set_grad_enabled(True)
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 cross_entropy_loss(None, 2) -> float32[]
@@ -231,3 +212,63 @@ def test_cudagraphs_option_gives_the_same_step_without_skips():
     assert len(g0) == len(g1)
     for a, c in zip(g0, g1):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_token_granularity_compiles_one_graph_per_token_ratio():
+    """Two levels with the same k (B=8: ratios 0.893 and 1.0 both give k=8) but different token
+    budgets must not share a graph: the backend selects as many tokens as the transform each step."""
+    opts = dict(OPTS, granularity="tokens", warmup_steps=7, min_tokens_ratio=0.25, num_levels=8)
+    b = batch("llama", b=8)
+    backend_model, transform_model = tiny_model("llama"), tiny_model("llama")
+    compiled = torch.compile(backend_model, backend="cggr", options=opts)
+    cg = cggr_compile.transform(transform_model, **opts)
+    got, want = [], []
+    for _ in range(8):
+        compiled(**b).loss.backward()
+        m = cggr_compile.last_metrics(backend_model)
+        got.append((m["token_ratio"], int(m["tokens_selected"])))
+        out = cg(**b)
+        out.loss.backward()
+        want.append((out.cggr_metrics["token_ratio"], int(out.cggr_metrics["tokens_selected"])))
+        cggr_compile.step(compiled)
+        cg.step()
+    assert got == want
+    assert len({n for _, n in got}) == 8  # every level selected its own number of tokens
+
+
+def _wrapped_forward(forward):
+    """The shape of transformers 5.24's ``deprecate_kwarg``: a frame with only ``args`` and ``kwargs``."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapped_func(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapped_func
+
+
+@pytest.mark.parametrize("call", ["keywords", "positional"])
+def test_module_is_found_inside_a_decorator_without_self(call):
+    """The backend finds the model by the parameters its graph lifted, not by a local named ``self``."""
+    import transformers as T
+
+    class WrappedLlama(T.LlamaForCausalLM):
+        forward = _wrapped_forward(T.LlamaForCausalLM.forward)
+
+    torch.manual_seed(0)
+    model = WrappedLlama(tiny_model("llama").config).train()
+    b = batch("llama")
+    compiled = torch.compile(model, backend="cggr", options=OPTS)
+    out = compiled(**b) if call == "keywords" else compiled(b["input_ids"], b["attention_mask"], labels=b["labels"])
+    assert out.logits.shape[0] == 3 and core_of(model).metrics()["k"] == 3
+
+
+def test_strict_makes_a_fallback_an_error_that_names_the_reason():
+    model = tiny_model("llama")
+    b = batch("llama")
+
+    def step(input_ids, labels):
+        return (model(input_ids=input_ids).logits.float() ** 2).mean() + 0 * labels.sum()
+
+    with pytest.raises(Exception, match="CGGRFallbackError.*not rewriting this graph.*strict=True"):
+        torch.compile(step, backend="cggr", options=dict(strict=True))(b["input_ids"], b["labels"])

@@ -64,15 +64,25 @@ def test_backend_rejects_bad_options_with_the_config_message():
         compiled(**b)
 
 
-def test_unrecognised_model_trains_with_whole_model_router_and_warns():
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(16, 8)
-            self.out = torch.nn.Linear(8, 16)
+class _Unrecognised(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.out = torch.nn.Linear(8, 16)
 
-        def forward(self, input_ids, attention_mask=None):
-            return self.out(self.emb(input_ids))
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.emb(input_ids))
+
+
+def test_unrecognised_model_in_strict_mode_is_an_error():
+    from cggr_compile.errors import CGGRFallbackError
+
+    with pytest.raises(CGGRFallbackError, match="whole model is used as the router.*strict=True"):
+        cggr_compile.transform(_Unrecognised(), router_layers=1, strict=True)
+
+
+def test_unrecognised_model_trains_with_whole_model_router_and_warns():
+    Tiny = _Unrecognised
 
     with pytest.warns(UserWarning, match="whole model is used as the router.*Pass router="):
         cg = cggr_compile.transform(Tiny(), router_layers=1, warmup_steps=0, dynamic_threshold=False)

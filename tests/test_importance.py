@@ -11,7 +11,7 @@ from cggr_compile import scoring as S
 from cggr_compile.backend import last_metrics
 from models import batch, tiny_model
 
-OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, scoring="loss",
+OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, scoring="loss",
             selection="importance", importance_floor=0.3)
 
 

@@ -19,7 +19,7 @@ import cggr_compile
 from cggr_compile.schedule import quantise_ratio, ratio_levels, rows_for_ratio, warmup_ratio
 from models import VOCAB, tiny_model
 
-OPTS = dict(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
+OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
 
 
 class Rows(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import cggr_compile
 from models import batch, tiny_model
 
-OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
 
 
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "no_labels"])
