@@ -7,10 +7,10 @@
   ``SFTTrainer``); :func:`route_step` does the same for the micro-batches of a plain loop.
 """
 
-from .compat import CGGRLoss, CGGRScorer, create_truncated_router
+from .compat import CGGRLoss, CGGRModel, CGGRScorer, create_truncated_router
 from .config import CGGRConfig
 from .integrations import enable_cggr, route_step
-from .transform import CGGRModel, transform
+from .transform import transform
 
 __all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "enable_cggr",
            "route_step", "transform"]

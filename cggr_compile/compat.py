@@ -3,8 +3,10 @@
 * :class:`CGGRLoss`: selective loss over the hardest tokens of logits the user already has.
 * :class:`CGGRScorer`: ``(difficulty, mask, info)`` from a router, for models that route tokens
   themselves (mask is boolean, True = hard).
-* ``CGGRModel`` is :class:`cggr_compile.transform.CGGRModel` (it returns the model's output; the
-  CGGR loss is ``output.loss``).
+* :class:`CGGRModel`: the original's wrapper: a training call with labels returns **the loss
+  tensor** (``loss = cggr_model(input_ids, labels=labels); loss.backward()``), and
+  ``get_metrics()`` the last step's statistics. :func:`cggr_compile.transform` is the same core
+  returning the model's usual output (``output.loss``, ``output.selected_indices``).
 * :func:`create_truncated_router`: the weight-sharing router of the first ``num_layers`` layers.
 
 Unlike the original, ``CGGRLoss`` scores position ``t`` against ``targets[:, t]`` exactly as it
@@ -14,6 +16,7 @@ selected valid positions only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -24,7 +27,7 @@ from . import scoring as S
 from .config import CGGRConfig
 from .router import TruncatedRouter, build_router
 from .schedule import Schedule
-from .transform import CGGRModel, score_positions
+from .transform import CGGRModel as _TransformModel, check_batch, score_positions
 
 __all__ = ["CGGRLoss", "CGGRScorer", "CGGRModel", "create_truncated_router"]
 
@@ -72,8 +75,38 @@ class _Scheduled:
         return mask, ratio
 
 
+class CGGRModel(_TransformModel):
+    """The original's ``CGGRModel(model, router=..., min_tokens_ratio=...)``: a training call with
+    labels returns the CGGR loss tensor; anything else (eval, ``no_grad``, no labels) returns the
+    plain model's output. The options are :class:`~cggr_compile.config.CGGRConfig`'s."""
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, **kwargs: Any) -> Any:
+        out = super().forward(input_ids, attention_mask, labels, **kwargs)
+        routed = self.model.training and torch.is_grad_enabled() and labels is not None
+        return out["loss"] if routed else out
+
+    def get_metrics(self) -> dict[str, Any]:
+        """The last training step's statistics (device tensors; reading them synchronises)."""
+        return self.metrics()
+
+
+def _per_token(base_loss: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``base_loss`` as a loss per token: one with ``reduction`` (``nn.CrossEntropyLoss()``, whose
+    default is the mean) is copied with ``reduction='none'``, keeping its other settings."""
+    if base_loss is not None and getattr(base_loss, "reduction", "none") != "none":
+        base_loss = copy.copy(base_loss)
+        base_loss.reduction = "none"
+    return base_loss
+
+
 class CGGRLoss(nn.Module, _Scheduled):
-    """Cross-entropy over the hardest tokens of ``logits`` (``[B, T, V]``) against ``targets``."""
+    """Cross-entropy over the hardest tokens of ``logits`` (``[B, T, V]``) against ``targets``.
+
+    ``base_loss`` (optional, as in the original: ``nn.CrossEntropyLoss(reduction='none')``) computes
+    the loss per token from ``(logits [N, V] float32, targets [N])``; a module with another
+    ``reduction`` is used with ``reduction='none'``, since the selection needs one loss per token.
+    """
 
     def __init__(
         self, scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
@@ -82,7 +115,7 @@ class CGGRLoss(nn.Module, _Scheduled):
     ) -> None:
         nn.Module.__init__(self)
         _Scheduled.__init__(self, _token_config(locals()))
-        self.base_loss = base_loss
+        self.base_loss = _per_token(base_loss)
 
     def forward(self, logits: Tensor, targets: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         if logits.dim() != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
@@ -95,6 +128,12 @@ class CGGRLoss(nn.Module, _Scheduled):
         if self.base_loss is None:
             return S.selective_cross_entropy(logits, targets, mask)
         per_token = self.base_loss(logits.reshape(-1, logits.shape[-1]).float(), targets.clamp(min=0).reshape(-1))
+        if per_token.numel() != targets.numel():
+            raise ValueError(
+                f"CGGRLoss: base_loss returned {tuple(per_token.shape)} for {targets.numel()} tokens; it must "
+                "return one loss per token (e.g. nn.CrossEntropyLoss(reduction='none')) for the selection "
+                "to pick tokens."
+            )
         w = mask.reshape(-1).to(per_token.dtype)
         return (per_token * w).sum() / w.sum().clamp(min=1.0)
 
@@ -113,10 +152,14 @@ class CGGRScorer(nn.Module, _Scheduled):
         self.causal = causal
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+        targets: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        from .transform import check_batch
-
+        """``targets=`` is the original's name for ``labels`` (either, not both)."""
+        if targets is not None:
+            if labels is not None:
+                raise ValueError("CGGRScorer: pass labels= or targets= (the original's name), not both")
+            labels = targets
         check_batch(input_ids, labels, attention_mask)
         with torch.no_grad():
             out = self.router(input_ids, attention_mask)

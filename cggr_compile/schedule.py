@@ -127,3 +127,24 @@ class Schedule:
 
     def rows(self, batch: int) -> int:
         return rows_for_ratio(self.ratio(), batch)
+
+    def describe(self, batch: int) -> str:
+        """One line for the user: ``k`` now, when the curriculum starts slicing and when it ends."""
+        c = self.config
+        k_now = rows_for_ratio(self.ratio(), batch)
+        k_end = rows_for_ratio(quantise_ratio(c.min_tokens_ratio, self.levels), batch)
+        start = next((s for s in range(self.step, max(self.step, c.warmup_steps) + 1)
+                      if rows_for_ratio(quantise_ratio(warmup_ratio(s, c.warmup_steps, c.min_tokens_ratio),
+                                                       self.levels), batch) < batch), None)
+        unit = "rows" if c.granularity == "sequences" else "rows' worth of tokens"
+        parts = [f"cggr schedule: step {self.step}, k = {k_now} of {batch} {unit} now"]
+        if c.warmup_steps > 0:
+            parts.append(f"the ratio falls from 1 to min_tokens_ratio={c.min_tokens_ratio} (k = {k_end}) over "
+                         f"warmup_steps={c.warmup_steps} optimizer steps"
+                         + (f", so slicing starts at step {start}" if start is not None and start > self.step else ""))
+        if c.uses_dynamic_threshold:
+            parts.append(f"the dynamic threshold raises k while the router is unsure (up to "
+                         f"ratio * (1 + {c.threshold_sensitivity}) at zero confidence)")
+        parts.append("the schedule advances once per optimizer step (cggr_compile.step(model), "
+                     "cg.attach_optimizer(opt) or the Trainer integration)")
+        return "; ".join(parts) + "."

@@ -16,6 +16,7 @@ One batch, start to end (:meth:`CGGRModel.forward`):
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -29,6 +30,8 @@ from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .router import build_router
 from .schedule import Schedule, rows_for_ratio
+
+logger = logging.getLogger("cggr_compile")
 
 
 @dataclass
@@ -219,6 +222,12 @@ class CGGRModel(nn.Module):
 
     @torch.compiler.disable
     def _plan(self, batch: int, device: torch.device) -> None:
+        if not self.__dict__.get("_described"):
+            # Once: a user who keeps the defaults trains the whole batch (plus the router) for a
+            # while; say so, with the k now and when slicing starts, rather than leave it silent.
+            self.__dict__["_described"] = True
+            slicing_later = self.schedule.rows(batch) == batch and self.cggr_config.min_tokens_ratio < 1
+            logger.log(logging.WARNING if slicing_later else logging.INFO, self.schedule.describe(batch))
         ratio = self.schedule.ratio()
         self._ratio = ratio
         self._k = rows_for_ratio(ratio, batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,136 @@ def test_cggr_model_takes_the_original_constructor_arguments():
     b = batch("llama")
     cm = CGGRModel(model, router=create_truncated_router(model, num_layers=1), min_tokens_ratio=0.25,
                    warmup_steps=0, dynamic_threshold=False)
-    out = cm(b["input_ids"], labels=b["labels"])
-    assert out.selected_indices.numel() == 2
-    out.loss.backward()
+    loss = cm(b["input_ids"], labels=b["labels"])
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0  # the original returns the loss itself
+    assert int(cm.get_metrics()["k"]) == 2
+    loss.backward()
+
+
+# The original library's documented usage (its README and docs), verbatim but for the import line;
+# ``model``, ``input_ids``, ``labels`` / ``targets``, ``dataloader`` and ``optimizer`` are given.
+ORIGINAL_README_MODEL = """
+from cggr_compile import CGGRModel, create_truncated_router
+# Create lightweight router (shares weights, 0 extra memory)
+router = create_truncated_router(model, num_layers=4)
+# Wrap model
+cggr_model = CGGRModel(
+    model,
+    router=router,
+    min_tokens_ratio=0.25
+)
+# Train
+loss = cggr_model(input_ids, labels=labels)
+loss.backward()
+"""
+
+ORIGINAL_README_LOSS = """
+from cggr_compile import CGGRLoss
+criterion = CGGRLoss(
+    scoring='combined', # 'entropy', 'margin', 'loss', 'combined'
+    selection='stratified', # 'topk', 'stratified', 'sequence_aware'
+    min_tokens_ratio=0.25,
+    warmup_steps=1000,
+)
+for batch in dataloader:
+    logits = model(input_ids)
+    loss = criterion(logits, targets) # Only hard tokens
+    loss.backward()
+    optimizer.step()
+    criterion.step()
+"""
+
+ORIGINAL_DOCS_BASE_LOSS = """
+from cggr_compile import CGGRLoss
+import torch.nn as nn
+criterion = CGGRLoss(
+    scoring='combined',
+    selection='topk',
+    dynamic_threshold=True,
+    threshold_sensitivity=0.5,
+    min_tokens_ratio=0.25,
+    warmup_steps=1000,
+    num_strata=4,
+    min_tokens_per_sequence=1,
+    base_loss=nn.CrossEntropyLoss(reduction='none'),
+)
+for batch in dataloader:
+    logits = model(input_ids)  # (batch, seq, vocab)
+    targets = batch['labels']   # (batch, seq)
+    loss = criterion(logits, targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    criterion.step()  # Important: advance curriculum
+metrics = criterion.get_metrics()
+"""
+
+ORIGINAL_README_SCORER = """
+from cggr_compile import CGGRScorer
+# 1. Initialize Scorer
+scorer = CGGRScorer(router, min_tokens_ratio=0.5)
+# 2. Get Mask
+difficulty, mask, info = scorer(input_ids)
+difficulty, mask, info = scorer(input_ids, targets=labels)
+"""
+
+
+class _LogitsModel(torch.nn.Module):
+    """``logits = model(input_ids)``: the original's examples assume a model that returns logits."""
+
+    def __init__(self, vocab: int = 64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.emb(input_ids)))
+
+
+def test_original_readme_cggr_model_snippet_runs_unchanged():
+    model = tiny_model("llama", layers=6)
+    b = batch("llama")
+    env = dict(model=model, input_ids=b["input_ids"], labels=b["labels"])
+    exec(ORIGINAL_README_MODEL, env)
+    assert env["loss"].dim() == 0 and model.lm_head.weight.grad is not None
+    assert int(env["cggr_model"].get_metrics()["k"]) == 6  # warmup (the original's 1000 steps): all rows
+
+
+def test_original_loss_snippets_run_unchanged():
+    model = _LogitsModel()
+    b = batch("llama")
+    for snippet in (ORIGINAL_README_LOSS, ORIGINAL_DOCS_BASE_LOSS):
+        env = dict(model=model, input_ids=b["input_ids"], targets=b["labels"], dataloader=[b, b],
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        exec(snippet, env)
+        assert env["loss"].dim() == 0 and env["criterion"].schedule.step == 2
+
+
+def test_original_scorer_snippet_runs_unchanged():
+    model = tiny_model("llama")
+    b = batch("llama")
+    env = dict(router=create_truncated_router(model, num_layers=1), input_ids=b["input_ids"], labels=b["labels"])
+    exec(ORIGINAL_README_SCORER, env)
+    assert env["mask"].dtype == torch.bool and env["info"]["scoring"] == "entropy"
+
+
+def test_cggr_loss_base_loss_with_mean_reduction_still_selects():
+    """``base_loss=nn.CrossEntropyLoss()`` (mean) used to return the full batch's mean, unselected."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g) * 3
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    opts = dict(scoring="loss", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    plain = CGGRLoss(**opts)(logits, targets)
+    for base in (torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none")):
+        torch.testing.assert_close(CGGRLoss(base_loss=base, **opts)(logits, targets), plain)
+    full_mean = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    assert not torch.allclose(plain, full_mean)
+
+
+def test_cggr_loss_base_loss_that_is_not_per_token_is_named():
+    class Scalar(torch.nn.Module):
+        def forward(self, logits, targets):
+            return F.cross_entropy(logits, targets)
+
+    with pytest.raises(ValueError, match="must return one loss per token"):
+        CGGRLoss(base_loss=Scalar())(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)))

@@ -29,7 +29,7 @@ def _unfused(name="llama", scoring="combined", router=None, b=10):
     data = batch(name, b=b)
     got = capture(model, **data)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
-    core = cggr_compile.CGGRModel(model, CGGRConfig(scoring=scoring, router=router, **OPTS))
+    core = cggr_compile.transform(model, CGGRConfig(scoring=scoring, router=router, **OPTS))
     core.fuse_in_route = False
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
@@ -85,8 +85,10 @@ def test_op_replaces_the_unfused_scoring_with_the_same_numbers(name):
 
     # the same step: loss, main-pass logits, selection and metrics (float rounding only)
     assert torch.equal(out[2], ref[2])  # the selection
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        # out[5] is avg_difficulty: with combined scoring a mean of z-scores, 0 up to the rounding of
+        # float32 sums of O(1) terms (seen: 2.7e-6 against 1.3e-6 on torch 2.13), so an absolute 1e-5
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if i == 5 else 1e-6)
 
 
 @pytest.mark.parametrize("scoring", ["entropy", "margin", "loss"])
@@ -162,7 +164,7 @@ def test_declines_logits_that_are_not_one_linear_layer():
     data = batch("llama", b=10)
     got = capture(model, **data)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
-    core = cggr_compile.CGGRModel(model, CGGRConfig(router=router, **OPTS))
+    core = cggr_compile.transform(model, CGGRConfig(router=router, **OPTS))
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
     _unchanged(gm, fuse_scorer(gm, force=True), "not from the head")

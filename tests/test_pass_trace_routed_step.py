@@ -17,7 +17,7 @@ def _rewritten(granularity="sequences", ratio=0.5):
     b = batch("llama", b=10)
     got = capture(model, **b)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
-    core = cggr_compile.CGGRModel(model, CGGRConfig(router_layers=1, min_tokens_ratio=ratio, warmup_steps=0,
+    core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=ratio, warmup_steps=0,
                                                      dynamic_threshold=False, granularity=granularity))
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
@@ -69,7 +69,7 @@ def test_dynamo_sources_are_carried_so_parameters_are_static_inputs():
     b = batch("llama", b=10)
     got = capture(model, **b)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
-    core = cggr_compile.CGGRModel(model, CGGRConfig(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0,
+    core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0,
                                                      dynamic_threshold=False))
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor, got["gm"])

@@ -50,3 +50,25 @@ def test_lagged_scalar_keeps_latest_finished_value():
     lag.push(torch.tensor(0.5))
     lag.push(torch.tensor(0.75))
     assert lag.latest() == 0.75
+
+
+def test_first_routed_step_says_once_what_the_schedule_will_do(caplog):
+    """The defaults train the whole batch for hundreds of steps: the first step says so, once."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import batch, tiny_model
+
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="cggr", options=dict(router_layers=1, strict=True))
+    b = batch("llama", b=8)
+    with caplog.at_level(logging.INFO, logger="cggr_compile"):
+        compiled(**b)
+        compiled(**b)
+    lines = [r for r in caplog.records if r.name == "cggr_compile"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "k = 8 of 8 rows now" in lines[0].message and "slicing starts at step 286" in lines[0].message
+    assert Schedule(CGGRConfig(warmup_steps=0, dynamic_threshold=False)).describe(8).startswith(
+        "cggr schedule: step 0, k = 2 of 8 rows now;")

@@ -33,9 +33,10 @@ The op has no autograd formula: it is the router's scorer. :func:`fused_token_st
 ``torch.no_grad()``; calling the raw op on inputs that require grad while grad mode is on raises.
 """
 
+import functools
 import math
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -361,8 +362,13 @@ if HAS_TRITON:
         _cfg(64, 128, 32, 8, 2, 264),
     ]
     _AUTOTUNE_KEY = ["N_BUCKET", "V", "H"]
-    _partial_16 = triton.autotune(configs=_CONFIGS_16, key=_AUTOTUNE_KEY)(_scorer_partial_kernel)
-    _partial_32 = triton.autotune(configs=_CONFIGS_32, key=_AUTOTUNE_KEY)(_scorer_partial_kernel)
+
+    @functools.lru_cache(maxsize=None)
+    def _autotuned_partial(fp32: bool) -> Any:
+        """The autotuned partial kernel, built at its first use: Triton 3.2's ``autotune`` asks the
+        active GPU driver for a benchmarker, so building it at import fails on a machine without one."""
+        return triton.autotune(configs=_CONFIGS_32 if fp32 else _CONFIGS_16, key=_AUTOTUNE_KEY)(
+            _scorer_partial_kernel)
 
     # One fixed configuration for the interpreter (autotuning there only burns CPU time).
     _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_K": 32, "SPLIT_TARGET": 8}
@@ -437,7 +443,7 @@ def _launch_triton(
     if config is not None:
         wrap(_scorer_partial_kernel)[grid](*args, **consts, **config)
     else:
-        wrap(_partial_32 if fp32 else _partial_16)[grid](*args, **consts)
+        wrap(_autotuned_partial(fp32))[grid](*args, **consts)
     wrap(_scorer_combine_kernel)[(_cdiv(N, _COMBINE_BLOCK),)](
         ws, cnt, hidden, weight, b, labels,
         outs[0], outs[1], outs[2], outs[3], outs[4],
