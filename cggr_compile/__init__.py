@@ -10,10 +10,11 @@
 from .compat import CGGRLoss, CGGRModel, CGGRScorer, create_truncated_router
 from .config import CGGRConfig
 from .integrations import enable_cggr, route_step
+from .reference import reference_losses
 from .transform import transform
 
 __all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "enable_cggr",
-           "route_step", "transform"]
+           "reference_losses", "route_step", "transform"]
 __version__ = "0.1.0"
 
 from .backend import explain, last_metrics, register as _register_backend, step

@@ -27,7 +27,7 @@ from cggr_compile.errors import fall_back
 from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module, compile_in_ddp_buckets
 from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
-from cggr_compile.passes.trace_routed_step import METRIC_KEYS, trace_routed_step
+from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
 from cggr_compile.graph_text import graph_text
 from cggr_compile.transform import CGGRModel, StepLevel
 
@@ -207,6 +207,7 @@ class RoutedGraph:
         self.call_kwargs = call_kwargs
         # one graph per StepLevel: k, and for granularity="tokens" the token ratio too (both baked in)
         self.compiled: dict[StepLevel, Callable] = {}
+        self.references = reference_tensors(core)  # scoring='reducible' with reference=: its weights
         self.graphs: dict[StepLevel, fx.GraphModule] = {}
 
     def graph_for(self, level: StepLevel, step_tensor: torch.Tensor) -> fx.GraphModule:
@@ -238,9 +239,9 @@ class RoutedGraph:
         fn = self.compiled.get(level)
         if fn is None:
             gm = self.graph_for(level, step_tensor)
-            fn = self.compile(gm, list(args) + [step_tensor])
+            fn = self.compile(gm, list(args) + [step_tensor] + self.references)
             self.compiled[level] = fn
-        loss, logits, selection, *extras = fn(*args, step_tensor)
+        loss, logits, selection, *extras = fn(*args, step_tensor, *self.references)
         metrics = dict(zip(METRIC_KEYS, extras))
         metrics.update(step=core.schedule.step, token_ratio=core._ratio, k=k,
                        selection=core.cggr_config.selection, scoring=core.cggr_config.scoring,
@@ -297,6 +298,12 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
                   "cggr_compile.transform(model))", strict)
         return plain()
     if not torch.is_grad_enabled() or not module.training:
+        return plain()
+    if isinstance(call_kwargs.get("reference_loss"), torch.Tensor) and "reference_loss" not in plan.inputs:
+        warn_once("the batch's reference_loss never reaches the captured graph (the model does not read "
+                  "it), so the backend cannot score by it; pass options={'reference': reference_model} "
+                  "(run in the step) or train cggr_compile.transform(model), which reads reference_loss=",
+                  strict)
         return plain()
     try:
         core = core_for(module, config_options)

@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-SCORINGS = ("entropy", "margin", "loss", "combined")
+SCORINGS = ("entropy", "margin", "loss", "combined", "reducible")
 SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota", "importance")
 GRANULARITIES = ("sequences", "tokens")
 # Scorings that read the next-token label: without labels they cannot run.
-LABEL_SCORINGS = ("loss",)
+LABEL_SCORINGS = ("loss", "reducible")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class CGGRConfig:
             once warmup is over, in (0, 1].
         router_layers: decoder layers the router runs (the model's own first K layers, then its
             final norm and head); ``1 <= router_layers < num_layers``.
-        scoring: token difficulty: ``entropy``, ``margin``, ``loss`` or ``combined`` (SPEC.md).
+        scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md), or
+            ``reducible``: the router's loss minus a reference loss (RHO-LOSS / JEST learnability),
+            from ``reference_loss=`` in the batch or from the ``reference`` model.
         selection: ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
             ``importance`` (sequences only: draws ``k`` rows with probability rising with their
             difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the loss and its
@@ -55,6 +57,12 @@ class CGGRConfig:
         strict: raise :class:`~cggr_compile.errors.CGGRFallbackError` instead of warning where CGGR
             cannot route as asked (the backend cannot rewrite a training graph; no truncated router
             for the model), so that a fallback can never train the full batch unnoticed.
+        reference: ``scoring='reducible'``: a reference model (a causal or masked LM with the
+            model's tokenizer, e.g. the model before fine-tuning, or one fine-tuned briefly on a
+            holdout of the training data), run under no-grad inside the routed step; unused when
+            the batch carries ``reference_loss=``. Its weights are constants of the step.
+        reference_layers: run only the reference's first K layers, final norm and head (a
+            truncated reference, like the router); None runs the whole reference model.
         router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
             or ``-> difficulties [B, T]``; replaces the truncated model.
     """
@@ -75,6 +83,8 @@ class CGGRConfig:
     fused_scorer: bool = True
     data_parallel_normalize: bool = True
     strict: bool = False
+    reference: Optional[Any] = field(default=None, compare=False)
+    reference_layers: Optional[int] = None
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +143,15 @@ class CGGRConfig:
             raise ValueError(
                 f"threshold_sensitivity must be a number >= 0, got {self.threshold_sensitivity!r}."
             )
+        if self.reference is not None and self.scoring != "reducible":
+            raise ValueError(
+                f"reference= is only read by scoring='reducible' (got scoring={self.scoring!r}); "
+                "set scoring='reducible' or drop reference=."
+            )
+        if self.reference is not None and not callable(self.reference):
+            raise TypeError(f"reference must be a model (callable), got {type(self.reference).__name__}.")
+        if self.reference_layers is not None:
+            _check_int("reference_layers", self.reference_layers, 1)
         if self.router is not None and not callable(self.router):
             raise TypeError(
                 f"router must be callable (input_ids, attention_mask) -> logits or difficulties, "

@@ -83,8 +83,47 @@ def _zscore(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(std > 0, (x - mean) / std.clamp(min=1e-12), torch.zeros_like(x))
 
 
-def token_difficulty(stats: TokenStats, valid: Tensor, scoring: str, has_labels: bool) -> Tensor:
-    """Difficulty per position (float32 ``[B, T]``), 0 at invalid positions (SPEC.md, Scoring)."""
+def reference_per_position(reference_loss: Tensor, shape: torch.Size) -> Tensor:
+    """A reference loss per sequence ``[B]`` or per position ``[B, T]`` as float32 ``[B, T]``.
+
+    Per position, entry ``t`` is the reference model's loss at the position the router scores at
+    ``t`` (causal LMs: predicting token ``t+1``, the loss's shift; what :func:`reference_losses`
+    returns with ``per_token=True``). A per-sequence value is spread over the row's positions, so a
+    row's mean reducible loss is its mean router loss minus its reference loss.
+    """
+    b, t = shape
+    if not isinstance(reference_loss, Tensor) or not reference_loss.is_floating_point() \
+            or tuple(reference_loss.shape) not in ((b,), (b, t)):
+        got = tuple(reference_loss.shape) if isinstance(reference_loss, Tensor) else type(reference_loss).__name__
+        raise ValueError(
+            f"cggr: reference_loss must be a float tensor of shape ({b},) (one loss per sequence) or "
+            f"({b}, {t}) (per position, aligned like the router's scores), got {got}; compute it with "
+            "cggr_compile.reference_losses(reference_model, data)."
+        )
+    ref = reference_loss.float()
+    return ref.unsqueeze(1).expand(b, t) if ref.dim() == 1 else ref
+
+
+def token_difficulty(
+    stats: TokenStats, valid: Tensor, scoring: str, has_labels: bool, reference: Optional[Tensor] = None,
+) -> Tensor:
+    """Difficulty per position (float32 ``[B, T]``), 0 at invalid positions (SPEC.md, Scoring).
+
+    ``reference`` (``[B, T]``, :func:`reference_per_position`) is the reference loss that
+    ``scoring='reducible'`` subtracts from the router's loss (RHO-LOSS's reducible loss, JEST's
+    learnability): high where the learner is still wrong but a reference shows the text learnable.
+    """
+    if scoring == "reducible":
+        if not has_labels:
+            raise ValueError("scoring='reducible' needs labels: it is the router's loss on them minus a reference's.")
+        if reference is None:
+            raise ValueError(
+                "scoring='reducible' needs a reference loss: pass reference_loss= with the batch "
+                "(computed once with cggr_compile.reference_losses(reference_model, data)), or "
+                "reference=<a reference model> in the options."
+            )
+        d = stats.nll - reference
+        return torch.where(valid, d.float(), torch.zeros_like(d, dtype=torch.float32))
     margin = 1.0 - (stats.p1 - stats.p2)
     if scoring == "entropy":
         d = stats.entropy

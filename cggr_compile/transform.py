@@ -28,7 +28,7 @@ from . import scoring as S
 from .config import CGGRConfig
 from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
-from .router import build_router
+from .router import WholeModelRouter, build_router
 from .schedule import Schedule, rows_for_ratio
 
 logger = logging.getLogger("cggr_compile")
@@ -101,18 +101,20 @@ def check_batch(input_ids: Any, labels: Any = None, attention_mask: Any = None) 
 def score_positions(
     router_out: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], causal: bool,
     scoring: str, stats: Optional[Callable[[Optional[Tensor]], S.TokenStats]] = None,
+    reference: Optional[Tensor] = None,
 ) -> Routing:
     """Difficulty of every position from router logits ``[B, T, V]`` (or user difficulties ``[B, T]``).
 
     ``stats``, when given, computes the token statistics from the aligned labels instead of the
     logits (the fused scorer); ``router_out`` then only provides the ``[B, T]`` shape and device.
+    ``reference`` (``[B, T]``) is the reference loss of ``scoring='reducible'``.
     """
     target = S.aligned_labels(labels, causal) if labels is not None else None
     shape = router_out.shape[:2]
     valid = S.valid_positions(attention_mask, target, shape, causal, router_out.device)
     if stats is not None:
         st = stats(target)
-        difficulty = S.token_difficulty(st, valid, scoring, labels is not None)
+        difficulty = S.token_difficulty(st, valid, scoring, labels is not None, reference)
         return Routing(target, valid, difficulty, S.batch_metrics(st, difficulty, valid))
     if router_out.dim() == 2:  # a user router that returns difficulties directly
         difficulty = torch.where(valid, router_out.float(), torch.zeros_like(router_out, dtype=torch.float32))
@@ -120,7 +122,7 @@ def score_positions(
         metrics = {"avg_difficulty": (difficulty * w).sum() / w.sum().clamp(min=1.0)}
         return Routing(target, valid, difficulty, metrics)
     stats = S.token_stats(router_out, target)
-    difficulty = S.token_difficulty(stats, valid, scoring, labels is not None)
+    difficulty = S.token_difficulty(stats, valid, scoring, labels is not None, reference)
     return Routing(target, valid, difficulty, S.batch_metrics(stats, difficulty, valid))
 
 
@@ -183,6 +185,7 @@ class CGGRModel(nn.Module):
         router, causal = build_router(model, config.router_layers, config.router, config.strict)
         # Plain attributes (not submodules): no second registration of the shared tensors.
         self.__dict__["router"] = router
+        self.__dict__["reference_router"] = _reference_router(config)
         self.__dict__["schedule"] = Schedule(config)
         self.causal = causal
         self._k = 1
@@ -245,36 +248,76 @@ class CGGRModel(nn.Module):
             self.schedule.confidence.push(metrics["avg_confidence"])
 
     # -- the step -------------------------------------------------------------------------------
+    def _fused_head(self, router: Any) -> Optional[nn.Linear]:
+        """The router's linear head when the fused scorer op scores it here, else None.
+
+        The eager transform (and torch.compile of it) fuses here, calling the op directly. The cggr
+        backend's trace turns this off and traces the unfused head + token_stats; its graph pass
+        (passes/fuse_scorer.py) then decides where the op pays. Same numbers either way, up to
+        float rounding."""
+        fuse = self.cggr_config.fused_scorer and self.fuse_in_route
+        return getattr(router, "linear_head", None) if fuse else None
+
+    @staticmethod
+    def _fused_stats(router: Any, hidden: Tensor, head: nn.Linear, target: Optional[Tensor]) -> S.TokenStats:
+        h, w, bias = hidden, head.weight, head.bias
+        kind = h.device.type
+        if torch.is_autocast_enabled(kind):
+            # The unfused head would run in the autocast dtype: so does the fused one
+            # (an fp32 matmul in the kernel would cost several times the bf16 one).
+            dt = torch.get_autocast_dtype(kind)
+            h, w = h.to(dt), w.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, router.arch.softcap)
+        return S.TokenStats(entropy, p1, p2, nll)
+
+    def reference_nll(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
+                      **rows: Any) -> Tensor:
+        """The reference model's loss at every position ``[B, T]`` (aligned like the router's scores)."""
+        ref = self.__dict__["reference_router"]
+        target = S.aligned_labels(labels, self.causal)
+        with torch.no_grad():
+            head = self._fused_head(ref)
+            if head is None:
+                return S.token_stats(ref(input_ids, attention_mask, **rows), target).nll
+            return self._fused_stats(ref, ref.hidden(input_ids, attention_mask, **rows), head, target).nll
+
+    def _reference(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+                   given: Optional[Tensor], rows: dict) -> Optional[Tensor]:
+        """``scoring='reducible'``'s reference loss ``[B, T]``: the batch's, else the reference model's."""
+        if self.cggr_config.scoring != "reducible":
+            if given is not None:
+                raise ValueError(
+                    f"cggr: the batch carries reference_loss, which only scoring='reducible' reads "
+                    f"(scoring={self.cggr_config.scoring!r}); set scoring='reducible' or drop the column."
+                )
+            return None
+        if given is not None:
+            return S.reference_per_position(given, input_ids.shape)
+        if self.__dict__["reference_router"] is not None and labels is not None:
+            return self.reference_nll(input_ids, attention_mask, labels, **rows)
+        return None
+
     def route(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor], **rows: Any
+        self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+        reference_loss: Optional[Tensor] = None, **rows: Any,
     ) -> Routing:
-        """Run the router and score every position (no grad)."""
+        """Run the router and score every position (no grad). ``reference_loss`` (``[B]`` or
+        ``[B, T]``) is the batch's reference loss for ``scoring='reducible'``."""
         cfg = self.cggr_config
         with torch.no_grad(), _unsharded(self.model):
-            # The eager transform (and torch.compile of it) fuses here, calling the op directly.
-            # The cggr backend's trace turns this off and traces the unfused head + token_stats;
-            # its graph pass (passes/fuse_scorer.py) then decides where the op pays. Same numbers
-            # either way, up to float rounding.
-            fuse = cfg.fused_scorer and self.fuse_in_route
-            head = getattr(self.router, "linear_head", None) if fuse else None
+            reference = self._reference(input_ids, attention_mask, labels, reference_loss, rows)
+            head = self._fused_head(self.router)
             if head is None:
                 out = self.router(input_ids, attention_mask, **rows)
-                return score_positions(out, attention_mask, labels, self.causal, cfg.scoring)
+                return score_positions(out, attention_mask, labels, self.causal, cfg.scoring, reference=reference)
             hidden = self.router.hidden(input_ids, attention_mask, **rows)
 
             def fused(target: Optional[Tensor]) -> S.TokenStats:
-                h, w, bias = hidden, head.weight, head.bias
-                kind = h.device.type
-                if torch.is_autocast_enabled(kind):
-                    # The unfused head would run in the autocast dtype: so does the fused one
-                    # (an fp32 matmul in the kernel would cost several times the bf16 one).
-                    dt = torch.get_autocast_dtype(kind)
-                    h, w = h.to(dt), w.to(dt)
-                    bias = bias.to(dt) if bias is not None else None
-                _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, self.router.arch.softcap)
-                return S.TokenStats(entropy, p1, p2, nll)
+                return self._fused_stats(self.router, hidden, head, target)
 
-            return score_positions(hidden, attention_mask, labels, self.causal, cfg.scoring, stats=fused)
+            return score_positions(hidden, attention_mask, labels, self.causal, cfg.scoring, stats=fused,
+                                   reference=reference)
 
     def sequence_difficulty(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -282,7 +325,8 @@ class CGGRModel(nn.Module):
     ) -> Tensor:
         """The router's per-sequence difficulty ``[B]`` (mean over valid positions)."""
         check_batch(input_ids, labels, attention_mask)
-        r = self.route(input_ids, attention_mask, labels, **rows)
+        reference_loss = rows.pop("reference_loss", None)
+        r = self.route(input_ids, attention_mask, labels, reference_loss, **rows)
         return S.sequence_difficulty(r.difficulty, r.valid)
 
     def forward(
@@ -290,7 +334,8 @@ class CGGRModel(nn.Module):
         labels: Optional[Tensor] = None, **kwargs: Any,
     ) -> Any:
         if not (self.model.training and torch.is_grad_enabled() and labels is not None):
-            # eval, no_grad or no labels: exactly the plain model.
+            # eval, no_grad or no labels: exactly the plain model (which knows no reference_loss).
+            kwargs.pop("reference_loss", None)
             out = call_model(self.model, input_ids, attention_mask, labels, **kwargs)
             return out.logits if isinstance(out, CGGROutput) else out
         check_batch(input_ids, labels, attention_mask)
@@ -326,7 +371,8 @@ class CGGRModel(nn.Module):
         b = input_ids.shape[0]
         kwargs = dict(kwargs)
         denominator = kwargs.pop("loss_denominator", None)
-        r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
+        reference_loss = kwargs.pop("reference_loss", None)
+        r = self.route(input_ids, attention_mask, labels, reference_loss, **per_row_inputs(kwargs, b))
         if cfg.granularity == "sequences":
             idx, weight = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
@@ -404,12 +450,24 @@ class CGGRModel(nn.Module):
         check_batch(input_ids, labels, attention_mask)
         b = input_ids.shape[0]
         self._plan(b, input_ids.device)
-        r = self.route(input_ids, attention_mask, labels, **per_row_inputs(kwargs, b))
+        reference_loss = kwargs.pop("reference_loss", None)
+        r = self.route(input_ids, attention_mask, labels, reference_loss, **per_row_inputs(kwargs, b))
         selection, weight = self._choose(r)
         metrics = self._step_metrics(r, weight)
         if record:
             self._record(metrics)
         return selection, weight, metrics
+
+
+def _reference_router(config: CGGRConfig) -> Optional[Callable[..., Tensor]]:
+    """The reference model of ``scoring='reducible'`` as a router: its first ``reference_layers``
+    layers, final norm and head, or (None) the whole model."""
+    if config.reference is None:
+        return None
+    if config.reference_layers is None:
+        return WholeModelRouter(config.reference)
+    router, _ = build_router(config.reference, config.reference_layers, strict=config.strict)
+    return router
 
 
 def transform(model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> CGGRModel:

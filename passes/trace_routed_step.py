@@ -47,15 +47,31 @@ def _swap_tensors(roots: Sequence[torch.nn.Module], by_id: dict[int, torch.Tenso
             store[name] = t
 
 
+def reference_tensors(core: Any) -> list[torch.Tensor]:
+    """The reference model's parameters and buffers (``scoring='reducible'`` with ``reference=``):
+    inputs of the rewritten graph after the step counter, so no weight is baked into it."""
+    ref = core.cggr_config.reference
+    if not isinstance(ref, torch.nn.Module):
+        return []
+    unique: dict[int, torch.Tensor] = {}
+    for t in list(ref.parameters()) + list(ref.buffers()):
+        unique.setdefault(id(t), t)
+    return list(unique.values())
+
+
 def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict) -> Any:
-    """The function of Dynamo's graph arguments that the rewritten graph computes."""
+    """The function of Dynamo's graph arguments (then the step counter, then the reference model's
+    tensors) that the rewritten graph computes."""
     originals = [example_inputs[p] for p in plan.others]
-    roots = [core.model] + [m for m in _router_modules(core.router)]
+    references = reference_tensors(core)
+    roots = [core.model] + _router_modules(core.router) + _router_modules(core.reference_router)
+    n = len(example_inputs)
 
     def step(*args: Any) -> tuple:
-        *graph_args, step_tensor = args
+        graph_args, step_tensor, reference_args = args[:n], args[n], args[n + 1:]
         inputs = {name: graph_args[p] for name, p in plan.inputs.items()}
         swaps = {id(o): graph_args[p] for o, p in zip(originals, plan.others) if isinstance(o, torch.Tensor)}
+        swaps.update({id(o): a for o, a in zip(references, reference_args)})
         kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)}
         kwargs.update({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")})
         with _swap_tensors(roots, swaps):
@@ -71,6 +87,8 @@ def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], ca
 
 
 def _router_modules(router: Any) -> list[torch.nn.Module]:
+    if router is None:
+        return []
     return [m for m in vars(router).values() if isinstance(m, torch.nn.Module)]
 
 
@@ -131,7 +149,7 @@ def trace_routed_step(
 ) -> fx.GraphModule:
     """Trace the rewritten step for the current ``core._k`` into an FX graph (fake tensors)."""
     fn = routed_step_fn(core, plan, example_inputs, call_kwargs)
-    args = list(example_inputs) + [step_tensor]
+    args = list(example_inputs) + [step_tensor] + reference_tensors(core)
     try:
         with _as_compiling():
             gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
