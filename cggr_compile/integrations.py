@@ -143,6 +143,7 @@ def _cut(cg: CGGRModel, inputs: dict, sel: _Selected) -> dict:
     if cg.cggr_config.granularity == "sequences" and sel.selection.shape[0] < b:
         idx = sel.selection
         out = {k: slice_rows(v, idx, b) for k, v in out.items()}
+    out.pop("reference_loss", None)  # read by the router (scoring='reducible'), never by the model
     out["labels"] = _relabel(out["labels"], sel.weight, cg.causal)
     if isinstance(out.get("shift_labels"), Tensor):
         out["shift_labels"] = torch.where(sel.weight, out["shift_labels"], torch.full_like(out["shift_labels"], IGNORE_INDEX))
@@ -431,5 +432,22 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
     trainer.compute_loss = integration.compute_loss
     trainer.log = integration.log
     trainer.add_callback(_callback(integration))
+    if cg.cggr_config.scoring == "reducible":
+        _keep_column(trainer, "reference_loss")
     trainer._cggr = integration
     return cg
+
+
+def _keep_column(trainer: Any, column: str) -> None:
+    """Keep ``column`` in the batches: the Trainer drops dataset columns its model's forward does not
+    name (``remove_unused_columns``), and the router reads this one."""
+    fill = getattr(trainer, "_set_signature_columns_if_needed", None)
+    if fill is None:
+        return
+
+    def set_signature_columns_if_needed() -> None:
+        fill()
+        if trainer._signature_columns is not None and column not in trainer._signature_columns:
+            trainer._signature_columns.append(column)
+
+    trainer._set_signature_columns_if_needed = set_signature_columns_if_needed

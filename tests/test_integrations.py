@@ -357,3 +357,27 @@ def test_sfttrainer_packed_rows_warn_for_sequences(tmp_path):
     cggr_compile.enable_cggr(trainer, **OPTS)
     with pytest.warns(UserWarning, match="one row"):
         trainer.train()
+
+
+def test_trainer_with_a_reference_loss_column_routes_by_reducible_loss(tmp_path):
+    """A dataset column computed once by cggr_compile.reference_losses reaches the router (the Trainer
+    would drop it as unused by the model) and never the model; the rows follow the reducible loss."""
+    datasets = pytest.importorskip("datasets")
+    model = tiny_model("llama")
+    rows = Rows(16)
+    ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in rows[i].items()} for i in range(len(rows))])
+    ds = cggr_compile.reference_losses(tiny_model("llama", seed=7), ds, progress=False)
+    trainer = T.Trainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
+                        train_dataset=ds, data_collator=T.default_data_collator)
+    cg = cggr_compile.enable_cggr(trainer, scoring="reducible", **OPTS)
+    seen = []
+    select = cg.select
+
+    def recording_select(*args, **kwargs):
+        seen.append(kwargs.get("reference_loss"))
+        return select(*args, **kwargs)
+
+    cg.select = recording_select
+    trainer.train()
+    assert seen and all(r is not None and r.shape == (4,) for r in seen)
+    assert cg.schedule.step == 2
