@@ -206,10 +206,18 @@ def load_model(folder: Path | str):
     """The pretrained model in float32, SDPA attention, train mode off."""
     from transformers import AutoModelForCausalLM
 
-    import torch
+    return from_pretrained_f32(AutoModelForCausalLM, folder)
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
-    return model
+
+def from_pretrained_f32(cls, folder, **kw):
+    """``cls.from_pretrained(folder)`` in float32 with SDPA attention (``dtype=`` on transformers
+    >= 4.56, ``torch_dtype=`` before)."""
+    import torch
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return cls.from_pretrained(str(folder), attn_implementation="sdpa", **{key: torch.float32}, **kw)
 
 
 def separator_id(tok) -> int:

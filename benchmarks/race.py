@@ -858,10 +858,12 @@ def all_in_comparison(results: dict, ref_cost_s: float, budget_s: float) -> dict
     out = {"reference_cost_s": round(ref_cost_s, 2), "budget_s": budget_s, "modes": {}}
     for m, r in results.items():
         cost = ref_cost_s if m in REDUCIBLE_MODES else 0.0
-        left = budget_s - cost
-        out["modes"][m] = dict(charged_s=round(cost, 2),
-                               heldout_all_in=(loss_at(r["curve"], left) if left > 0 else r["curve"][0]["heldout_loss"]),
-                               heldout_at_budget=r["final_heldout_loss"])
+        if cost == 0:
+            at = r["final_heldout_loss"]
+        else:  # the run's own counted time (its last step overshoots the budget a little) minus the cost
+            left = r.get("budget_s", budget_s) - cost
+            at = loss_at(r["curve"], left) if left > 0 else r["curve"][0]["heldout_loss"]
+        out["modes"][m] = dict(charged_s=round(cost, 2), heldout_all_in=at, heldout_at_budget=r["final_heldout_loss"])
     return out
 
 
@@ -901,7 +903,7 @@ def load_pretrained(args, log=print) -> dict:
             raise SystemExit(f"--model {spec}: not smollm2, smollm2-tiny or a folder with a transformers "
                              f"model (config.json) and tokenizer")
         tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
+        model = pretrained_mod.from_pretrained_f32(AutoModelForCausalLM, folder)
         cfg, state = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
         h = hashlib.sha256()
         for f in sorted(folder.iterdir()):

@@ -96,7 +96,8 @@ def test_race_ci_stdlib_cli(tmp_path):
     modes = ["full", "random", "cggr-entropy"]
     cmd = [sys.executable, str(REPO / "benchmarks" / "race.py"), "--preset", "ci", "--modes", ",".join(modes),
            "--max-bytes", "250000", "--cache-dir", str(tmp_path / "cache"),
-           "--results-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu", "--tag", "ci"]
+           "--results-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu", "--tag", "ci",
+           "--budget-seconds", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| mode | lr | steps |" in proc.stdout
