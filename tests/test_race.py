@@ -480,3 +480,17 @@ def test_race_ci_reducible_modes(tmp_path):
     assert rep["modes"]["cggr-reducible-importance"]["cggr_metrics"]["selection"] == "importance"
     ai = rep["all_in"]["modes"]
     assert ai["cggr-reducible"]["charged_s"] > 0 and ai["random"]["charged_s"] == 0
+
+
+def test_reference_losses_match_the_race_eval():
+    """The offline reference losses (the library's helper) are the race's per-sequence held-out loss."""
+    import torch
+
+    args = race.parse_args(["--preset", "ci", "--device", "cpu"])
+    args.hf_config = None
+    torch.manual_seed(0)
+    model, _ = race.build_model(args, 64)
+    seqs = torch.randint(0, 64, (10, 17))
+    a = race.heldout_losses(model, seqs, 4, torch.device("cpu"), "fp32")
+    b = cggr_compile.reference_losses(model, seqs, batch_size=3, device="cpu", progress=False)
+    assert torch.allclose(a, b.float(), atol=1e-5)
