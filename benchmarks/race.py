@@ -679,10 +679,9 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     if n_clean_train is not None:
         res["noise_share_trained"] = round(noise_rows / max(1, trained_rows), 4)
     if cg is not None:
-        if mode in REDUCIBLE_MODES:  # its difficulty needs per-row reference losses: not on held-out rows
-            res["spearman"] = None
-        else:
-            res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype)
+        # reducible modes: the router's difficulty with the reference's losses of the eval rows
+        ref_eval = getattr(args, "ref_eval", None) if mode in REDUCIBLE_MODES else None
+        res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype, ref_eval)
         metrics = getattr(cg, "metrics", None)
         metrics = metrics() if callable(metrics) else metrics
         if isinstance(metrics, dict):
@@ -695,14 +694,16 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     return res
 
 
-def router_spearman(cg, model, seqs, batch, device, dtype) -> float:
+def router_spearman(cg, model, seqs, batch, device, dtype, ref_losses=None) -> float:
+    """Spearman of the router's per-sequence difficulty against the trained model's held-out loss."""
     losses = heldout_losses(model, seqs, batch, device, dtype)
     diffs = []
     with torch.no_grad():
         for i in range(0, seqs.shape[0], batch):
             x = seqs[i:i + batch].to(device)
+            kw = {} if ref_losses is None else {"reference_loss": ref_losses[i:i + batch].to(device)}
             with autocast_ctx(device, dtype):
-                d = cg.sequence_difficulty(input_ids=x, labels=x)
+                d = cg.sequence_difficulty(input_ids=x, labels=x, **kw)
             diffs.append(d.float().cpu())
     return spearman(torch.cat(diffs).numpy(), losses.numpy())
 
@@ -1004,6 +1005,7 @@ def merge_reports(paths: list[str], out_dir: str | None = None) -> dict:
     merged["modes"] = {}
     for r in reports:
         merged["modes"].update(r["modes"])
+    merged["seeds"] = sorted({sd for r in reports for sd in (r.get("seeds") or [r["args"]["seed"]])})
     merged["merged_from"] = [dict(path=str(p), command=r["command"], modes=list(r["modes"]),
                                   total_seconds=r["total_seconds"]) for p, r in zip(paths, reports)]
     merged["command"] = " ; ".join(r["command"] for r in reports)
@@ -1017,6 +1019,9 @@ def merge_reports(paths: list[str], out_dir: str | None = None) -> dict:
     plot(merged["modes"], out / f"{stem}.png", f"CGGR race (merged), preset {first['preset']}, {first['device_name']}")
     print(merged["summary_table"])
     print(f"wrote {out / (stem + '.json')} and {stem}.png")
+    if out.resolve() == RESULTS_DIR.resolve():
+        merged["json_name"] = f"{stem}.json"
+        print(f"updated {update_quality_summary(merged, RESULTS_DIR / 'quality_summary.json')}")
     merged["json_path"], merged["png_path"] = str(out / f"{stem}.json"), str(out / f"{stem}.png")
     return merged
 
@@ -1262,7 +1267,7 @@ def main(argv=None) -> dict:
     log(f"== CGGR race: preset {args.preset}, regime {args.regime}, device {device_name(device)}, "
         f"torch {torch.__version__}, compile {args.compile}, cudagraphs {args.cudagraphs}, dtype {args.dtype}")
     pre = None
-    args.hf_config = None
+    args.hf_config = args.ref_eval = None
     if pretrained_regime:
         pre = load_pretrained(args, log)
         args.hf_config = pre["config"]
@@ -1383,7 +1388,12 @@ def main(argv=None) -> dict:
                                               eval_seqs, log)
         ref_loss, score_info = reference_losses(args, ref_state, ref_info["key"], train_cpu, corpus.vocab_size,
                                                 device, log)
-        del ref_state
+        # the reference's losses of the eval sequences: for the reducible modes' router Spearman only
+        m_ref, _ = build_model(args, corpus.vocab_size)
+        m_ref.load_state_dict(ref_state)
+        args.ref_eval = heldout_losses(m_ref.to(device), eval_seqs, args.eval_batch_size or args.batch_size,
+                                       device, args.dtype)
+        del ref_state, m_ref
         ref_summary = dict(mean=round(float(ref_loss.mean()), 4))
         if args.n_clean_train is not None:
             ref_summary.update(clean_mean=round(float(ref_loss[:args.n_clean_train].mean()), 4),
@@ -1479,7 +1489,7 @@ def main(argv=None) -> dict:
               f"{ref_cost:.1f} s): " + ", ".join(f"{m} {v['heldout_all_in']:.4f}" for m, v in all_in["modes"].items()))
 
     cfg_dict = {kk: v for kk, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
-    args.hf_config = None  # not JSON
+    args.hf_config = args.ref_eval = None  # not JSON
     report = dict(
         preset=args.preset, regime=args.regime, device=device.type, device_name=device_name(device),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg_end=load_avg(),

@@ -477,6 +477,7 @@ def test_race_ci_reducible_modes(tmp_path):
                      "--budget-seconds", "0.6", "--eval-every-seconds", "0.3", "--reference-budget-seconds", "1",
                      "--eval-sequences", "8"])
     assert rep["modes"]["cggr-reducible"]["cggr_metrics"]["scoring"] == "reducible"
+    assert rep["modes"]["cggr-reducible"]["spearman"] is not None
     assert rep["modes"]["cggr-reducible-importance"]["cggr_metrics"]["selection"] == "importance"
     ai = rep["all_in"]["modes"]
     assert ai["cggr-reducible"]["charged_s"] > 0 and ai["random"]["charged_s"] == 0
