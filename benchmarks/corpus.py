@@ -8,6 +8,10 @@ Nothing is downloaded. What is read, exactly:
 * ``--include-site-packages`` (``source="stdlib+site"``): the same, plus every ``*.py`` file under the
   interpreter's ``purelib`` and ``platlib`` directories (its installed packages), each directory read
   once.
+* ``stdlib+site+docs`` (the ``smollm2-135m`` preset's): the same ``*.py`` files, plus installed
+  documentation: the ``.md``, ``.rst`` and ``.txt`` files under ``purelib`` / ``platlib`` (READMEs and
+  docs shipped inside packages; ``RECORD``, ``SOURCES.txt``, ``top_level.txt``, ``entry_points.txt``
+  skipped) and under ``/usr/share/doc`` (uncompressed ones: ``.gz`` is not text).
 * ``--corpus PATH`` (``source=PATH``): a folder, walked recursively, every *text* file in it; or a text
   file that lists one path per line (blank lines and lines starting with ``#`` skipped; relative
   paths are taken relative to the list's folder; a listed folder is walked like ``--corpus FOLDER``).
@@ -42,6 +46,15 @@ into train / held-out (the same rule, same seed): the base model trains on the b
 files only (split ``base``), and ``heldout_base`` (the base part's held-out files, never trained on)
 measures retention. The race's training stream itself (a mix of ``base`` and ``train`` sequences) is
 made in ``benchmarks/race.py`` (``--replay-fraction``).
+
+The ``pretrained`` regimes (``pretrained``, ``pretrained-noisy``) split like ``scratch``, then carve a
+``reference`` split out of the *train* files (``reference_fraction`` of their bytes, the same
+shortest-prefix rule on a second shuffle, seed + 1): the reference model's files, which the race's
+stream never contains; the held-out files are the same as without the carve. They take the
+pretrained model's own tokenizer (``tokenizer=``, a transformers fast tokenizer; files separated by
+its ``<|endoftext|>`` or EOS token, no BOS added) instead of training a BPE. ``make_noise`` makes the
+noisy regime's unlearnable sequences (token-shuffled train sequences; base64 / hex dumps of the
+interpreter's shared objects), tokenized with the same tokenizer.
 
 Tokenizer: a byte-level BPE (``tokenizers``: BPE model, ByteLevel pre-tokenizer without prefix space,
 ByteLevel decoder, the 256 byte symbols as the initial alphabet, special token ``<|endoftext|>`` with
