@@ -311,6 +311,7 @@ def build_model(args, vocab_size: int):
 
         cfg = copy.deepcopy(hf)
         cfg._attn_implementation = "sdpa"
+        cfg.use_cache = False  # training: no KV cache built in the forward
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), cfg
     from transformers import LlamaConfig, LlamaForCausalLM
 
