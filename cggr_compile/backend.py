@@ -316,29 +316,43 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     return routed
 
 
+class _LoggerMethodEntry(str):
+    """``fn`` as an entry of ``torch._dynamo.config.ignore_logger_methods`` that is also a string.
+
+    Dynamo looks the method up by membership (hash and equality are ``fn``'s), while torch < 2.12
+    JSON-dumps that set when it logs compile metrics and fails on a bare callable; as a ``str`` the
+    entry dumps as the function's name. It survives the config's deep copies (``__reduce__``)."""
+
+    fn: Callable
+
+    def __new__(cls, fn: Callable) -> "_LoggerMethodEntry":
+        entry = super().__new__(cls, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}")
+        entry.fn = fn
+        return entry
+
+    def __reduce__(self) -> tuple:
+        return (_LoggerMethodEntry, (self.fn,))
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self.fn or (isinstance(other, _LoggerMethodEntry) and other.fn is self.fn)
+
+
 def _quiet_transformers_warnings() -> None:
     """Let Dynamo trace through transformers' ``logger.warning_once`` instead of breaking the graph.
 
     GPT-2 (and other models without a ``loss_type``) warn from their loss; that warning's graph
-    break would cut the loss off the captured graph and stop the rewrite. Older torch versions
-    (2.11) cannot serialise a callable in this config set when they log compile metrics; there the
-    entry is left out (GPT-2 then needs ``model.loss_type = "ForCausalLM"``, as the warning says).
+    break would cut the loss off the captured graph and stop the rewrite.
     """
     try:
         from transformers.utils import logging as hf_logging
-        from torch._dynamo import utils as dynamo_utils
 
         fn = getattr(hf_logging, "warning_once", None)
         methods = torch._dynamo.config.ignore_logger_methods
-        if fn is None or fn in methods:
-            return
-        methods.add(fn)
-        check = getattr(dynamo_utils, "_get_dynamo_config_for_logging", None)
-        if check is not None:
-            try:
-                check()
-            except Exception:  # noqa: BLE001 - this torch cannot log the set with a callable in it
-                methods.discard(fn)
+        if fn is not None and fn not in methods:
+            methods.add(_LoggerMethodEntry(fn))
     except Exception:  # noqa: BLE001 - an older torch without the option: the break stays
         pass
 

@@ -78,7 +78,14 @@ class _Scheduled:
 class CGGRModel(_TransformModel):
     """The original's ``CGGRModel(model, router=..., min_tokens_ratio=...)``: a training call with
     labels returns the CGGR loss tensor; anything else (eval, ``no_grad``, no labels) returns the
-    plain model's output. The options are :class:`~cggr_compile.config.CGGRConfig`'s."""
+    plain model's output. The options are :class:`~cggr_compile.config.CGGRConfig`'s, with the
+    original's defaults (``scoring='combined'``, ``selection='topk'``; they can drift, see the README)."""
+
+    def __init__(self, model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> None:
+        if config is None:
+            options.setdefault("scoring", "combined")
+            options.setdefault("selection", "topk")
+        super().__init__(model, config, **options)
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, **kwargs: Any) -> Any:

@@ -30,7 +30,8 @@ class CGGRConfig:
         scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md), or
             ``reducible``: the router's loss minus a reference loss (RHO-LOSS / JEST learnability),
             from ``reference_loss=`` in the batch or from the ``reference`` model.
-        selection: ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
+        selection: default ``importance`` for ``granularity='sequences'``, ``topk`` for tokens;
+            ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
             ``importance`` (sequences only: draws ``k`` rows with probability rising with their
             difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the loss and its
             gradient are unbiased estimates of the whole batch's; see ``importance_floor``).
@@ -69,8 +70,12 @@ class CGGRConfig:
 
     min_tokens_ratio: float = 0.25
     router_layers: int = 4
-    scoring: str = "combined"
-    selection: str = "topk"
+    # The defaults are the safest mode of the races (README, Quality): k rows drawn with probability
+    # rising with their router loss, each weighted 1/(k p), so the step's gradient is an unbiased
+    # estimate of the full batch's and the training mix cannot drift. Top-k by raw difficulty can
+    # drift (it keeps training on outliers): on a pretrained model the held-out loss then rises.
+    scoring: str = "loss"
+    selection: Optional[str] = None  # None: "importance" for sequences, "topk" for tokens
     granularity: str = "sequences"
     warmup_steps: int = 1000
     dynamic_threshold: bool = True
@@ -88,6 +93,8 @@ class CGGRConfig:
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.selection is None:  # importance sampling draws whole rows: tokens rank instead
+            object.__setattr__(self, "selection", "importance" if self.granularity == "sequences" else "topk")
         r = self.min_tokens_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < float(r) <= 1.0):
             raise ValueError(

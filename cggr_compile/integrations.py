@@ -49,6 +49,8 @@ __all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS"]
 
 IGNORE_INDEX = -100
 # Inputs the router never sees (the loss's, or options of the call).
+# enable_cggr's selection when none is given (the library's default, importance, needs its own loss)
+TRAINER_DEFAULT_SELECTION = "stratified"
 _NOT_FOR_ROUTER = {
     "labels", "shift_labels", "num_items_in_batch", "use_cache", "return_dict", "output_attentions",
     "output_hidden_states", "return_loss", "completion_mask", "assistant_masks", "logits_to_keep",
@@ -425,6 +427,10 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
             "enable_cggr routes in the trainer. Compile with the default backend (torch.compile(model) or "
             "TrainingArguments(torch_compile=True)) and pass the CGGR options to enable_cggr."
         )
+    if config is None and "selection" not in options and options.get("granularity", "sequences") == "sequences":
+        # The library's default, importance sampling, weighs each drawn row's loss, which the model's
+        # own loss cannot carry: the Trainer path keeps easy rows in every batch by strata instead.
+        options["selection"] = TRAINER_DEFAULT_SELECTION
     cg = CGGRModel(_unwrap(model), config, **options)
     _check_selection(cg)
     integration = _TrainerIntegration(trainer, cg)

@@ -10,7 +10,8 @@ from torch._dynamo.utils import counters
 import cggr_compile
 from models import batch, tiny_model
 
-OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5,
+            scoring="combined", selection="topk")
 
 
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "no_labels"])
