@@ -14,7 +14,8 @@ import cggr_compile
 from cggr_compile.backend import core_of
 from models import batch, tiny_model
 
-OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, strict=True)
+OPTS = dict(router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, strict=True,
+            selection="topk")
 
 
 def test_backend_is_registered_and_discoverable():
@@ -128,7 +129,7 @@ class TestGraphSnapshot(expecttest.TestCase):
                             num_key_value_heads=1, vocab_size=32)
         model = T.LlamaForCausalLM(cfg)
         ids = torch.randint(0, 32, (4, 6))
-        return cggr_compile.explain(model, ids, torch.ones_like(ids), router_layers=1, min_tokens_ratio=0.5,
+        return cggr_compile.explain(model, ids, torch.ones_like(ids), router_layers=1, min_tokens_ratio=0.5, selection="topk",
                                     warmup_steps=0, scoring="entropy", granularity=granularity)
 
     def test_sequences(self):

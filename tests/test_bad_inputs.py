@@ -101,3 +101,13 @@ def test_importance_selection_options():
             CGGRConfig(selection="importance", importance_floor=bad)
     CGGRConfig(selection="importance", importance_floor=0)  # the bounds are allowed
     CGGRConfig(selection="importance", importance_floor=1.0)
+
+
+def test_defaults_are_the_safe_selection():
+    """Importance sampling by router loss for sequences (it cannot shift the training mix); tokens
+    cannot draw rows, so they rank; the original's classes keep its defaults."""
+    c = CGGRConfig()
+    assert (c.scoring, c.selection) == ("loss", "importance")
+    assert CGGRConfig(granularity="tokens").selection == "topk"
+    cm = cggr_compile.CGGRModel(tiny_model("llama"), router_layers=1)
+    assert (cm.cggr_config.scoring, cm.cggr_config.selection) == ("combined", "topk")

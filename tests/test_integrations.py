@@ -19,7 +19,8 @@ import cggr_compile
 from cggr_compile.schedule import quantise_ratio, ratio_levels, rows_for_ratio, warmup_ratio
 from models import VOCAB, tiny_model
 
-OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
+OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
+            selection="topk")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -381,3 +382,10 @@ def test_trainer_with_a_reference_loss_column_routes_by_reducible_loss(tmp_path)
     trainer.train()
     assert seen and all(r is not None and r.shape == (4,) for r in seen)
     assert cg.schedule.step == 2
+
+
+def test_enable_cggr_without_a_selection_uses_stratified(tmp_path):
+    """The library's default (importance) weighs rows, which the model's own loss cannot carry."""
+    trainer = T.Trainer(model=tiny_model("llama"), args=training_args(tmp_path), train_dataset=Rows(8))
+    cg = cggr_compile.enable_cggr(trainer, router_layers=1)
+    assert cg.cggr_config.selection == "stratified" and cg.cggr_config.scoring == "loss"

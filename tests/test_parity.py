@@ -16,7 +16,7 @@ from models import ARCHITECTURES, MASKED, batch, tiny_model
 K = 1  # router layers
 RATIO = 0.5
 OPTIONS = dict(router_layers=K, min_tokens_ratio=RATIO, warmup_steps=0, dynamic_threshold=False, scoring="loss",
-               strict=True)
+               strict=True, selection="topk")
 
 FINAL_NORM = {
     "gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "falcon": "transformer.ln_f",

@@ -20,7 +20,8 @@ from models import VOCAB, batch, tiny_model
 from pass_helpers import capture
 
 UNFUSED = ("log_softmax", "aten.exp.", "topk", "gather")
-OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
+OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
+            selection="topk")
 
 
 def _unfused(name="llama", scoring="combined", router=None, b=10):

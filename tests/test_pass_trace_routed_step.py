@@ -18,7 +18,8 @@ def _rewritten(granularity="sequences", ratio=0.5):
     got = capture(model, **b)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
     core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=ratio, warmup_steps=0,
-                                                     dynamic_threshold=False, granularity=granularity))
+                                                     dynamic_threshold=False, granularity=granularity,
+                                                     scoring="combined", selection="topk"))
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
     return model, got, gm
@@ -70,7 +71,7 @@ def test_dynamo_sources_are_carried_so_parameters_are_static_inputs():
     got = capture(model, **b)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
     core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0,
-                                                     dynamic_threshold=False))
+                                                     dynamic_threshold=False, scoring="combined", selection="topk"))
     core._plan(plan.batch, torch.device("cpu"))
     gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor, got["gm"])
     own = list(dict(gm.named_buffers()).keys()) + list(dict(gm.named_parameters()).keys())

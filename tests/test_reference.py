@@ -12,7 +12,8 @@ import cggr_compile
 from cggr_compile.backend import core_of
 from models import batch, tiny_model
 
-OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+OPTS = dict(strict=True, router_layers=1, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5,
+            selection="topk")
 
 
 def _router_loss(model, b):
