@@ -123,26 +123,6 @@ def carry_dynamo_sources(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _as_compiling() -> Iterator[None]:
-    """``torch.compiler.is_compiling()`` is True while the step is traced, as it was while Dynamo
-    traced the model: the model's code then takes the same compile-friendly paths (transformers
-    4.x skips its data-dependent ``torch.all(attention_mask == 1)`` check when compiling, which a
-    fake-tensor trace cannot evaluate). Torch >= 2.12 sets this flag for a backend's whole compile
-    session, but the routed step is traced lazily, at its level's first call; the flag is private."""
-    session = getattr(torch.compiler, "_compile_session_context", None)
-    if session is not None:
-        with session():
-            yield
-        return
-    old = getattr(torch.compiler, "_is_compiling_flag", False)
-    torch.compiler._is_compiling_flag = True  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        torch.compiler._is_compiling_flag = old  # type: ignore[attr-defined]
-
-
 def trace_routed_step(
     core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor,
     dynamo_gm: Optional[fx.GraphModule] = None,
@@ -151,8 +131,7 @@ def trace_routed_step(
     fn = routed_step_fn(core, plan, example_inputs, call_kwargs)
     args = list(example_inputs) + [step_tensor] + reference_tensors(core)
     try:
-        with _as_compiling():
-            gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
+        gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
     finally:
         core.__dict__["_step_tensor"] = step_tensor
     gm.graph.eliminate_dead_code()

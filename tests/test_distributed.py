@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
             ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=2)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = torch.compile(ddp, backend="cggr", options=OPTS)(**b)
+                out = torch.compile(ddp, backend="cggr", options=dict(OPTS, strict=False))(**b)  # the warning is the point
             out.loss.backward()
             torch.save({"warnings": [str(w.message) for w in caught], "loss": out.loss.detach(),
                         "rows": out.logits.shape[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
