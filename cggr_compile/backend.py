@@ -144,16 +144,30 @@ def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRMode
     return core
 
 
+def _any_core(model: torch.nn.Module) -> Optional[CGGRModel]:
+    """The CGGR core of any kind of CGGR model: compiled with ``backend="cggr"``, a
+    ``cggr_compile.transform`` (or ``CGGRModel``), or either under ``torch.compile``."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, CGGRModel) else core_of(model)
+
+
 def step(model: torch.nn.Module) -> None:
-    """Advance the schedule of a model compiled with ``backend="cggr"`` (once per optimizer step)."""
-    core = core_of(getattr(model, "_orig_mod", model))
-    if core is not None:
-        core.step()
+    """Advance the CGGR schedule once (call once per optimizer step), for every kind of CGGR model.
+
+    A model that is no CGGR model is an error: a silent no-op would keep ``k = B`` forever."""
+    core = _any_core(model)
+    if core is None:
+        raise ValueError(
+            f"cggr_compile.step: {type(model).__name__} is no CGGR model (compile it with backend='cggr' "
+            "and run a training step first, or wrap it with cggr_compile.transform)."
+        )
+    core.step()
 
 
 def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
-    """The last CGGR training step's metrics and selection (device tensors) for a compiled model."""
-    core = core_of(getattr(model, "_orig_mod", model))
+    """The last CGGR training step's metrics and selection (device tensors), for every kind of CGGR
+    model; ``{}`` before its first training step."""
+    core = _any_core(model)
     return core.metrics() if core is not None else {}
 
 

@@ -160,3 +160,19 @@ def test_loss_denominator_weighs_every_selected_token_the_same_across_micro_batc
     assert int(keep.sum()) == int(total)
     for n, p in model.named_parameters():
         torch.testing.assert_close(acc[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_step_and_last_metrics_work_on_every_kind_of_cggr_model():
+    """cggr_compile.step / last_metrics used to be silent no-ops on a transformed model (k = B forever)."""
+    model = tiny_model("llama")
+    cg = cggr_compile.transform(model, **dict(OPTS, warmup_steps=4, min_tokens_ratio=0.25))
+    b = batch("llama", b=8)
+    for wrapped in (cg, torch.compile(cg)):
+        assert wrapped(**b).loss.isfinite()
+        before = cg.schedule.step
+        cggr_compile.step(wrapped)
+        assert cg.schedule.step == before + 1
+        assert cggr_compile.last_metrics(wrapped)["k"] == cg.metrics()["k"]
+    with pytest.raises(ValueError, match="is no CGGR model .*cggr_compile.transform"):
+        cggr_compile.step(tiny_model("llama"))
+    assert cggr_compile.last_metrics(tiny_model("llama")) == {}
