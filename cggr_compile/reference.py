@@ -32,6 +32,11 @@ def _is_causal(model: nn.Module) -> bool:
         return not _looks_masked(model)
 
 
+def _is_dataset(data: Any) -> bool:
+    """A ``datasets.Dataset`` (duck-typed: the library is optional)."""
+    return hasattr(data, "column_names") and hasattr(data, "add_column")
+
+
 def _batches(data: Any, batch_size: int) -> Iterator[dict]:
     """Batches of ``input_ids`` (+ ``attention_mask``, ``labels``) from a tensor, dataset or loader."""
     if isinstance(data, Tensor):
@@ -41,7 +46,7 @@ def _batches(data: Any, batch_size: int) -> Iterator[dict]:
         for i in range(0, data.shape[0], batch_size):
             yield {"input_ids": data[i:i + batch_size]}
         return
-    if hasattr(data, "column_names") and hasattr(data, "add_column"):  # a datasets.Dataset
+    if _is_dataset(data):
         if "input_ids" not in data.column_names:
             raise ValueError("reference_losses: the dataset has no input_ids column; tokenize it first.")
         cols = [c for c in ("input_ids", "attention_mask", "labels") if c in data.column_names]
@@ -63,10 +68,9 @@ def _pad(columns: dict) -> dict:
     if isinstance(ids, Tensor):
         return columns
     width = max(len(r) for r in ids)
+    masks = columns["attention_mask"] if "attention_mask" in columns else [[1] * len(r) for r in ids]
     out = {"input_ids": torch.tensor([list(r) + [0] * (width - len(r)) for r in ids]),
-           "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
-    if "attention_mask" in columns:
-        out["attention_mask"] = torch.tensor([list(m) + [0] * (width - len(m)) for m in columns["attention_mask"]])
+           "attention_mask": torch.tensor([list(m) + [0] * (width - len(m)) for m in masks])}
     if "labels" in columns:
         out["labels"] = torch.tensor([list(r) + [S.IGNORE_INDEX] * (width - len(r)) for r in columns["labels"]])
     out["lengths"] = [len(r) for r in ids]
@@ -109,7 +113,7 @@ def reference_losses(
     model.eval()
     fwd = torch.compile(model) if compile else model
     # rows are countable up front for a tensor or a dataset; a loader's len() counts batches
-    total = data.shape[0] if isinstance(data, Tensor) else (len(data) if hasattr(data, "add_column") else None)
+    total = data.shape[0] if isinstance(data, Tensor) else (len(data) if _is_dataset(data) else None)
     bar = _progress(total, progress)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     results: list[Tensor] = []
@@ -141,7 +145,7 @@ def reference_losses(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    if hasattr(data, "add_column") and hasattr(data, "column_names"):
+    if _is_dataset(data):
         if per_token:
             rows = [r for part in results for r in part]
             values = [row[:n].tolist() for row, n in zip(rows, lengths)]
