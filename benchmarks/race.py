@@ -604,6 +604,11 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
                           **ev, train_loss=tl))
         return ev["heldout_loss"]
 
+    # the router's scores of the held-out sequences at the start (outside the budget), for the
+    # learnability probe: do the rows it ranks hardest now lose the most loss by the end?
+    ref_eval = getattr(args, "ref_eval", None) if mode in REDUCIBLE_MODES else None
+    init_scores = None if cg is None else router_scores(cg, eval_seqs, ebatch, device, args.dtype, ref_eval)
+
     # warm-up (compilation on a mode's first run): real steps, not counted in the budget
     load0 = load_avg()
     graphs0 = dynamo_graphs()
@@ -679,10 +684,17 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         res["replay_share_trained"] = round(replay_rows / max(1, trained_rows), 4)
     if n_clean_train is not None:
         res["noise_share_trained"] = round(noise_rows / max(1, trained_rows), 4)
+    final_losses = heldout_losses(model, eval_seqs, ebatch, device, args.dtype)
+    scores = {"initial_loss": init_eval}
+    if getattr(args, "ref_eval", None) is not None:
+        scores["initial_reducible"] = init_eval - args.ref_eval
+    if init_scores is not None:
+        scores["router_initial"] = init_scores
+    res["probe"] = learnability_probe(init_eval, final_losses, scores)
     if cg is not None:
         # reducible modes: the router's difficulty with the reference's losses of the eval rows
-        ref_eval = getattr(args, "ref_eval", None) if mode in REDUCIBLE_MODES else None
-        res["spearman"] = router_spearman(cg, model, eval_seqs, ebatch, device, args.dtype, ref_eval)
+        res["spearman"] = spearman(router_scores(cg, eval_seqs, ebatch, device, args.dtype, ref_eval).numpy(),
+                                   final_losses.numpy())
         metrics = getattr(cg, "metrics", None)
         metrics = metrics() if callable(metrics) else metrics
         if isinstance(metrics, dict):
@@ -695,9 +707,33 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
     return res
 
 
-def router_spearman(cg, model, seqs, batch, device, dtype, ref_losses=None) -> float:
-    """Spearman of the router's per-sequence difficulty against the trained model's held-out loss."""
-    losses = heldout_losses(model, seqs, batch, device, dtype)
+def best_base_lr(runs: list[dict], lr_values: list[float]) -> float:
+    """The base learning rate whose runs have the lowest mean final held-out loss."""
+    tried = [lr_ for lr_ in lr_values if any(r["base_lr"] == lr_ for r in runs)]
+    return min(tried, key=lambda lr_: float(np.mean([r["final_heldout_loss"] for r in runs if r["base_lr"] == lr_])))
+
+
+def learnability_probe(initial: torch.Tensor, final: torch.Tensor, scores: dict) -> dict:
+    """How per-sequence scores taken at the start relate to the held-out loss that then fell.
+
+    ``drop`` = initial - final loss of each held-out sequence (never trained on). For each score:
+    its Spearman correlation with the drop, and the mean drop of the quarter it ranks highest (what
+    a top-k selection by it would have aimed at) against the mean drop of all sequences.
+    """
+    drop = (initial - final).double()
+    n = drop.numel()
+    out = dict(mean_drop=round(float(drop.mean()), 5), sequences=n)
+    q = max(1, n // 4)
+    for name, sc in scores.items():
+        sc = sc.double()
+        top = torch.topk(sc, q).indices
+        out[name] = dict(spearman_with_drop=round(spearman(sc.numpy(), drop.numpy()), 4),
+                         top_quarter_mean_drop=round(float(drop[top].mean()), 5))
+    return out
+
+
+def router_scores(cg, seqs, batch, device, dtype, ref_losses=None) -> torch.Tensor:
+    """The router's per-sequence difficulty of ``seqs`` (float32 on the CPU), as it selects now."""
     diffs = []
     with torch.no_grad():
         for i in range(0, seqs.shape[0], batch):
@@ -706,7 +742,7 @@ def router_spearman(cg, model, seqs, batch, device, dtype, ref_losses=None) -> f
             with autocast_ctx(device, dtype):
                 d = cg.sequence_difficulty(input_ids=x, labels=x, **kw)
             diffs.append(d.float().cpu())
-    return spearman(torch.cat(diffs).numpy(), losses.numpy())
+    return torch.cat(diffs)
 
 
 # --------------------------------------------------------------------------------------------- finetune base
@@ -1151,6 +1187,10 @@ def parse_args(argv=None):
                    help="comma list of run seeds (batch order, random subset; default: --seed). --seed also "
                         "seeds the corpus split, the noise, the model init (scratch), the reference model and the "
                         "CGGR draws, fixed per process")
+    g.add_argument("--sweep-seeds", default=None,
+                   help="comma list, a subset of --seeds: the --lr-sweep runs on these seeds only; the other seeds "
+                        "then run at each mode's best learning rate on them (tune on one seed, confirm on the "
+                        "rest). Default: every seed runs every learning rate")
     g.add_argument("--checkpoint-window", type=int, default=4,
                    help="checkpoint noise: std of the held-out loss over a run's last N checkpoints")
     g.add_argument("--lr-warmup-steps", type=int, default=preset["lr_warmup_steps"])
@@ -1216,6 +1256,13 @@ def parse_args(argv=None):
         p.error(f"--lr-sweep / --seeds: {e}")
     if not args.lr_values or not args.seed_values:
         p.error("--lr-sweep / --seeds: empty")
+    try:
+        args.sweep_seed_values = ([int(x) for x in args.sweep_seeds.split(",") if x.strip()]
+                                  if args.sweep_seeds else list(args.seed_values))
+    except ValueError as e:
+        p.error(f"--sweep-seeds: {e}")
+    if not args.sweep_seed_values or not set(args.sweep_seed_values) <= set(args.seed_values):
+        p.error(f"--sweep-seeds {args.sweep_seeds!r}: must be a non-empty subset of --seeds {args.seed_values}")
     bad = [m for m in args.modes if m not in ALL_MODES]
     if bad or not args.modes:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
@@ -1416,31 +1463,39 @@ def main(argv=None) -> dict:
         kk = args.batch_size if mode == "full" else k
         runs = []
         t0 = time.perf_counter()
-        for base_lr in args.lr_values:
-            for seed in args.seed_values:
-                r = train_mode(mode, init_state, train, eval_seqs, init_eval, args, device, corpus.vocab_size, log,
-                               runner=runner, lr=mode_lr(mode, args, kk, base_lr), seed=seed, ref_loss=ref_loss)
-                r["base_lr"] = base_lr
-                runs.append(r)
-                sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
-                if device.type == "cpu" and r["load_avg_end"]:
-                    sp += (f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} "
-                           f"on {os.cpu_count()} cores")
-                if "final_heldout_new" in r:
-                    sp = (f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}, "
-                          f"replay share of trained rows {r['replay_share_trained']:.2f}" + sp)
-                if "noise_share_trained" in r:
-                    sp = f", noise share of trained rows {r['noise_share_trained']:.3f}" + sp
-                tag = "" if len(args.lr_values) * len(args.seed_values) == 1 else f" [lr {r['lr']:.2e}, seed {seed}]"
-                log(f"{mode}{tag}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
-                    f"(best {r['best_heldout_loss']:.4f}, last-checkpoint std {r['checkpoint_std']}), "
-                    f"{r['step_ms_median']:.1f} ms/step{sp}")
+        confirm = [sd for sd in args.seed_values if sd not in args.sweep_seed_values]
+        plan = [(lr_, sd) for lr_ in args.lr_values for sd in args.sweep_seed_values] + [(None, sd) for sd in confirm]
+        for base_lr, seed in plan:
+            if base_lr is None:  # a confirmation seed: the best base lr on the sweep seeds
+                base_lr = best_base_lr([r for r in runs if r["seed"] in args.sweep_seed_values], args.lr_values)
+            r = train_mode(mode, init_state, train, eval_seqs, init_eval, args, device, corpus.vocab_size, log,
+                           runner=runner, lr=mode_lr(mode, args, kk, base_lr), seed=seed, ref_loss=ref_loss)
+            r["base_lr"] = base_lr
+            runs.append(r)
+            sp = "" if r["spearman"] is None else f", spearman {r['spearman']:.3f}"
+            if device.type == "cpu" and r["load_avg_end"]:
+                sp += (f", load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f} "
+                       f"on {os.cpu_count()} cores")
+            if "final_heldout_new" in r:
+                sp = (f", new (B) {r['final_heldout_new']:.4f}, replay (A) {r['final_heldout_replay']:.4f}, "
+                      f"replay share of trained rows {r['replay_share_trained']:.2f}" + sp)
+            if "noise_share_trained" in r:
+                sp = f", noise share of trained rows {r['noise_share_trained']:.3f}" + sp
+            pr = r.get("probe") or {}
+            sp += "; held-out loss drop {:.4f}".format(pr.get("mean_drop", float("nan"))) + "".join(
+                f", {name}: rho {v['spearman_with_drop']:.3f} top-quarter drop {v['top_quarter_mean_drop']:.4f}"
+                for name, v in pr.items() if isinstance(v, dict))
+            tag = "" if len(args.lr_values) * len(args.seed_values) == 1 else f" [lr {r['lr']:.2e}, seed {seed}]"
+            log(f"{mode}{tag}: {r['steps']} steps, held-out {r['final_heldout_loss']:.4f} "
+                f"(best {r['best_heldout_loss']:.4f}, last-checkpoint std {r['checkpoint_std']}), "
+                f"{r['step_ms_median']:.1f} ms/step{sp}")
         del runner
         if args.compile:
             torch._dynamo.reset()
-        # the best base lr: lowest mean final held-out loss over the seeds
+        # the best base lr: lowest mean final held-out loss over the sweep seeds
+        sweep_runs = [r for r in runs if r["seed"] in args.sweep_seed_values]
+        best_lr = best_base_lr(sweep_runs, args.lr_values)
         by_lr = {lr_: [r for r in runs if r["base_lr"] == lr_] for lr_ in args.lr_values}
-        best_lr = min(args.lr_values, key=lambda lr_: float(np.mean([r["final_heldout_loss"] for r in by_lr[lr_]])))
         chosen = dict(by_lr[best_lr][0])
         chosen["wall_s"] = round(time.perf_counter() - t0, 2)
         chosen["best_base_lr"] = best_lr
