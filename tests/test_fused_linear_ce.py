@@ -1,0 +1,221 @@
+"""cggr_compile.ops.fused_linear_ce: the fused lm_head + selective cross-entropy against a float64
+reference (loss and the gradients w.r.t. hidden, weight and bias), its loss rules, and compilation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cggr_compile.ops import fused_linear_ce as flce
+from cggr_compile.ops.fused_linear_ce import default_chunk_tokens, selective_linear_cross_entropy
+from cggr_compile.scoring import selective_cross_entropy
+
+
+def _inputs(n, h, v, dtype=torch.float32, bias=True, seed=0, ignore=0.2, select=0.7, float_weight=False):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore] = -100
+    sel = torch.rand(n, generator=g) < select
+    tw = torch.where(sel, torch.rand(n, generator=g) * 3, torch.zeros(n)) if float_weight else sel
+    return hid, w, b, y, tw
+
+
+def _reference(hid, w, b, y, tw, denominator=None, softcap=None):
+    """The loss in float64 with the full logits, and its gradients (autograd)."""
+    leaves = [t.detach().double().requires_grad_() for t in (hid, w) + ((b,) if b is not None else ())]
+    z = leaves[0] @ leaves[1].t()
+    if b is not None:
+        z = z + leaves[2]
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = (y != -100) & (tw != 0)
+    nll = -torch.log_softmax(z, -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    total = torch.where(valid, tw.double() * nll, torch.zeros_like(nll)).sum()
+    if tw.is_floating_point():
+        den = tw.double().sum().clamp(min=1e-12) if denominator is None else \
+            torch.as_tensor(float(denominator), dtype=torch.float64).clamp(min=1)
+    else:
+        den = (tw.sum() if denominator is None else torch.as_tensor(denominator)).clamp(min=1).double()
+    loss = total / den
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), grads
+
+
+def _fused(hid, w, b, y, tw, **kw):
+    loss = selective_linear_cross_entropy(hid, w, b, y, tw, **kw)
+    leaves = (hid, w) + ((b,) if b is not None else ())
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def _close(got, want, rtol, atol):
+    loss, grads = got
+    rloss, rgrads = want
+    torch.testing.assert_close(loss.double(), rloss, rtol=rtol, atol=atol)
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("v", [1, 7, 1000, 50257])
+@pytest.mark.parametrize("bias", [True, False])
+def test_odd_vocabularies_match_float64(v, bias):
+    n = 9 if v == 50257 else 23
+    hid, w, b, y, tw = _inputs(n, 8, v, bias=bias)
+    _close(_fused(hid, w, b, y, tw, chunk_tokens=4), _reference(hid, w, b, y, tw), 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("n,chunk", [(1, None), (2, 1), (63, 16), (1000, 97), (1000, None)])
+def test_token_counts_and_chunkings_match_float64(n, chunk):
+    hid, w, b, y, tw = _inputs(n, 16, 33, seed=n)
+    _close(_fused(hid, w, b, y, tw, chunk_tokens=chunk), _reference(hid, w, b, y, tw), 1e-4, 1e-5)
+
+
+def test_65536_tokens_match_float64():
+    hid, w, b, y, tw = _inputs(65536, 4, 5, seed=3)
+    _close(_fused(hid, w, b, y, tw, chunk_tokens=8192), _reference(hid, w, b, y, tw), 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize("denominator", [None, 7, torch.tensor(300)])
+def test_float_weights_and_denominators_match_float64(denominator):
+    hid, w, b, y, tw = _inputs(50, 8, 31, float_weight=True)
+    _close(_fused(hid, w, b, y, tw, denominator=denominator, chunk_tokens=16),
+           _reference(hid, w, b, y, tw, denominator), 1e-4, 1e-5)
+    hid, w, b, y, tw = _inputs(50, 8, 31)
+    _close(_fused(hid, w, b, y, tw, denominator=denominator, chunk_tokens=16),
+           _reference(hid, w, b, y, tw, denominator), 1e-4, 1e-5)
+
+
+def test_softcap_matches_float64():
+    hid, w, b, y, tw = _inputs(40, 8, 57)
+    _close(_fused(hid, w, b, y, tw, softcap=2.0, chunk_tokens=16), _reference(hid, w, b, y, tw, softcap=2.0),
+           1e-4, 1e-5)
+
+
+def test_equals_the_unfused_selective_cross_entropy():
+    """The same numbers as the path it replaces (the loss rules are that function's)."""
+    hid, w, b, y, tw = _inputs(3 * 20, 8, 41)
+    logits = torch.nn.functional.linear(hid, w, b).reshape(3, 20, 41)
+    want = selective_cross_entropy(logits, y.reshape(3, 20), tw.reshape(3, 20))
+    got = selective_linear_cross_entropy(hid.reshape(3, 20, 8), w, b, y.reshape(3, 20), tw.reshape(3, 20))
+    torch.testing.assert_close(got, want)
+    gw, gh = torch.autograd.grad(want, (w, hid))
+    fw, fh = torch.autograd.grad(got, (w, hid))
+    torch.testing.assert_close(fw, gw)
+    torch.testing.assert_close(fh, gh)
+
+
+@pytest.mark.parametrize("case", ["all_ignored", "none_selected", "zero_float_weights", "no_tokens"])
+def test_nothing_to_learn_gives_a_connected_zero(case):
+    n = 0 if case == "no_tokens" else 12
+    hid, w, b, y, tw = _inputs(n, 8, 9, float_weight=case == "zero_float_weights")
+    if case == "all_ignored":
+        y = torch.full_like(y, -100)
+    else:
+        tw = torch.zeros_like(tw)
+    loss = selective_linear_cross_entropy(hid, w, b, y, tw)
+    assert loss.item() == 0.0 and loss.requires_grad
+    for g in torch.autograd.grad(loss, (hid, w, b)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_poisoned_buffers_are_fully_written(monkeypatch):
+    """Every output buffer pre-filled with NaN: the results are the clean ones, so every element
+    (the ignored rows' zero gradients too) is written."""
+    hid, w, b, y, tw = _inputs(37, 8, 29)
+    clean = _fused(hid, w, b, y, tw, chunk_tokens=8)
+    monkeypatch.setattr(flce, "_new_buffer", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype))
+    poisoned = _fused(hid, w, b, y, tw, chunk_tokens=8)
+    assert all(torch.isfinite(g).all() for g in poisoned[1])
+    _close(poisoned, (clean[0].double(), [g.double() for g in clean[1]]), 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_match_the_unfused_half_path_and_float64(dtype):
+    hid, w, b, y, tw = _inputs(300, 32, 500, dtype=dtype)
+    got = _fused(hid, w, b, y, tw, chunk_tokens=64)
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1])
+    logits = torch.nn.functional.linear(hid, w, b)  # the model's head in half precision
+    unfused = selective_cross_entropy(logits, y, tw)
+    want = (unfused.detach(), torch.autograd.grad(unfused, (hid, w, b)))
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    _close((got[0].double(), [g.double() for g in got[1]]),
+           (want[0].double(), [g.double() for g in want[1]]), tol, tol)
+    _close(got, _reference(hid, w, b, y, tw), 5 * tol, 5 * tol)
+
+
+def test_frozen_head_and_no_grad():
+    hid, w, b, y, tw = _inputs(20, 8, 13)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    loss = selective_linear_cross_entropy(hid, w, b, y, tw)
+    (gh,) = torch.autograd.grad(loss, (hid,))
+    torch.testing.assert_close(gh.double(), _reference(hid, w, b, y, tw)[1][0])
+    with torch.no_grad():
+        assert not selective_linear_cross_entropy(hid, w, b, y, tw).requires_grad
+
+
+def test_label_out_of_range_is_nan_not_a_crash():
+    hid, w, b, y, tw = _inputs(10, 8, 13, ignore=0.0, select=1.0)
+    y[4] = 13
+    assert math.isnan(selective_linear_cross_entropy(hid, w, b, y, tw).item())
+
+
+def test_bad_inputs_say_what_to_change():
+    hid, w, b, y, tw = _inputs(10, 8, 13)
+    with pytest.raises(TypeError, match="nn.Linear would refuse"):
+        selective_linear_cross_entropy(hid.bfloat16(), w, b, y, tw)
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\]"):
+        selective_linear_cross_entropy(hid, w.t(), b, y, tw)
+    with pytest.raises(ValueError, match="target must be"):
+        selective_linear_cross_entropy(hid, w, b, y[:5], tw)
+    with pytest.raises(ValueError, match="softcap"):
+        selective_linear_cross_entropy(hid, w, b, y, tw, softcap=0.0)
+
+
+def test_default_chunks_bound_the_logits():
+    assert default_chunk_tokens(16384, 128256) == 1024
+    assert default_chunk_tokens(16384, 49152) == 2048
+    assert default_chunk_tokens(5, 128256) == 5
+    assert default_chunk_tokens(100000, 10**9) == flce.MIN_CHUNK_TOKENS
+
+
+def test_compiles_fullgraph_with_inductor_on_cpu():
+    """torch.compile(fullgraph=True) of a function using it (Liger 0.8.5 failed here on torch 2.11)."""
+    hid, w, b, y, tw = _inputs(2 * 24, 16, 37)
+
+    def step(hid, w, b, y, tw):
+        return selective_linear_cross_entropy(torch.tanh(hid) * 2, w, b, y, tw, chunk_tokens=16) * 3
+
+    got = torch.compile(step, fullgraph=True)(hid, w, b, y, tw)
+    g = torch.autograd.grad(got, (hid, w, b))
+    want = step(hid, w, b, y, tw)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(g, torch.autograd.grad(want, (hid, w, b))):
+        torch.testing.assert_close(a, r)
+
+
+def test_the_op_is_one_node_of_the_compiled_graph():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    hid, w, b, y, tw = _inputs(16, 8, 11)
+    loss = torch.compile(selective_linear_cross_entropy, fullgraph=True, backend=backend)(hid, w, b, y, tw)
+    loss.backward()
+    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "fused_linear_cross_entropy" in str(n.target)]
+    assert len(ops) == 1
+
+
+def test_compiled_chunk_epilogue_matches(monkeypatch):
+    """The Inductor-compiled chunk middle (on by default on CUDA) gives the eager numbers."""
+    monkeypatch.setenv("CGGR_FUSED_LOSS_COMPILE_CHUNKS", "1")
+    monkeypatch.setattr(flce, "_COMPILED", {})
+    hid, w, b, y, tw = _inputs(40, 8, 19)
+    _close(_fused(hid, w, b, y, tw, chunk_tokens=16), _reference(hid, w, b, y, tw), 1e-4, 1e-5)
+    assert "epilogue" in flce._COMPILED
