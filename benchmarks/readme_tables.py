@@ -170,17 +170,19 @@ def quality_table(summary: dict) -> str:
 def quality_detail_table(summary: dict) -> str:
     """Every seed's final, the steps, the chosen lr and (noisy regimes) the share of noise trained on."""
     groups = quality_groups(summary)
-    lines = ["| regime | mode | final by seed | mean ± std | best lr (of) | steps | ms/step | noise share trained |",
+    lines = ["| regime | mode | final by seed | mean ± std | best lr | steps | ms/step | noise share trained |",
              "|---|---|---|---|---|---|---|---|"]
     for g in groups:
         for r in g["rows"]:
             finals = " / ".join(f"{s}: {v:.3f}" for s, v in zip(r["seeds"], r["finals"]))
             steps = " / ".join("–" if s is None else str(s) for s in r["steps"])
-            noise = (f"{min(r['noise']):.2f}–{max(r['noise']):.2f}" if r["noise"] else "–")
+            lo, hi = (f"{min(r['noise']):.2f}", f"{max(r['noise']):.2f}") if r["noise"] else ("–", "–")
+            noise = lo if lo == hi else f"{lo}–{hi}"
             ms = "–" if r["ms"] is None else f"{r['ms']:.1f}"
-            lrs = ", ".join(_lr(x) for x in r["lrs"])
+            # the other learning rates tried, when there were any
+            lrs = f" (of {', '.join(_lr(x) for x in r['lrs'])})" if len(r["lrs"]) > 1 else ""
             lines.append(f"| {_setting_label(g['setting'])} | {_mode_label(r)} | {finals} | {_mean_std(r)} | "
-                         f"{_lr(r['lr'])} ({lrs}) | {steps} | {ms} | {noise} |")
+                         f"{_lr(r['lr'])}{lrs} | {steps} | {ms} | {noise} |")
     return "\n".join(lines)
 
 
