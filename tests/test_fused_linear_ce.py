@@ -219,3 +219,23 @@ def test_compiled_chunk_epilogue_matches(monkeypatch):
     hid, w, b, y, tw = _inputs(40, 8, 19)
     _close(_fused(hid, w, b, y, tw, chunk_tokens=16), _reference(hid, w, b, y, tw), 1e-4, 1e-5)
     assert "epilogue" in flce._COMPILED
+
+
+def test_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/bench_fused_loss.py --smoke: every path runs, the JSON and the table come out."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_fused_loss
+
+    out = tmp_path / "smoke.json"
+    result = bench_fused_loss.main(["--smoke", "--compile-backend", "aot_eager", "--reps", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["cases"] and saved["cases"] == json.loads(json.dumps(result["cases"]))
+    for case in saved["cases"]:
+        assert set(case["paths"]) == {"compiled", "fused", "fused_compiled", "fused_eager_chunks"}
+        for name, r in case["paths"].items():
+            assert "error" not in r, (name, r)
+            assert r["loss_abs_diff"] < 1e-2 and r["grad_hidden_rel_l2"] < 2e-2 and r["grad_weight_rel_l2"] < 2e-2

@@ -132,8 +132,9 @@ def _epilogue_fn(device: torch.device) -> Any:
         return _chunk_epilogue
     fn = _COMPILED.get("epilogue")
     if fn is None:
-        # dynamic=False: two shapes at most (the full chunk and the last one), each compiled once
-        fn = torch.compile(_chunk_epilogue, dynamic=False, fullgraph=True)
+        # Automatic dynamic shapes: the second row count seen (the last chunk, another level's k)
+        # recompiles once with a symbolic one, so a schedule never runs into the recompile limit.
+        fn = torch.compile(_chunk_epilogue, fullgraph=True)
         _COMPILED["epilogue"] = fn
     return fn
 
