@@ -231,6 +231,14 @@ def test_results_index_lists_every_file():
     assert not missing, f"{index.relative_to(REPO)} lists files that do not exist: {', '.join(missing)}"
 
 
+def test_readme_is_short_and_leads_with_the_verdict():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 160, (f"README.md has {len(lines)} lines; keep it near 150 and move detail into "
+                               "docs/usage.md, docs/architecture.md or docs/results.md")
+    verdict = [i for i, line in enumerate(lines) if line.strip() == "## Verdict"]
+    assert verdict and verdict[0] < 30, "the README's verdict belongs on its first screen, right after the set-up"
+
+
 def test_readme_opening_block_is_the_ci_command():
     """.ci/run reads the test command from the README's first ```bash block."""
     text = (REPO / "README.md").read_text()
