@@ -178,8 +178,9 @@ def test_readme_tables_check_sees_a_stale_table():
     readme = (REPO / "README.md").read_text()
     rendered = t.render(readme, REPO / "README.md", t.tables())
     assert rendered == readme
-    stale = readme.replace("| pretrained-noisy | full batch |", "| pretrained-noisy | full batch (edited) |", 1)
-    assert stale != readme
+    # a hand edit of the table's last row (as when a figure is typed in instead of generated)
+    end = readme.index("\n<!-- quality-table:end -->")
+    stale = readme[:end] + " edited" + readme[end:]
     assert t.render(stale, REPO / "README.md", t.tables()) == readme
     with pytest.raises(SystemExit, match="quality-table"):
         t.render(readme.replace("<!-- quality-table:start -->", ""), REPO / "README.md", t.tables())
