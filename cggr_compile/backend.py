@@ -25,6 +25,7 @@ import torch.fx as fx
 from cggr_compile.config import CGGRConfig
 from cggr_compile.errors import fall_back
 from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module, compile_in_ddp_buckets
+from cggr_compile.passes.fuse_loss import record_fused_loss
 from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
@@ -186,6 +187,7 @@ def routed_graph(
     finally:
         core.fuse_in_route = fuse_in_route
     fuse_scorer(gm, enabled=core.cggr_config.fused_scorer, autocast_dtype=_autocast_dtype(example_inputs))
+    record_fused_loss(gm, core.__dict__["fused_loss"])  # gm.meta["cggr_fused_loss"]: fused, or why not
     return gm
 
 
@@ -261,7 +263,7 @@ class RoutedGraph:
                        selection=core.cggr_config.selection, scoring=core.cggr_config.scoring,
                        selected=selection)
         core._record(metrics)
-        outs: list[Any] = [logits.new_empty(0)] * plan.num_outputs  # caches: a training step has none
+        outs: list[Any] = [loss.new_empty(0)] * plan.num_outputs  # caches: a training step has none
         outs[plan.loss_output] = loss
         if plan.logits_output >= 0:
             outs[plan.logits_output] = logits

@@ -52,6 +52,12 @@ class CGGRConfig:
         fused_scorer: score straight from the router's hidden states with the fused head+scoring
             op (``cggr_compile.ops.fused_scorer``: a Triton kernel on CUDA, chunked torch elsewhere)
             when the head is one linear layer, so the ``B x T x V`` logits are never written.
+        fused_loss: the main pass's loss from its final hidden states with the fused head + selective
+            cross-entropy op (``cggr_compile.ops.fused_linear_ce``), so its ``rows x T x V`` logits
+            are never written: ``True`` (warn, or raise under ``strict``, where the model does not
+            allow it), ``"auto"`` (fuse where it can; ``passes/fuse_loss.py`` says why not) or
+            ``False``. The training step's output then has ``logits=None`` and the main pass's
+            ``last_hidden_state``.
         data_parallel_normalize: under an initialised process group (DDP, FSDP2), divide each
             rank's loss by the selected tokens of all ranks over the world size, so that every
             selected token weighs the same across ranks (``cggr_compile.distributed``).
@@ -86,6 +92,7 @@ class CGGRConfig:
     importance_floor: float = 0.5
     seed: int = 0
     fused_scorer: bool = True
+    fused_loss: Any = False  # False, True or "auto"
     data_parallel_normalize: bool = True
     strict: bool = False
     reference: Optional[Any] = field(default=None, compare=False)
@@ -149,6 +156,12 @@ class CGGRConfig:
         if not isinstance(self.threshold_sensitivity, (int, float)) or self.threshold_sensitivity < 0:
             raise ValueError(
                 f"threshold_sensitivity must be a number >= 0, got {self.threshold_sensitivity!r}."
+            )
+        if not any(self.fused_loss is v if isinstance(v, bool) else self.fused_loss == v
+                   for v in (False, True, "auto")):
+            raise ValueError(
+                f"fused_loss must be False, True or 'auto', got {self.fused_loss!r}: True fuses the main "
+                "pass's head with its loss (no logits), 'auto' does so where the model allows it."
             )
         if self.reference is not None and self.scoring != "reducible":
             raise ValueError(

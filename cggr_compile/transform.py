@@ -28,6 +28,7 @@ from . import scoring as S
 from .config import CGGRConfig
 from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
+from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
 from .router import WholeModelRouter, build_router
 from .schedule import Schedule, rows_for_ratio
 
@@ -196,6 +197,8 @@ class CGGRModel(nn.Module):
         # Whether ``route`` calls the fused scorer op itself (cfg.fused_scorer and a linear head).
         # The backend traces with this off and lets passes/fuse_scorer.py put the op in the graph.
         self.fuse_in_route = True
+        # The main pass's loss: the model's logits, or the fused head + loss (passes/fuse_loss.py).
+        self.__dict__["fused_loss"] = choose_fused_loss(model, config.fused_loss, config.strict)
 
     # -- checkpoint compatibility with the wrapped model --------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -377,20 +380,28 @@ class CGGRModel(nn.Module):
             idx, weight = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
-            out = call_model(self.model, input_ids.index_select(0, idx), mask_k, **sliced)
+            out = self._main_pass(input_ids.index_select(0, idx), mask_k, **sliced)
             denominator = self._denominator(weight, denominator, self._loss_count(r))
-            loss = S.selective_cross_entropy(out.logits, r.target.index_select(0, idx), weight, denominator)
+            loss = selective_loss(self.__dict__["fused_loss"], out, r.target.index_select(0, idx), weight,
+                                  denominator)
             out["selected_indices"] = idx
         else:
             _, weight = self._choose(r)
-            out = call_model(self.model, input_ids, attention_mask, **kwargs)
+            out = self._main_pass(input_ids, attention_mask, **kwargs)
             denominator = self._denominator(weight, denominator)
-            loss = S.selective_cross_entropy(out.logits, r.target, weight, denominator)
+            loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
         metrics = self._step_metrics(r, weight)
         out["cggr_metrics"] = metrics
         return out, metrics
+
+    def _main_pass(self, input_ids: Tensor, attention_mask: Optional[Tensor], **kwargs: Any) -> Any:
+        """The model on the rows (or batch) that train: an output with ``.logits`` and item access
+        (``logits=None`` and the final hidden states where the loss is fused)."""
+        if self.__dict__["fused_loss"]:  # no logits: the loss is formed from the hidden states
+            return fused_main_pass(self.__dict__["fused_loss"], input_ids, attention_mask, kwargs, CGGROutput)
+        return call_model(self.model, input_ids, attention_mask, **kwargs)
 
     def _choose(self, r: Routing) -> tuple[Tensor, Tensor]:
         """The selection from the router's scores, and the loss weight of its positions.

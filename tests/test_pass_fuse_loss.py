@@ -1,0 +1,110 @@
+"""passes/fuse_loss: the main pass's loss through the fused head + cross-entropy op (option
+fused_loss), on the transform and the backend: same loss and gradients as the unfused path, the op
+visible in the rewritten graph, and the reason where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cggr_compile
+from cggr_compile.backend import core_of, explain
+from cggr_compile.config import CGGRConfig
+from cggr_compile.errors import CGGRFallbackError, CGGRFallbackWarning
+from cggr_compile.passes.fuse_loss import choose_fused_loss, fused_loss_nodes
+from models import batch, tiny_model
+
+OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
+            selection="topk")
+OP = "fused_linear_cross_entropy"
+
+
+def _train_step(name, fused_loss, entry="transform", data=None, **options):
+    model = tiny_model(name)
+    opts = dict(OPTS, **options)
+    data = data or batch(name)
+    if entry == "transform":
+        out = cggr_compile.transform(model, fused_loss=fused_loss, **opts)(**data)
+    elif entry == "compiled_transform":
+        out = torch.compile(cggr_compile.transform(model, fused_loss=fused_loss, **opts), backend="aot_eager")(**data)
+    else:
+        out = torch.compile(model, backend="cggr", options=dict(fused_loss=fused_loss, **opts))(**data)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, out, grads
+
+
+def _same(a, b):
+    (_, out_a, g_a), (_, out_b, g_b) = a, b
+    torch.testing.assert_close(out_a.loss, out_b.loss)
+    assert g_a.keys() == g_b.keys()
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], msg=n)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])  # plain, tied + soft-capped, tied
+def test_transform_fused_loss_gives_the_unfused_loss_and_gradients(name):
+    fused, unfused = _train_step(name, True), _train_step(name, False)
+    _same(fused, unfused)
+    out = fused[1]
+    assert out.get("logits") is None and unfused[1].logits is not None
+    k = out["selected_indices"].shape[0]
+    assert out["last_hidden_state"].shape[:2] == (k, batch(name)["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("options", [dict(granularity="tokens"), dict(selection="importance"),
+                                     dict(loss_denominator=40)], ids=["tokens", "importance", "denominator"])
+def test_transform_fused_loss_keeps_every_loss_rule(options):
+    data = batch("llama")
+    if "loss_denominator" in options:
+        data["loss_denominator"] = options.pop("loss_denominator")
+    _same(_train_step("llama", "auto", data=dict(data), **options),
+          _train_step("llama", False, data=dict(data), **options))
+
+
+def test_no_valid_position_gives_a_connected_zero():
+    data = batch("llama")
+    data["labels"] = torch.full_like(data["labels"], -100)
+    model, out, grads = _train_step("llama", True, data=data)
+    assert out.loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("entry", ["backend", "compiled_transform"])
+def test_compiled_fused_loss_gives_the_unfused_gradients(entry):
+    _same(_train_step("llama", "auto", entry), _train_step("llama", False, "transform"))
+
+
+def test_backend_graph_shows_the_op_or_why_not():
+    model, out, _ = _train_step("llama", "auto", "backend")
+    gm = next(iter(core_of(model).routed_graphs[0].graphs.values()))
+    assert len(fused_loss_nodes(gm)) == 1 and gm.meta["cggr_fused_loss"] == "fused: llama head 64x32"
+    assert out.logits is None
+    model, out, _ = _train_step("llama", False, "backend")
+    gm = next(iter(core_of(model).routed_graphs[0].graphs.values()))
+    assert not fused_loss_nodes(gm) and gm.meta["cggr_fused_loss"] == "fused_loss=False"
+    assert out.logits is not None
+
+    data = batch("llama")
+    text = explain(tiny_model("llama"), **data, fused_loss="auto", **OPTS)
+    assert OP in text and "cross_entropy_loss" not in text
+    assert OP not in explain(tiny_model("llama"), **data, **OPTS)
+
+
+def test_not_applicable_says_why():
+    assert choose_fused_loss(tiny_model("bert"), "auto").reason == \
+        "bert is a masked LM (its head is not one linear layer)"
+    hooked = tiny_model("llama")
+    hooked.lm_head.register_forward_hook(lambda *a: None)
+    assert "has forward hooks" in choose_fused_loss(hooked, "auto").reason
+    with pytest.raises(CGGRFallbackError, match="fused_loss=True, but bert is a masked LM"):
+        choose_fused_loss(tiny_model("bert"), True, strict=True)
+    with pytest.warns(CGGRFallbackWarning, match="fused_loss='auto'"):
+        assert not choose_fused_loss(tiny_model("bert"), True)
+    # 'auto' falls back silently and the step trains unfused
+    _same(_train_step("bert", "auto"), _train_step("bert", False))
+
+
+def test_bad_setting_is_refused():
+    with pytest.raises(ValueError, match="fused_loss must be False, True or 'auto'"):
+        CGGRConfig(fused_loss="yes")
