@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import speed as _speed  # noqa: E402,F401 - its finder maps cggr_compile.passes to passes/ (no install needed)
 from benchmarks.common import device_name, device_slug  # noqa: E402
 from cggr_compile.ops import fused_linear_ce as flce  # noqa: E402
 from cggr_compile.scoring import selective_cross_entropy  # noqa: E402

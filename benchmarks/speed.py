@@ -487,6 +487,26 @@ class Ctx:
         return opts
 
 
+def fused_loss_full_batch(model: torch.nn.Module) -> Callable[..., Any]:
+    """``--fused-loss``: the whole batch with the fused head + cross-entropy instead of the model's
+    own loss (``cggr_compile.ops.fused_linear_ce``): its base model, then the loss over every shifted
+    label that is not -100 (the Hugging Face causal LM loss, the same mean), with no B x T x V
+    logits. What the fusion alone buys, without CGGR."""
+    from cggr_compile.passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
+    from cggr_compile.scoring import IGNORE_INDEX, aligned_labels
+    from cggr_compile.transform import CGGROutput
+
+    choice = choose_fused_loss(model, True, strict=True)
+
+    def fwd(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        out = fused_main_pass(choice, input_ids, attention_mask, kwargs, CGGROutput)
+        target = aligned_labels(labels, causal=True)
+        out["loss"] = selective_loss(choice, out, target, target != IGNORE_INDEX)
+        return out
+    return fwd
+
+
 def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ctx: Ctx, batch: int, k: int,
                ratio: float, router_layers: int, warmup_steps: int = 0) -> tuple[Callable[[dict], Any], Callable[[], dict]]:
     """Returns ``step(batch_dict) -> tensor`` (one whole timed step) and ``info() -> dict`` (routing check)."""
@@ -508,7 +528,7 @@ def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ct
     if mode == "eager":
         return train_step(model), no_info
     if mode == "compiled":
-        return train_step(ctx.compile(model)), no_info
+        return train_step(ctx.compile(fused_loss_full_batch(model) if ctx.args.fused_loss else model)), no_info
     if mode == "random_subset":
         cm = ctx.compile(model)
 
@@ -660,6 +680,8 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
                                router_layers=router_layers, k=k, status="ok")
     if mode in ("eager", "compiled"):
         rec["ratio"], rec["router_layers"], rec["k"] = None, None, batch
+    if mode == "compiled" and ctx.args.fused_loss:
+        rec["fused_loss"] = True  # the full batch's loss by the fused head + cross-entropy
     elif mode == "random_subset":
         rec["router_layers"] = None
     cap = LogCapture()
@@ -1095,6 +1117,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="output name (default: the preset, plus a suffix if the grid differs)")
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true")
+    p.add_argument("--fused-loss", action="store_true",
+                   help="the compiled (full batch) mode computes its loss with the fused head + cross-entropy "
+                        "(cggr_compile.ops.fused_linear_ce, no logits): what the fusion alone buys")
     p.add_argument("--cudagraphs", action="store_true",
                    help="CUDA graphs in every compiled mode: mode='reduce-overhead' for Inductor, "
                         "options cudagraphs=True for the cggr backend")

@@ -108,3 +108,23 @@ def test_not_applicable_says_why():
 def test_bad_setting_is_refused():
     with pytest.raises(ValueError, match="fused_loss must be False, True or 'auto'"):
         CGGRConfig(fused_loss="yes")
+
+
+def test_speed_benchmark_full_batch_fused_loss_is_the_models_loss():
+    """benchmarks/speed.py --fused-loss: the compiled full-batch mode's fused loss is the model's own
+    loss (the mean over the shifted labels that are not -100), with the same gradients."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.speed import fused_loss_full_batch
+
+    data = batch("llama")
+    model = tiny_model("llama")
+    want = model(**data).loss
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    out = fused_loss_full_batch(model)(**data)
+    assert out.get("logits") is None
+    torch.testing.assert_close(out.loss, want)
+    for g, w in zip(torch.autograd.grad(out.loss, list(model.parameters())), want_grads):
+        torch.testing.assert_close(g, w)
