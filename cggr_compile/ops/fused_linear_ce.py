@@ -84,10 +84,11 @@ def _new_buffer(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device
 # ----------------------------------------------------------------------------------------------
 def _chunk_epilogue(
     z: Tensor, y: Tensor, w: Tensor, softcap: Optional[float], need_grad: bool, out_dtype: torch.dtype,
+    need_bias: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """From a chunk's raw logits ``z`` ``[C, V]`` (the head's output dtype): the chunk's weighted
-    loss sum (float32 scalar) and, if ``need_grad``, ``dL/dz`` in ``out_dtype`` ``[C, V]`` and its
-    float32 column sums ``[V]`` (the bias gradient)."""
+    loss sum (float32 scalar) and, if ``need_grad``, ``dL/dz`` in ``out_dtype`` ``[C, V]`` and, if
+    ``need_bias``, its float32 column sums ``[V]`` (the bias gradient)."""
     v = z.shape[1]
     zf = z if z.dtype == torch.float64 else z.float()  # float32 math, float64 kept (references)
     t = None
@@ -112,7 +113,7 @@ def _chunk_epilogue(
     g = torch.where(onehot, g - scale[:, None], g)
     if t is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
         g = g * (1.0 - t * t)
-    return total, g.to(out_dtype), g.sum(0)
+    return total, g.to(out_dtype), (g.sum(0) if need_bias else None)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -161,7 +162,7 @@ def _chunked_forward_backward(
         e = min(n, s + c)
         h = hidden[s:e]
         z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-        part, g, gsum = epilogue(z, target[s:e], token_weight[s:e], softcap, need, hidden.dtype)
+        part, g, gsum = epilogue(z, target[s:e], token_weight[s:e], softcap, need, hidden.dtype, grad_bias)
         total = total + part
         if g is None:
             continue
