@@ -84,6 +84,9 @@ def test_float_weights_and_denominators_match_float64(denominator):
     hid, w, b, y, tw = _inputs(50, 8, 31, float_weight=True)
     _close(_fused(hid, w, b, y, tw, denominator=denominator, chunk_tokens=16),
            _reference(hid, w, b, y, tw, denominator), 1e-4, 1e-5)
+    tiny = tw * 1e-3  # weights summing below 1: the default normaliser is their sum, not clamped to 1
+    _close(_fused(hid, w, b, y, tiny, denominator=denominator, chunk_tokens=16),
+           _reference(hid, w, b, y, tiny, denominator), 1e-4, 1e-5)
     hid, w, b, y, tw = _inputs(50, 8, 31)
     _close(_fused(hid, w, b, y, tw, denominator=denominator, chunk_tokens=16),
            _reference(hid, w, b, y, tw, denominator), 1e-4, 1e-5)
