@@ -52,7 +52,7 @@ def parity(entry: str) -> dict:
     if entry == "backend":
         fn = torch.compile(model, backend="cggr", options=OPTS)
         out = fn(**b)
-        idx = cggr_compile.last_metrics(model)["selected"].tolist()
+        idx = cggr_compile.last_metrics(model)["selected_indices"].tolist()
     else:
         cg = cggr_compile.transform(model, **OPTS)
         out = torch.compile(cg)(**b)

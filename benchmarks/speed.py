@@ -557,7 +557,7 @@ def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ct
 
         def info() -> dict:
             m = cggr_compile.last_metrics(model)
-            sel = m.get("selected")
+            sel = m.get("selected_indices")
             return {"k_observed": m.get("k"), "selected_rows": int(sel.shape[0]) if isinstance(sel, torch.Tensor) else None,
                     "routed_graph_compiles": routed_graph_compiles(model)}
         return train_step(cm, lambda: cggr_compile.step(model)), info

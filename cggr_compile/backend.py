@@ -30,7 +30,7 @@ from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
 from cggr_compile.graph_text import graph_text
-from cggr_compile.transform import CGGRModel, StepLevel
+from cggr_compile.transform import CGGRModel, StepLevel, selection_key
 
 _warned: set[str] = set()
 # Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
@@ -260,8 +260,8 @@ class RoutedGraph:
         loss, logits, selection, *extras = fn(*args, step_tensor, *self.references)
         metrics = dict(zip(METRIC_KEYS, extras))
         metrics.update(step=core.schedule.step, token_ratio=core._ratio, k=k,
-                       selection=core.cggr_config.selection, scoring=core.cggr_config.scoring,
-                       selected=selection)
+                       selection=core.cggr_config.selection, scoring=core.cggr_config.scoring)
+        metrics[selection_key(core.cggr_config.granularity)] = selection  # the transform's name
         core._record(metrics)
         outs: list[Any] = [loss.new_empty(0)] * plan.num_outputs  # caches: a training step has none
         outs[plan.loss_output] = loss
@@ -321,11 +321,9 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
                   "(run in the step) or train cggr_compile.transform(model), which reads reference_loss=",
                   strict)
         return plain()
-    try:
-        core = core_for(module, config_options)
-    except ValueError as err:
-        warn_once(str(err), strict)
-        return plain()
+    # A bad option for this model (router_layers beyond its depth...) is the user's to fix: an
+    # error, never a fallback that would train the whole batch.
+    core = core_for(module, config_options)
     routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs,
                          active_ddp_bucket_bytes() if ddp_buckets else None)
     core.__dict__.setdefault("routed_graphs", []).append(routed)

@@ -79,12 +79,14 @@ class CGGRModel(_TransformModel):
     """The original's ``CGGRModel(model, router=..., min_tokens_ratio=...)``: a training call with
     labels returns the CGGR loss tensor; anything else (eval, ``no_grad``, no labels) returns the
     plain model's output. The options are :class:`~cggr_compile.config.CGGRConfig`'s, with the
-    original's defaults (``scoring='combined'``, ``selection='topk'``; they can drift, see the README)."""
+    original's defaults (``scoring='combined'``, ``selection='topk'``, which can drift, see the
+    README; ``dynamic_threshold=True``)."""
 
     def __init__(self, model: nn.Module, config: Optional[CGGRConfig] = None, **options: Any) -> None:
         if config is None:
             options.setdefault("scoring", "combined")
             options.setdefault("selection", "topk")
+            options.setdefault("dynamic_threshold", True)
         super().__init__(model, config, **options)
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,

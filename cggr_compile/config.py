@@ -24,7 +24,8 @@ class CGGRConfig:
 
     Attributes:
         min_tokens_ratio: share of the batch (sequences) or of the valid tokens (tokens) kept
-            once warmup is over, in (0, 1].
+            once warmup is over, in (0, 1]: exactly that share with the defaults (rounded up to
+            one of ``num_levels`` levels); the dynamic threshold, when on, keeps more.
         router_layers: decoder layers the router runs (the model's own first K layers, then its
             final norm and head); ``1 <= router_layers < num_layers``.
         scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md), or
@@ -36,9 +37,17 @@ class CGGRConfig:
             difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the loss and its
             gradient are unbiased estimates of the whole batch's; see ``importance_floor``).
         granularity: ``sequences`` (slice the batch: saves compute) or ``tokens`` (selective loss).
-        warmup_steps: curriculum length: the ratio falls linearly from 1 to ``min_tokens_ratio``.
-        dynamic_threshold: raise the ratio when the router is unsure (uses the previous step's
-            mean top-1 probability, so no step waits on the device).
+        warmup_steps: curriculum length in optimizer steps: the ratio falls linearly from 1 to
+            ``min_tokens_ratio`` (the batch is sliced once the ratio's level gives fewer rows than
+            ``B``: at step 286 of 1000 for B=8). The schedule advances by itself after each
+            optimizer step that updates the model; the first routed step logs what it will do.
+        dynamic_threshold: raise the ratio when the router is unsure, to
+            ``ratio * (1 + (1 - c) * threshold_sensitivity)`` (at most 1), ``c`` the mean top-1
+            probability of the previous step (so no step waits on the device). Off by default, so
+            that ``min_tokens_ratio`` is what is kept; on, a fresh model's low confidence can hold
+            ``k`` well above it (B=8, 0.25: 4 rows instead of 2). The original library's classes
+            (``cggr_compile.CGGRModel``, ``CGGRLoss``) keep the original's default, on; the log line
+            at the end of the warmup says what it did.
         threshold_sensitivity: strength of the dynamic threshold, >= 0.
         num_strata: buckets of the stratified selection, >= 1.
         min_tokens_per_sequence: the ``sequence_aware`` floor per sequence, >= 0.
@@ -84,7 +93,7 @@ class CGGRConfig:
     selection: Optional[str] = None  # None: "importance" for sequences, "topk" for tokens
     granularity: str = "sequences"
     warmup_steps: int = 1000
-    dynamic_threshold: bool = True
+    dynamic_threshold: bool = False  # min_tokens_ratio means what it says (the original's classes: True)
     threshold_sensitivity: float = 0.5
     num_strata: int = 4
     min_tokens_per_sequence: int = 1

@@ -56,11 +56,14 @@ _NOT_FOR_ROUTER = {
     "output_hidden_states", "return_loss", "completion_mask", "assistant_masks", "logits_to_keep",
 }
 # Metrics kept as device tensors and averaged over micro-batches at log time.
-_MEAN_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty")
+# avg_difficulty is the batch's mean (~0 under scoring='combined', whose scores are z-scores);
+# selected_difficulty is the mean over the selected positions: their gap is what the router chose.
+_MEAN_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "selected_difficulty")
 _PER_STEP_KEYS = ("tokens_selected", "tokens_total")
 METRIC_LOG_KEYS = (
     "cggr/step", "cggr/k", "cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total",
     "cggr/selected_fraction", "cggr/avg_confidence", "cggr/avg_entropy", "cggr/avg_difficulty",
+    "cggr/selected_difficulty",
 )
 
 
@@ -432,6 +435,9 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
         # own loss cannot carry: the Trainer path keeps easy rows in every batch by strata instead.
         options["selection"] = TRAINER_DEFAULT_SELECTION
     cg = CGGRModel(_unwrap(model), config, **options)
+    # The trainer's callback advances the schedule, following its global_step (resume included),
+    # not the optimizer's hook.
+    cg.schedule.auto = False
     _check_selection(cg)
     integration = _TrainerIntegration(trainer, cg)
     trainer.get_batch_samples = integration.get_batch_samples

@@ -99,17 +99,123 @@ def _looks_masked(model: nn.Module) -> bool:
     return "MaskedLM" in type(model).__name__
 
 
-def _clone_tree(module: nn.Module) -> nn.Module:
-    """A new module object per node, with its own ``training`` flag and child list.
+# Keys of a clone's __dict__ that are its own, never the original's: its children, its mode, the
+# original it mirrors, how many children it keeps (a truncated layer list) and pinned attributes.
+_SOURCE, _KEEP, _PINNED = "_cggr_source", "_cggr_keep", "_cggr_pinned"
+_CLONE_OWN = frozenset({"_modules", "training", _SOURCE, _KEEP, _PINNED})
+_MISSING = object()
+
+
+def _clone_tree(module: nn.Module, keep: Optional[int] = None) -> nn.Module:
+    """A new module object per node, with its own ``training`` flag and child list (the first
+    ``keep`` children only, when given).
 
     The parameter and buffer *dicts* are the originals' (not copies): whatever replaces a tensor in
     the model (FSDP2 swapping sharded and unsharded parameters, ``load_state_dict(assign=True)``,
-    ``to_empty``) is seen by the router too. Hooks are shared the same way.
+    ``to_empty``) is seen by the router too. Hooks are shared the same way. Every other attribute
+    (PEFT's active adapter, a disabled adapter, a merge, a flag a user toggles) is copied, so
+    :func:`refresh_clone` brings it up to date before each routed step.
     """
     clone = object.__new__(type(module))  # no __init__ and no __reduce__ (FSDP2's classes define one)
     clone.__dict__ = dict(module.__dict__)
-    clone._modules = {n: (_clone_tree(c) if c is not None else None) for n, c in module._modules.items()}
+    children = list(module._modules.items())[:keep] if keep is not None else module._modules.items()
+    clone._modules = {n: (_clone_tree(c) if c is not None else None) for n, c in children}
+    clone.__dict__[_SOURCE] = module
+    if keep is not None:
+        clone.__dict__[_KEEP] = keep
     return clone
+
+
+def refresh_clone(clone: nn.Module) -> None:
+    """Make a clone tree of :func:`_clone_tree` score with its originals' live state.
+
+    Attributes follow the original's (adding, replacing and removing them; pinned ones stay); a
+    child the original replaced (PEFT injecting or unloading LoRA layers, a new adapter's modules)
+    is cloned afresh, in eval mode. Only attributes whose object changed are written, so a
+    compiled router sees no change (and recompiles on none) while the model's state stays put.
+    """
+    src = clone.__dict__.get(_SOURCE)
+    if src is None:  # a container the router built (a list of clones)
+        for child in clone._modules.values():
+            if child is not None:
+                refresh_clone(child)
+        return
+    mine, theirs = clone.__dict__, src.__dict__
+    pinned = mine.get(_PINNED, ())
+    for key, value in theirs.items():
+        if key not in _CLONE_OWN and key not in pinned and mine.get(key, _MISSING) is not value:
+            mine[key] = value
+    for key in [k for k in mine if k not in theirs and k not in _CLONE_OWN and k not in pinned]:
+        del mine[key]
+    keep = mine.get(_KEEP)
+    wanted = list(src._modules.items())[:keep] if keep is not None else list(src._modules.items())
+    children = mine["_modules"]
+    if [n for n, _ in wanted] != list(children):
+        children = mine["_modules"] = {n: children.get(n) for n, _ in wanted}
+    for name, child in wanted:
+        have = children[name]
+        if child is None:
+            children[name] = None
+        elif have is None or have.__dict__.get(_SOURCE) is not child:
+            children[name] = _clone_tree(child).train(False)
+        else:
+            refresh_clone(have)
+
+
+class _Clones:
+    """The clone trees of one router, with each original's attributes and children as of the last
+    sync: the check before each step is two dict comparisons per module, in C (identical values
+    compare equal without calling ``__eq__``), and only a change walks the trees."""
+
+    def __init__(self, roots: list[nn.Module]) -> None:
+        self.roots = roots
+        self._index()
+
+    def _index(self) -> None:
+        self.entries = []
+        for root in self.roots:
+            for clone in root.modules():
+                src = clone.__dict__.get(_SOURCE)
+                if src is not None:
+                    self.entries.append((src, dict(src.__dict__), dict(src._modules)))
+
+    def changed(self) -> bool:
+        try:
+            return any(src.__dict__ != attrs or src._modules != kids for src, attrs, kids in self.entries)
+        except Exception:  # noqa: BLE001 - a value whose == is not a bool (a tensor): walk the trees
+            return True
+
+    def refresh(self) -> None:
+        if self.changed():
+            for root in self.roots:
+                refresh_clone(root)
+            self._index()
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """A PEFT ``PeftModel``'s underlying model (its LoRA layers inside), whose first layers the
+    router runs; any other model unchanged."""
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def refresh_router(router: Any) -> None:
+    """Bring a router's clones up to date with the model (before each routed step); a user's
+    router (no clones) is left alone."""
+    if type(router).__module__ != __name__:  # a user's router: its state is its own
+        return
+    refresh = getattr(router, "refresh", None)
+    if callable(refresh):
+        refresh()
+        return
+    clones = router.__dict__.get("_cggr_clones")
+    if clones is None:
+        roots = [v for v in vars(router).values() if isinstance(v, nn.Module)
+                 and (_SOURCE in v.__dict__ or (isinstance(v, nn.ModuleList) and all(
+                     c is None or _SOURCE in c.__dict__ for c in v._modules.values())))]
+        clones = router.__dict__["_cggr_clones"] = _Clones(roots)
+    clones.refresh()
 
 
 def _truncated_config(config: Any, num_layers: int) -> Any:
@@ -137,20 +243,52 @@ class TruncatedRouter:
     """
 
     def __init__(self, model: nn.Module, num_layers: int, arch: Architecture) -> None:
-        base = getattr(model, arch.base_name)
         self.arch = arch
         self.num_layers = num_layers
+        self._model = model  # read at refresh (the head, the base model, the config)
+        self._build()
+
+    def _build(self) -> None:
+        model, arch = self._model, self.arch
+        base = getattr(model, arch.base_name)
         self.base = _clone_tree(base)
         parent_path, _, list_name = arch.layers_name.rpartition(".")
         parent = self.base.get_submodule(parent_path) if parent_path else self.base
-        parent._modules[list_name] = nn.ModuleList(list(parent._modules[list_name])[:num_layers])
-        cfg = _truncated_config(model.config, num_layers)
+        original_list = base.get_submodule(arch.layers_name)
+        parent._modules[list_name] = _clone_tree(original_list, keep=self.num_layers)
+        self._live_config = model.config
+        self._config = cfg = _truncated_config(model.config, self.num_layers)
         for m in self.base.modules():
             if getattr(m, "config", None) is model.config:
                 m.config = cfg
+                m.__dict__[_PINNED] = ("config",)  # the truncated config, kept up to date by refresh
         # The router scores in eval mode: no dropout, whatever the model's mode.
         self.base.train(False)
         self.head = getattr(model, arch.head_name)
+        self._clones = _Clones([self.base])
+        self._config_seen = dict(vars(model.config))
+
+    def refresh(self) -> None:
+        """Score with the model's live state: its base model's attributes and children (see
+        :func:`refresh_clone`), its head and its config (all but the truncated depth)."""
+        model = self._model
+        if self.base.__dict__.get(_SOURCE) is not getattr(model, self.arch.base_name) \
+                or model.config is not self._live_config:
+            self._build()
+            return
+        self._clones.refresh()
+        self.head = getattr(model, self.arch.head_name)
+        live = vars(self._live_config)
+        try:
+            same = live == self._config_seen
+        except Exception:  # noqa: BLE001 - a value whose == is not a bool
+            same = False
+        if not same:
+            cfg, depth_keys = self._config, ("num_hidden_layers", "n_layer", "num_layers", "layer_types")
+            for key, value in live.items():
+                if key not in depth_keys and cfg.__dict__.get(key, _MISSING) is not value:
+                    cfg.__dict__[key] = value
+            self._config_seen = dict(live)
 
     def hidden(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
         """The final-normed hidden state after K layers, ``[B, T, H]`` (no grad)."""
@@ -199,6 +337,7 @@ def build_router(
     ``router_layers`` out of range raises; an unrecognised model gets the whole-model router and a
     warning that says why and how to supply a router (an error when ``strict``).
     """
+    model = unwrap_peft(model)  # a PeftModel: the truncated router of the model inside, LoRA and all
     try:
         arch = describe(model)
     except ValueError as err:

@@ -15,7 +15,8 @@ All of this runs on the host between steps and never waits on the device:
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from typing import Any, Optional
 
 import torch
 
@@ -89,8 +90,31 @@ class LaggedScalar:
         return self._value
 
 
+# Schedules that advance by themselves after an optimizer step that updates their model.
+_WATCHED: "weakref.WeakSet[Schedule]" = weakref.WeakSet()
+_hook_handle: Any = None
+
+
+@torch.compiler.disable
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The global post-step hook: every watched schedule whose model this optimizer updates
+    counts the step (once per training step, see :meth:`Schedule.optimizer_stepped`)."""
+    for schedule in list(_WATCHED):
+        schedule.optimizer_stepped(optimizer)
+
+
 class Schedule:
-    """The step counter and the host-side choice of the ratio level for the next step."""
+    """The step counter and the host-side choice of the ratio level for the next step.
+
+    The counter advances once per optimizer step. :meth:`watch` makes that automatic: a global
+    post-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) finds, the first
+    time each optimizer steps, whether it holds any of the model's parameters; if so, its steps
+    advance the schedule. Between two training steps (two calls of :meth:`planned`) the schedule
+    advances at most once that way, however many optimizers step (one per parameter group, say),
+    and an explicit :meth:`user_step` in the same interval counts the same step, not another:
+    the interval advances by ``max(1 if an optimizer stepped, explicit steps)``. Gradient
+    accumulation plans several micro-batches per optimizer step and still advances once.
+    """
 
     def __init__(self, config: CGGRConfig) -> None:
         self.config = config
@@ -98,6 +122,55 @@ class Schedule:
         self.levels = ratio_levels(config.min_tokens_ratio, config.num_levels)
         self.confidence = LaggedScalar()
         self._device_step: Optional[torch.Tensor] = None
+        self.auto = False  # advance after the optimizer steps (watch() turns it on)
+        self._model: Optional[weakref.ref] = None
+        self._holds: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]]" = weakref.WeakKeyDictionary()
+        self._planned = False  # a training step ran since the last optimizer step's advance
+        self._auto_counted = False  # this interval's optimizer step advanced the schedule
+        self._user_steps = 0  # explicit steps in this interval
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """Advance after each optimizer step that updates ``model``'s parameters."""
+        global _hook_handle
+        self._model = weakref.ref(model)
+        self.auto = True
+        _WATCHED.add(self)
+        if _hook_handle is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+
+    def planned(self) -> None:
+        """A training step (one micro-batch) is about to run: a new interval starts."""
+        self._planned, self._auto_counted, self._user_steps = True, False, 0
+
+    def user_step(self) -> None:
+        """An explicit step (``cggr_compile.step``, ``attach_optimizer``, the Trainer's callback)."""
+        if self._auto_counted and self._user_steps == 0:
+            self._user_steps = 1  # the optimizer's hook already counted this very step
+            return
+        self._user_steps += 1
+        self.advance()
+
+    def optimizer_stepped(self, optimizer: torch.optim.Optimizer) -> None:
+        if not (self.auto and self._planned) or self._auto_counted or self._user_steps:
+            return
+        if self._updates_model(optimizer):
+            self._auto_counted = True
+            self.advance()
+
+    def _updates_model(self, optimizer: torch.optim.Optimizer) -> bool:
+        groups = len(optimizer.param_groups)
+        known = self._holds.get(optimizer)
+        if known is not None and known[0] == groups:
+            return known[1]
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return False
+        own = {id(p) for p in model.parameters()}
+        holds = any(id(p) in own for g in optimizer.param_groups for p in g["params"])
+        self._holds[optimizer] = (groups, holds)
+        return holds
 
     def advance(self) -> None:
         self.step += 1
@@ -145,6 +218,30 @@ class Schedule:
         if c.uses_dynamic_threshold:
             parts.append(f"the dynamic threshold raises k while the router is unsure (up to "
                          f"ratio * (1 + {c.threshold_sensitivity}) at zero confidence)")
-        parts.append("the schedule advances once per optimizer step (cggr_compile.step(model), "
-                     "cg.attach_optimizer(opt) or the Trainer integration)")
+        if self.auto:
+            parts.append("the schedule advances by itself once per optimizer step that updates the model "
+                         "(cggr_compile.step(model) in the same step counts that step, not another)")
+        else:
+            parts.append("the schedule advances once per optimizer step (the Trainer integration, "
+                         "cggr_compile.step(model) or cg.attach_optimizer(opt))")
         return "; ".join(parts) + "."
+
+    def warmup_over(self) -> bool:
+        """Whether the curriculum has reached ``min_tokens_ratio`` and, with the dynamic threshold,
+        the router's confidence is known (so :meth:`threshold_note` says what it did)."""
+        c = self.config
+        return self.step >= c.warmup_steps and (not c.uses_dynamic_threshold or self.confidence.latest() is not None)
+
+    def threshold_note(self, batch: int) -> str:
+        """One line once the warmup is over: ``k`` against what ``min_tokens_ratio`` alone gives."""
+        c = self.config
+        k_now = rows_for_ratio(self.ratio(), batch)
+        k_min = rows_for_ratio(quantise_ratio(c.min_tokens_ratio, self.levels), batch)
+        line = (f"cggr schedule: warmup over at step {self.step}: k = {k_now} of {batch}; "
+                f"min_tokens_ratio={c.min_tokens_ratio} alone gives {k_min}")
+        if c.uses_dynamic_threshold:
+            conf = self.confidence.latest()
+            line += (f"; the dynamic threshold adds {k_now - k_min} while the router's mean confidence is "
+                     f"{conf:.2f} (it adds rows while the router is unsure; dynamic_threshold=False keeps "
+                     "min_tokens_ratio exactly)")
+        return line + "."

@@ -29,7 +29,7 @@ from .config import CGGRConfig
 from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
-from .router import WholeModelRouter, build_router
+from .router import WholeModelRouter, build_router, refresh_router
 from .schedule import Schedule, rows_for_ratio
 
 logger = logging.getLogger("cggr_compile")
@@ -51,6 +51,12 @@ def call_model(model: nn.Module, input_ids: Any, attention_mask: Any = None, lab
         kwargs["labels"] = labels
     out = model(input_ids=input_ids, **kwargs)
     return CGGROutput(logits=out) if isinstance(out, Tensor) else out
+
+
+def selection_key(granularity: str) -> str:
+    """The one name of a step's selection in outputs and metrics (transform, backend, Trainer):
+    ``selected_indices`` (the row indices ``[k]``, sequences) or ``selected_mask`` (``[B, T]``, tokens)."""
+    return "selected_indices" if granularity == "sequences" else "selected_mask"
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ def score_positions(
     logits (the fused scorer); ``router_out`` then only provides the ``[B, T]`` shape and device.
     ``reference`` (``[B, T]``) is the reference loss of ``scoring='reducible'``.
     """
+    _check_router_output(router_out, attention_mask if attention_mask is not None else labels)
     target = S.aligned_labels(labels, causal) if labels is not None else None
     shape = router_out.shape[:2]
     valid = S.valid_positions(attention_mask, target, shape, causal, router_out.device)
@@ -125,6 +132,19 @@ def score_positions(
     stats = S.token_stats(router_out, target)
     difficulty = S.token_difficulty(stats, valid, scoring, labels is not None, reference)
     return Routing(target, valid, difficulty, S.batch_metrics(stats, difficulty, valid))
+
+
+def _check_router_output(out: Any, like: Optional[Tensor]) -> None:
+    """A router's output must be logits ``[B, T, V]`` or difficulties ``[B, T]`` of the batch's shape."""
+    shape = tuple(out.shape) if isinstance(out, Tensor) else None
+    if shape is None or len(shape) not in (2, 3) or (like is not None and shape[:2] != tuple(like.shape)):
+        what = f"a tensor of shape {shape}" if shape is not None else type(out).__name__
+        want = f" {tuple(like.shape)}" if like is not None else ""
+        raise ValueError(
+            f"cggr: the router returned {what}; a router must return logits [B, T, V] or one "
+            f"difficulty per token [B, T], for the batch's (B, T){want}. For one score per sequence "
+            "([B]), repeat it over the positions: score[:, None].expand(-1, input_ids.shape[1])."
+        )
 
 
 @contextlib.contextmanager
@@ -189,6 +209,8 @@ class CGGRModel(nn.Module):
         self.__dict__["reference_router"] = _reference_router(config)
         self.__dict__["schedule"] = Schedule(config)
         self.causal = causal
+        # Advance once per optimizer step that updates the model, without the user's help.
+        self.schedule.watch(model)
         self._k = 1
         self._ratio = 1.0
         # The schedule's device step counter, read by the traced step (the backend's trace swaps in
@@ -215,11 +237,14 @@ class CGGRModel(nn.Module):
 
     # -- schedule -------------------------------------------------------------------------------
     def step(self) -> None:
-        """Advance the schedule once; call after each optimizer step."""
-        self.schedule.advance()
+        """Count an optimizer step. Not needed: the schedule advances by itself after each
+        optimizer step that updates this model (see :class:`~cggr_compile.schedule.Schedule`); a call
+        after that optimizer step counts the same step, not a second one."""
+        self.schedule.user_step()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Advance the schedule after every ``optimizer.step()``; returns the hook handle."""
+        """Advance the schedule after every ``optimizer.step()``; returns the hook handle. Not
+        needed any more (the schedule finds the optimizer by itself); it counts no step twice."""
         return optimizer.register_step_post_hook(lambda *_: self.step())
 
     def metrics(self) -> dict[str, Any]:
@@ -234,6 +259,13 @@ class CGGRModel(nn.Module):
             self.__dict__["_described"] = True
             slicing_later = self.schedule.rows(batch) == batch and self.cggr_config.min_tokens_ratio < 1
             logger.log(logging.WARNING if slicing_later else logging.INFO, self.schedule.describe(batch))
+        if not self.__dict__.get("_warmup_noted") and self.cggr_config.uses_dynamic_threshold \
+                and self.schedule.warmup_over():
+            # Once, when k has reached its final level: what the dynamic threshold made of it.
+            self.__dict__["_warmup_noted"] = True
+            logger.info(self.schedule.threshold_note(batch))
+        self.schedule.planned()
+        self._refresh_routers()
         ratio = self.schedule.ratio()
         self._ratio = ratio
         self._k = rows_for_ratio(ratio, batch)
@@ -243,6 +275,12 @@ class CGGRModel(nn.Module):
         """The level the last ``_plan`` chose (the backend's graph cache key)."""
         tokens = self.cggr_config.granularity == "tokens"
         return StepLevel(self._k, self._ratio if tokens else None)
+
+    @torch.compiler.disable
+    def _refresh_routers(self) -> None:
+        """The router's clones follow the model's live state (adapters toggled or merged, flags)."""
+        refresh_router(self.router)
+        refresh_router(self.__dict__["reference_router"])
 
     @torch.compiler.disable
     def _record(self, metrics: dict[str, Any]) -> None:
@@ -328,6 +366,7 @@ class CGGRModel(nn.Module):
     ) -> Tensor:
         """The router's per-sequence difficulty ``[B]`` (mean over valid positions)."""
         check_batch(input_ids, labels, attention_mask)
+        self._refresh_routers()
         reference_loss = rows.pop("reference_loss", None)
         r = self.route(input_ids, attention_mask, labels, reference_loss, **rows)
         return S.sequence_difficulty(r.difficulty, r.valid)
@@ -392,7 +431,7 @@ class CGGRModel(nn.Module):
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
-        metrics = self._step_metrics(r, weight)
+        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)])
         out["cggr_metrics"] = metrics
         return out, metrics
 
@@ -426,11 +465,17 @@ class CGGRModel(nn.Module):
         idx = S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
         return idx, r.valid.index_select(0, idx)
 
-    def _step_metrics(self, r: Routing, weight: Tensor) -> dict[str, Any]:
+    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor) -> dict[str, Any]:
         # The step is read here, inline: handed to a helper as an argument, Dynamo specialised on
         # its value and recompiled at every step (tests/test_transform.py counts the graphs).
         cfg = self.cggr_config
         metrics: dict[str, Any] = dict(r.metrics)
+        # The selection's mean difficulty beside the batch's (avg_difficulty): under 'combined'
+        # (z-scores) the batch's is ~0 by construction, the gap is what the router did.
+        rows = r.difficulty.index_select(0, selection) if cfg.granularity == "sequences" else r.difficulty
+        w = (weight != 0).to(torch.float32)
+        metrics["selected_difficulty"] = (rows.float() * w).sum() / w.sum().clamp(min=1.0)
+        metrics[selection_key(cfg.granularity)] = selection
         metrics.update(
             step=self.schedule.step, token_ratio=self._ratio, k=self._k,
             tokens_selected=weight.sum() if weight.dtype == torch.bool else (weight != 0).sum(),
@@ -464,7 +509,7 @@ class CGGRModel(nn.Module):
         reference_loss = kwargs.pop("reference_loss", None)
         r = self.route(input_ids, attention_mask, labels, reference_loss, **per_row_inputs(kwargs, b))
         selection, weight = self._choose(r)
-        metrics = self._step_metrics(r, weight)
+        metrics = self._step_metrics(r, weight, selection)
         if record:
             self._record(metrics)
         return selection, weight, metrics

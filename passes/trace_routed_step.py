@@ -22,7 +22,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from cggr_compile.passes.recognise_training_graph import GraphPlan
 
-METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "tokens_selected", "tokens_total")
+METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "selected_difficulty", "tokens_selected",
+               "tokens_total")
 
 
 @contextlib.contextmanager
@@ -72,8 +73,11 @@ def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], ca
         inputs = {name: graph_args[p] for name, p in plan.inputs.items()}
         swaps = {id(o): graph_args[p] for o, p in zip(originals, plan.others) if isinstance(o, torch.Tensor)}
         swaps.update({id(o): a for o, a in zip(references, reference_args)})
-        kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)}
-        kwargs.update({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")})
+        # The call's own arguments (also a None attention_mask: _routed_step takes those three
+        # positionally) never go in twice.
+        own = ("input_ids", "attention_mask", "labels")
+        kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor) and k not in own}
+        kwargs.update({k: v for k, v in inputs.items() if k not in own})
         with _swap_tensors(roots, swaps):
             core.__dict__["_step_tensor"] = step_tensor
             out, metrics = core._routed_step(

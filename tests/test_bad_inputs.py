@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import cggr_compile
 from cggr_compile.config import CGGRConfig
-from models import batch, tiny_model
+from cggr_compile.errors import CGGRFallbackWarning
+from models import ARCHITECTURES, batch, tiny_model
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "0.5", True])
@@ -111,3 +114,39 @@ def test_defaults_are_the_safe_selection():
     assert CGGRConfig(granularity="tokens").selection == "topk"
     cm = cggr_compile.CGGRModel(tiny_model("llama"), router_layers=1)
     assert (cm.cggr_config.scoring, cm.cggr_config.selection) == ("combined", "topk")
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_router_layers_beyond_the_depth_is_an_error_on_every_entry_point(name):
+    """Transform and backend alike (the backend used to fall back with a warning, training the
+    whole batch): the message names the model's depth."""
+    match = r"router_layers=3 is out of range for this .* with 3 layers: use 1 <= router_layers < 3"
+    with pytest.raises(ValueError, match=match):
+        cggr_compile.transform(tiny_model(name), router_layers=3)
+    compiled = torch.compile(tiny_model(name), backend="cggr", options={"router_layers": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an error, not a fallback (the fallback's warning is an error in tests)
+        with pytest.raises(Exception, match=match) as err:  # Dynamo wraps it (BackendCompilerFailed)
+            compiled(**batch(name))
+    assert not isinstance(err.value, CGGRFallbackWarning)
+
+
+@pytest.mark.parametrize("out", ["per_sequence", "wrong_length", "4d"])
+def test_user_router_of_the_wrong_shape(out):
+    b = batch("llama")
+    ids = b["input_ids"]
+
+    def router(input_ids, attention_mask):
+        if out == "per_sequence":
+            return input_ids.float().mean(-1)  # [B]
+        if out == "wrong_length":
+            return input_ids[:, 1:].float()  # [B, T - 1]
+        return input_ids.float()[..., None, None]  # [B, T, 1, 1]
+
+    cg = cggr_compile.transform(tiny_model("llama"), router=router, router_layers=1, strict=True)
+    with pytest.raises(ValueError, match=r"the router returned a tensor of shape .*logits \[B, T, V\] or one "
+                                         rf"difficulty per token \[B, T\].*{tuple(ids.shape)}.*\[:, None\]"):
+        cg(**b)
+    compiled = torch.compile(tiny_model("llama"), backend="cggr", options={"router": router, "router_layers": 1})
+    with pytest.raises(Exception, match=r"the router returned a tensor of shape"):
+        compiled(**b)

@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
             torch._dynamo.config.optimize_ddp = False
             ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=2)
             out = torch.compile(ddp, backend="cggr", options=OPTS)(**b)
-            idx = cggr_compile.last_metrics(model)["selected"]
+            idx = cggr_compile.last_metrics(model)["selected_indices"]
             # The rewritten step is compiled cut at DDP's buckets (so the all-reduces overlap the backward)
             (step_fn,) = cggr_compile.backend.core_of(model).routed_graphs[0].compiled.values()
             pieces = [n for n, _ in step_fn.named_children() if "submod" in n]

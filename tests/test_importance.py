@@ -82,7 +82,7 @@ def test_backend_equals_transform(name):
     cggr_compile.backend.core_for(model, OPTS).schedule.set_step(5)
     got = compiled(**b)
     got.loss.backward()
-    assert torch.equal(last_metrics(model)["selected"].cpu(), ref_sel)
+    assert torch.equal(last_metrics(model)["selected_indices"].cpu(), ref_sel)
     torch.testing.assert_close(got.loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_grads(model), ref_grads, rtol=1e-4, atol=1e-6)
 

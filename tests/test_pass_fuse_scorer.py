@@ -196,7 +196,7 @@ def test_backend_graph_gets_the_op_from_the_pass_where_it_pays():
     assert len(_calls(gm, "cggr.fused_token_stats")) == 1 and not _calls(gm, "log_softmax")
     # the eager transform (which calls the op from its router code) computes the same step
     eager = cggr_compile.transform(model, **OPTS)(**data)
-    assert torch.equal(cggr_compile.last_metrics(model)["selected"], eager.selected_indices)
+    assert torch.equal(cggr_compile.last_metrics(model)["selected_indices"], eager.selected_indices)
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -216,7 +216,7 @@ def test_gpu_backend_compiles_the_fused_kernel_into_inductors_code():
     code = "\n".join(codes)
     FileCheck().check("_scorer_partial_kernel").check("_scorer_combine_kernel").run(code)
     eager = cggr_compile.transform(model, **OPTS)(**data)
-    assert torch.equal(cggr_compile.last_metrics(model)["selected"], eager.selected_indices)
+    assert torch.equal(cggr_compile.last_metrics(model)["selected_indices"], eager.selected_indices)
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-4, atol=1e-4)
 
 
