@@ -273,3 +273,18 @@ def test_strict_makes_a_fallback_an_error_that_names_the_reason():
 
     with pytest.raises(Exception, match="CGGRFallbackError.*not rewriting this graph.*strict=True"):
         torch.compile(step, backend="cggr", options=dict(strict=True))(b["input_ids"], b["labels"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_explain_without_a_mask_and_with_labels_positionally(name):
+    """explain(gpt2, ids, None, ids) died in the trace ('multiple values for attention_mask');
+    the same call on a compiled model trains."""
+    model = tiny_model(name)
+    ids = batch(name)["input_ids"]
+    opts = dict(OPTS, router_layers=2)
+    for args in ((ids,), (ids, None, ids), (ids, torch.ones_like(ids), ids)):
+        text = cggr_compile.explain(model, *args, **opts)
+        assert "index_select(0) -> int64[3, 12]" in text and "float32[3, 12, 64]" in text, text  # 3 of 6 rows train
+    out = torch.compile(model, backend="cggr", options=opts)(input_ids=ids, attention_mask=None, labels=ids)
+    out.loss.backward()
+    assert cggr_compile.last_metrics(model)["selected_indices"].shape == (3,)

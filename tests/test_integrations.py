@@ -389,3 +389,47 @@ def test_enable_cggr_without_a_selection_uses_stratified(tmp_path):
     trainer = T.Trainer(model=tiny_model("llama"), args=training_args(tmp_path), train_dataset=Rows(8))
     cg = cggr_compile.enable_cggr(trainer, router_layers=1)
     assert cg.cggr_config.selection == "stratified" and cg.cggr_config.scoring == "loss"
+
+
+# ----------------------------------------------------------------------------------------------
+# One name for the selection, a difficulty metric that means something
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["sequences", "tokens"])
+def test_the_selection_has_one_name_on_every_entry_point(granularity):
+    key = "selected_indices" if granularity == "sequences" else "selected_mask"
+    opts = dict(OPTS, granularity=granularity)
+    b = torch.utils.data.default_collate([Rows(8)[i] for i in range(8)])
+    cg = cggr_compile.transform(tiny_model("llama"), **opts)
+    out = cg(**b)
+    assert torch.equal(cggr_compile.last_metrics(cg)[key], out[key]) and torch.equal(out.cggr_metrics[key], out[key])
+    model = tiny_model("llama")
+    torch.compile(model, backend="cggr", options=opts)(**b)
+    assert torch.equal(cggr_compile.last_metrics(model)[key], out[key])
+    plain = cggr_compile.transform(tiny_model("llama"), **opts)
+    cggr_compile.route_step(plain, [b])
+    assert torch.equal(cggr_compile.last_metrics(plain)[key], out[key])
+    selection, _, metrics = plain.select(**b)
+    assert torch.equal(metrics[key], selection)
+
+
+def test_selected_difficulty_says_how_much_harder_the_selection_is(tmp_path):
+    """Under 'combined' (z-scores) the batch's mean difficulty is ~0 by construction; the selected
+    positions' mean is what the router chose, on the transform, the backend and in the Trainer's logs."""
+    opts = dict(OPTS, scoring="combined")
+    b = torch.utils.data.default_collate([Rows(8)[i] for i in range(8)])
+    cg = cggr_compile.transform(tiny_model("llama"), **opts)
+    m = cg(**b).cggr_metrics
+    assert abs(float(m["avg_difficulty"])) < 1e-5
+    assert float(m["selected_difficulty"]) > 0.1  # top-k by difficulty: well above the batch's mean
+    r = cg.route(b["input_ids"], b["attention_mask"], b["labels"])
+    w = r.valid.index_select(0, m["selected_indices"]).float()
+    want = (r.difficulty.index_select(0, m["selected_indices"]) * w).sum() / w.sum()
+    torch.testing.assert_close(m["selected_difficulty"], want)
+    model = tiny_model("llama")
+    torch.compile(model, backend="cggr", options=opts)(**b)
+    torch.testing.assert_close(cggr_compile.last_metrics(model)["selected_difficulty"], want, rtol=1e-4, atol=1e-5)
+    trainer = T.Trainer(model=tiny_model("llama"), args=training_args(tmp_path, max_steps=1), train_dataset=Rows(8))
+    cggr_compile.enable_cggr(trainer, **dict(opts, selection="topk"))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "cggr/selected_difficulty" in h]
+    assert logged and logged[0]["cggr/selected_difficulty"] > logged[0]["cggr/avg_difficulty"] + 0.1
