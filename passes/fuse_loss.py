@@ -11,7 +11,9 @@ Precondition: the wrapped model and the option ``fused_loss`` (``False``, ``True
 architecture whose head is one ``nn.Linear`` (tied or not, with or without bias; Gemma 2's final
 logit soft-capping is implemented by the op), with no forward hooks on the model or its head (they
 would be skipped), not under FSDP2 (the root's gather hook would be skipped too) and without a logit
-scale in its config. Otherwise the result says why (``True`` then warns, or raises under
+scale in its config. A PEFT ``PeftModel`` is looked through (LoRA acts inside the layers; prompt
+learning, which adds virtual tokens in the wrapper's forward, is refused; a LoRA-wrapped head is
+no ``nn.Linear``). Otherwise the result says why (``True`` then warns, or raises under
 ``strict``; ``"auto"`` stays silent and logs at debug level).
 
 Guarantees: with the fusion chosen, the main pass returns an output whose ``logits`` is None and
@@ -72,6 +74,17 @@ def check_setting(value: Any) -> None:
         )
 
 
+def _why_not_peft(wrapper: nn.Module) -> Optional[str]:
+    """A PEFT ``PeftModel`` whose forward adds nothing the fused main pass would skip (LoRA and the
+    like act inside the wrapped model's layers; prompt learning adds virtual tokens in the wrapper)."""
+    config = getattr(wrapper, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return f"the PEFT method {getattr(config, 'peft_type', '?')} adds its virtual tokens in PeftModel.forward"
+    if wrapper._forward_hooks or wrapper._forward_pre_hooks:
+        return "the PEFT wrapper has forward hooks, which the fused main pass would skip"
+    return None
+
+
 def _why_not(model: nn.Module) -> tuple[Optional[str], Any, Any]:
     from cggr_compile.router import SUPPORTED_ARCHITECTURES, describe
 
@@ -103,18 +116,24 @@ def choose_fused_loss(model: nn.Module, setting: Any = "auto", strict: bool = Fa
     check_setting(setting)
     if setting is False:
         return FusedLoss("fused_loss=False")
-    why, arch, head = _why_not(model)
+    from cggr_compile.router import unwrap_peft
+
+    inner = unwrap_peft(model)  # a PeftModel: the model inside, its LoRA layers and all
+    why = _why_not_peft(model) if inner is not model else None
+    arch = head = None
+    if why is None:
+        why, arch, head = _why_not(inner)
     if why is not None:
         if setting is True:
             fall_back(f"cggr: fused_loss=True, but {why}; the main pass's loss uses the model's logits. "
                       "Use fused_loss='auto' (fuse where possible) or False.", strict, stacklevel=4)
         log.debug("fuse_loss: the main pass's loss stays unfused: %s", why)
         return FusedLoss(why)
-    base = getattr(model, arch.base_name)
+    base = getattr(inner, arch.base_name)
     v, h = head.weight.shape
     tied = any(p is head.weight for n, p in base.named_parameters())
     reason = (f"fused: {arch.model_type} head {v}x{h}" + (" + bias" if head.bias is not None else "")
-              + (" (tied to the embedding)" if tied else "")
+              + (" (tied to the embedding)" if tied else "") + (" (inside PEFT)" if inner is not model else "")
               + (f", soft-capped at {arch.softcap:g}" if arch.softcap is not None else ""))
     try:
         accepts = "use_cache" in inspect.signature(base.forward).parameters

@@ -128,3 +128,43 @@ def test_speed_benchmark_full_batch_fused_loss_is_the_models_loss():
     torch.testing.assert_close(out.loss, want)
     for g, w in zip(torch.autograd.grad(out.loss, list(model.parameters())), want_grads):
         torch.testing.assert_close(g, w)
+
+
+def _lora(target_modules):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=target_modules, lora_dropout=0.0, init_lora_weights=False))
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_lora_model_fuses_inside_peft_with_the_unfused_gradients(entry):
+    data = batch("llama")
+    runs = {}
+    for fused_loss in (True, False):
+        pm = _lora(["q_proj", "v_proj"])
+        pm.train()
+        opts = dict(OPTS, fused_loss=fused_loss)
+        if entry == "transform":
+            model = cggr_compile.transform(pm, **opts)
+            assert model.__dict__["fused_loss"].reason == ("fused: llama head 64x32 (inside PEFT)" if fused_loss
+                                                           else "fused_loss=False")
+        else:
+            model = torch.compile(pm, backend="cggr", options=opts)
+        out = model(**data)
+        out.loss.backward()
+        if entry == "backend":
+            assert core_of(pm).__dict__["fused_loss"].reason.endswith("(inside PEFT)") == fused_loss
+        assert (out.get("logits") is None) == fused_loss
+        runs[fused_loss] = (out.loss.detach(), {n: p.grad for n, p in pm.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(runs[True][0], runs[False][0])
+    assert runs[True][1].keys() == runs[False][1].keys() and all("lora" in n for n in runs[True][1])
+    for n, g in runs[True][1].items():
+        torch.testing.assert_close(g, runs[False][1][n], msg=n)
+
+
+def test_lora_on_the_head_or_prompt_learning_stays_unfused():
+    assert "not one nn.Linear" in choose_fused_loss(_lora(["q_proj", "lm_head"]), "auto").reason
+    peft = pytest.importorskip("peft")
+    prompt = peft.get_peft_model(tiny_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=2))
+    assert "adds its virtual tokens" in choose_fused_loss(prompt, "auto").reason
