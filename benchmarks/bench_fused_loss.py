@@ -15,7 +15,9 @@ hidden states and the head's weight):
 * ``fused_compiled``: the fused loss inside a ``torch.compile(fullgraph=True)`` function, as the
   routed step calls it;
 * ``fused_eager_chunks``: the fused loss with ``CGGR_FUSED_LOSS_COMPILE_CHUNKS=0`` (the chunk's
-  element-wise work in eager torch): what compiling the epilogue buys.
+  element-wise work in eager torch): what compiling the epilogue buys;
+* ``fused_c<k>`` (``--chunk-elements 2**k ...``): the fused loss with chunks of at most ``2**k``
+  logits (the default is ``2**27``), to tune the chunk size.
 
 On CUDA each step is captured in a CUDA graph (after warm-up on a side stream) and timed by replays
 with CUDA events (median, 20th and 80th percentiles); a path that cannot be captured is timed without
@@ -59,6 +61,14 @@ def standard_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, sel: torch.
 
 def fused_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     return flce.selective_linear_cross_entropy(h, w, None, y, sel)
+
+
+def fused_loss_chunked(max_elements: int) -> Callable:
+    """The fused loss with chunks of at most ``max_elements`` logits (``--chunk-elements``)."""
+    def fn(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        chunk = flce.default_chunk_tokens(h.shape[0], w.shape[0], max_elements)
+        return flce.selective_linear_cross_entropy(h, w, None, y, sel, chunk_tokens=chunk)
+    return fn
 
 
 def make_step(loss_fn: Callable, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, sel: torch.Tensor,
@@ -206,6 +216,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="time without CUDA graphs")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compiled paths (the smoke test uses aot_eager)")
+    ap.add_argument("--chunk-elements", type=int, nargs="+", default=(),
+                    help=f"also time the fused loss with chunks of at most these many logits each "
+                         f"(a path 'fused_c<log2>' per value; the default is {flce.CHUNK_ELEMENTS} = 2**27)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fused_loss_<device>.json)")
     args = ap.parse_args(argv)
 
@@ -224,6 +237,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "fused_compiled": (torch.compile(fused_loss, backend=be, fullgraph=True, dynamic=False), None),
         "fused_eager_chunks": (fused_loss, {"CGGR_FUSED_LOSS_COMPILE_CHUNKS": "0"}),
     }
+    for e in args.chunk_elements:
+        paths[f"fused_c{e.bit_length() - 1}"] = (fused_loss_chunked(e), None)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
