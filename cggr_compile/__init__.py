@@ -8,13 +8,15 @@
 """
 
 from .compat import CGGRLoss, CGGRModel, CGGRScorer, create_truncated_router
-from .config import CGGRConfig
+from .config import CGGRConfig, ModelCall
 from .integrations import enable_cggr, route_step
 from .reference import reference_losses
+from .router import RouterSpec, detect_router_spec
 from .transform import transform
 
-__all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "create_truncated_router", "enable_cggr",
-           "reference_losses", "route_step", "transform"]
+__all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "ModelCall", "RouterSpec",
+           "create_truncated_router", "detect_router_spec", "enable_cggr", "reference_losses", "route_step",
+           "transform"]
 __version__ = "0.1.0"
 
 from .backend import explain, last_metrics, register as _register_backend, step

@@ -30,6 +30,7 @@ from cggr_compile.passes.fuse_scorer import fuse_scorer
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
 from cggr_compile.graph_text import graph_text
+from cggr_compile.router import model_call_for
 from cggr_compile.transform import CGGRModel, StepLevel, selection_key
 
 _warned: set[str] = set()
@@ -290,14 +291,18 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     cudagraphs = bool(config_options.pop("cudagraphs", mode == "reduce-overhead"))
     ddp_buckets = bool(config_options.pop("ddp_buckets", True))
     # bad options fail here, with the config's message
-    strict = CGGRConfig.from_options(config_options).strict
+    config = CGGRConfig.from_options(config_options)
+    strict = config.strict
     module, call_kwargs = _captured_frame(example_inputs)
+    # The model's names for its tokens, labels and mask (nanoGPT's idx / targets) become CGGR's here.
+    aliases = model_call_for(module, config.model_call, config.router_spec).aliases() if module is not None else {}
+    call_kwargs = {aliases.get(k, k): v for k, v in call_kwargs.items()}
 
     def plain() -> Callable:
         return compile_plain(gm, example_inputs, cudagraphs)
 
     try:
-        plan = recognise(gm, example_inputs, call_kwargs)
+        plan = recognise(gm, example_inputs, call_kwargs, aliases)
     except NotRewritable as err:
         if _inside_ddp():
             warn_once(

@@ -8,6 +8,10 @@ submodule, so ``model.parameters()`` and ``state_dict()`` are unchanged; and bec
 the base model's own ``forward`` (embeddings, scaling, rotary, masks, final norm), its logits are
 exactly ``head(final_norm(hidden_after_K_layers))`` for every architecture that follows the Hugging
 Face layout (``base_model`` + a ``ModuleList`` of layers + a head beside the base model).
+
+Models that are not Hugging Face's (nanoGPT, torchtitan, litgpt) have no base model to run: a
+declarative :class:`RouterSpec` names their embedding, blocks, final norm and head and how a block
+is called; :func:`detect_router_spec` finds the common layouts, and :class:`SpecRouter` runs them.
 """
 
 from __future__ import annotations
@@ -303,6 +307,10 @@ class TruncatedRouter:
         """The head when it is one linear layer (then it can be fused with the scoring)."""
         return self.head if type(self.head) is nn.Linear else None
 
+    @property
+    def softcap(self) -> Optional[float]:
+        return self.arch.softcap
+
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
         hidden = self.hidden(input_ids, attention_mask, **rows)
         with torch.no_grad():
@@ -313,42 +321,293 @@ class TruncatedRouter:
         return logits
 
 
+@dataclass(frozen=True)
+class RouterSpec:
+    """Where a model that is not Hugging Face's keeps the pieces of the truncated router, and how a
+    block is called. Paths are dotted attribute paths from the model given to CGGR.
+
+    The router computes ``head(norm(blocks[K-1](...blocks[0](embed(ids), *args)...)))``: the
+    model's own modules, in eval mode, under no-grad. :func:`detect_router_spec` fills it in for
+    the nanoGPT, torchtitan and litgpt layouts; pass ``router_spec=RouterSpec(...)`` for others.
+
+    Attributes:
+        embedding: the token embedding (nanoGPT ``transformer.wte``, torchtitan ``tok_embeddings``).
+        blocks: the ``ModuleList`` (or ``ModuleDict``, in its order) of blocks (``transformer.h``,
+            ``layers``); the router runs the first ``router_layers`` of them.
+        norm: the final norm (``transformer.ln_f``, ``norm``); None when the model has none.
+        head: the output head (``lm_head``, ``output``).
+        position_embedding: a learned position embedding added to the token embedding, looked up
+            at ``0..T-1`` (nanoGPT ``transformer.wpe``); None for rotary models.
+        block_args: tensors passed positionally to every block after the hidden state, each cut to
+            its first ``T`` rows (rotary tables: torchtitan ``freqs_cis``, litgpt ``cos``, ``sin``).
+        embedding_scale: the embedding is multiplied by this (litgpt's ``scale_embeddings``).
+        softcap: final logit soft-capping ``tanh(z / c) * c``, part of the head.
+        causal: a causal LM (False: a masked LM, scored without a shift).
+        layout: the layout's name (``nanogpt``, ``torchtitan``, ``litgpt``, ``custom``).
+        root: dotted path of the module the layout sits in ('' is the model itself; a wrapper that
+            computes its loss outside the language model holds it as, say, ``model``).
+    """
+
+    embedding: str
+    blocks: str
+    norm: Optional[str]
+    head: str
+    position_embedding: Optional[str] = None
+    block_args: tuple[str, ...] = ()
+    embedding_scale: Optional[float] = None
+    softcap: Optional[float] = None
+    causal: bool = True
+    layout: str = "custom"
+    root: str = ""
+
+
+def _get(model: nn.Module, path: str) -> Any:
+    """The attribute at a dotted path (modules, parameters and plain tensors alike)."""
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _block_list(blocks: Any) -> Optional[list[nn.Module]]:
+    if isinstance(blocks, nn.ModuleList):
+        return list(blocks)
+    if isinstance(blocks, nn.ModuleDict):  # torchtitan: keyed "0", "1", ... in insertion order
+        return list(blocks.values())
+    return None
+
+
+def detect_router_spec(model: nn.Module) -> Optional[RouterSpec]:
+    """The :class:`RouterSpec` of a nanoGPT, litgpt or torchtitan style model, or None.
+
+    Looks at the model and then its submodules (outermost first), so a wrapper module that holds
+    the language model and computes the loss is found too:
+
+    - nanoGPT: ``transformer.wte``, ``transformer.wpe``, ``transformer.h``, ``transformer.ln_f``,
+      ``lm_head``;
+    - litgpt: the same without ``wpe``, blocks called as ``block(x, cos, sin)`` with the model's
+      ``cos`` / ``sin`` rotary buffers;
+    - torchtitan Llama: ``tok_embeddings``, ``layers`` (ModuleDict or ModuleList), ``norm``,
+      ``output``, blocks called as ``block(h, freqs_cis)``.
+    """
+    for path, m in model.named_modules():
+        p = f"{path}." if path else ""
+        t = getattr(m, "transformer", None)
+        if isinstance(t, nn.Module) and isinstance(getattr(m, "lm_head", None), nn.Module) \
+                and all(isinstance(getattr(t, n, None), nn.Module) for n in ("wte", "ln_f")) \
+                and _block_list(getattr(t, "h", None)):
+            if isinstance(getattr(t, "wpe", None), nn.Module):
+                return RouterSpec(f"{p}transformer.wte", f"{p}transformer.h", f"{p}transformer.ln_f",
+                                  f"{p}lm_head", position_embedding=f"{p}transformer.wpe", layout="nanogpt",
+                                  root=path)
+            rope = tuple(n for n in ("cos", "sin") if isinstance(getattr(m, n, None), Tensor))
+            cfg = getattr(m, "config", None)
+            scale = float(cfg.n_embd) ** 0.5 if getattr(cfg, "scale_embeddings", False) else None
+            cap = getattr(cfg, "final_logit_softcapping", None)
+            return RouterSpec(f"{p}transformer.wte", f"{p}transformer.h", f"{p}transformer.ln_f",
+                              f"{p}lm_head", block_args=tuple(f"{p}{n}" for n in rope), embedding_scale=scale,
+                              softcap=float(cap) if cap else None, layout="litgpt", root=path)
+        if all(isinstance(getattr(m, n, None), nn.Module) for n in ("tok_embeddings", "norm", "output")) \
+                and _block_list(getattr(m, "layers", None)):
+            rope = ("freqs_cis",) if isinstance(getattr(m, "freqs_cis", None), Tensor) else ()
+            return RouterSpec(f"{p}tok_embeddings", f"{p}layers", f"{p}norm", f"{p}output",
+                              block_args=tuple(f"{p}{n}" for n in rope), layout="torchtitan", root=path)
+    return None
+
+
+class SpecRouter:
+    """The truncated router of a :class:`RouterSpec` model: ``(input_ids, ...) -> logits [B, T, V]``.
+
+    Like :class:`TruncatedRouter` it holds shallow clones (eval mode, the same tensors) of the
+    embedding, the first K blocks and the norm, and the model's own head; the block arguments
+    (rotary tables) are read from the model at each call, so whatever replaces them is seen.
+    Not an ``nn.Module``, for the same reason.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int, spec: RouterSpec) -> None:
+        self.spec = spec
+        self.num_layers = num_layers
+        self.model = model  # for the block arguments, read live
+        self.embedding = _clone_tree(_get(model, spec.embedding))
+        self.position_embedding = (
+            _clone_tree(_get(model, spec.position_embedding)) if spec.position_embedding else None
+        )
+        self.blocks = nn.ModuleList([_clone_tree(b) for b in _block_list(_get(model, spec.blocks))[:num_layers]])
+        self.norm = _clone_tree(_get(model, spec.norm)) if spec.norm else None
+        for m in (self.embedding, self.position_embedding, self.blocks, self.norm):
+            if m is not None:
+                m.train(False)  # no dropout in the router, whatever the model's mode
+        self.head = _get(model, spec.head)
+
+    @property
+    def softcap(self) -> Optional[float]:
+        return self.spec.softcap
+
+    def hidden(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        """The final-normed hidden state after K blocks, ``[B, T, H]`` (no grad). The mask and
+        per-row inputs are not the blocks' (these models take none): they only mark positions."""
+        t = input_ids.shape[1]
+        with torch.no_grad():
+            h = self.embedding(input_ids)
+            if self.spec.embedding_scale is not None:
+                h = h * torch.tensor(self.spec.embedding_scale, dtype=h.dtype)
+            if self.position_embedding is not None:
+                h = h + self.position_embedding(torch.arange(t, device=input_ids.device))
+            args = [_get(self.model, name)[:t] for name in self.spec.block_args]
+            for block in self.blocks:
+                h = block(h, *args)
+            return self.norm(h) if self.norm is not None else h
+
+    @property
+    def linear_head(self) -> Optional[nn.Linear]:
+        """The head when it is one linear layer (then it can be fused with the scoring)."""
+        return self.head if type(self.head) is nn.Linear else None
+
+    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        hidden = self.hidden(input_ids, attention_mask, **rows)
+        with torch.no_grad():
+            logits = self.head(hidden)
+            if self.spec.softcap is not None:
+                c = self.spec.softcap
+                logits = torch.tanh(logits / c) * c
+        return logits
+
+
+def _check_spec(model: nn.Module, spec: RouterSpec) -> int:
+    """The number of blocks of a spec'd model; a path that names nothing is an error that says so."""
+    for field_name in ("embedding", "blocks", "norm", "head", "position_embedding"):
+        path = getattr(spec, field_name)
+        if path is None:
+            continue
+        try:
+            value = _get(model, path)
+        except AttributeError:
+            value = None
+        if not isinstance(value, nn.Module):
+            raise ValueError(
+                f"router_spec.{field_name}={path!r} names no submodule of {type(model).__name__}; "
+                "use the dotted path printed by model.named_modules()."
+            )
+    blocks = _block_list(_get(model, spec.blocks))
+    if blocks is None:
+        raise ValueError(
+            f"router_spec.blocks={spec.blocks!r} is a {type(_get(model, spec.blocks)).__name__}, "
+            "not the ModuleList / ModuleDict of the model's blocks."
+        )
+    for path in spec.block_args:
+        try:
+            ok = isinstance(_get(model, path), Tensor)
+        except AttributeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"router_spec.block_args: {path!r} names no tensor of {type(model).__name__}.")
+    return len(blocks)
+
+
+def model_call_for(model: nn.Module, given: Optional[Any] = None,
+                   spec: Optional[RouterSpec] = None) -> Any:
+    """The :class:`~cggr_compile.config.ModelCall` for ``model``: ``given``, else inferred.
+
+    Hugging Face models (a ``base_model`` and a forward with ``input_ids``) get Hugging Face's.
+    Otherwise the forward's first argument is the tokens, ``labels`` / ``targets`` the labels, and
+    the layout (``spec``, else :func:`detect_router_spec`) says the rest: nanoGPT returns
+    ``(logits, loss)``, needs its targets for every position's logits, and takes pre-shifted
+    targets with -1 as ignore index; torchtitan returns logits and takes pre-shifted labels (its
+    loss is outside the model); litgpt returns logits and shifts its labels in the loss.
+    """
+    from .config import ModelCall
+
+    if given is not None:
+        return given
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ModelCall()
+    if "input_ids" in params or not params:
+        return ModelCall()
+    spec = spec if spec is not None else detect_router_spec(model)
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    inputs = positional[0] if positional else "input_ids"
+    labels = next((n for n in ("labels", "targets") if n in params), None)
+    mask = "attention_mask" if "attention_mask" in params else None
+    layout = spec.layout if spec is not None else "custom"
+    logits_module = spec.root if spec is not None and spec.root else None
+    if layout == "nanogpt":
+        return ModelCall(inputs, labels, mask, labels_shifted=True, ignore_index=-1, labels_to_model=True,
+                         logits_module=logits_module, logits_index=0, loss_index=1)
+    # Without its labels a model may return less than every position's logits (nanoGPT does): pass
+    # them where it takes them, unless a logits module (a wrapper's language model) gives the logits.
+    return ModelCall(inputs, labels, mask, labels_shifted=layout == "torchtitan",
+                     labels_to_model=labels is not None and logits_module is None, logits_module=logits_module)
+
+
 class WholeModelRouter:
     """Fallback for unrecognised models: the whole model (eval mode, no grad) is the router."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, call: Optional[Any] = None) -> None:
         self.model = _clone_tree(model)
         self.model.train(False)
+        self.call = call  # a ModelCall that is not Hugging Face's: the model is called by its names
 
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rows)
+            if self.call is not None and not self.call.is_hugging_face:
+                kwargs = {self.call.inputs: input_ids}
+                if self.call.attention_mask is not None and attention_mask is not None:
+                    kwargs[self.call.attention_mask] = attention_mask
+                out = self.model(**kwargs)
+                if isinstance(out, tuple):
+                    return out[self.call.logits_index or 0]
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rows)
         if isinstance(out, Tensor):
             return out
         return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _spec_router(model: nn.Module, num_layers: int, spec: RouterSpec) -> SpecRouter:
+    depth = _check_spec(model, spec)
+    if not 1 <= num_layers < depth:
+        raise ValueError(
+            f"router_layers={num_layers} is out of range for this {spec.layout} model with {depth} "
+            f"blocks ({spec.blocks}): use 1 <= router_layers < {depth}."
+        )
+    return SpecRouter(model, num_layers, spec)
+
+
 def build_router(
     model: nn.Module, num_layers: int, user_router: Optional[Callable[..., Tensor]] = None,
-    strict: bool = False,
+    strict: bool = False, spec: Optional[RouterSpec] = None,
 ) -> tuple[Callable[..., Tensor], bool]:
     """The router for ``model`` and whether the model is causal.
 
-    ``router_layers`` out of range raises; an unrecognised model gets the whole-model router and a
-    warning that says why and how to supply a router (an error when ``strict``).
+    ``spec`` (or, for a model that is not Hugging Face's, the layout :func:`detect_router_spec`
+    finds) builds the truncated router from the named modules. ``router_layers`` out of range
+    raises; an unrecognised model gets the whole-model router and a warning that says why and how
+    to supply a router (an error when ``strict``).
     """
     model = unwrap_peft(model)  # a PeftModel: the truncated router of the model inside, LoRA and all
+    if spec is not None:
+        if user_router is not None:
+            return user_router, spec.causal
+        return _spec_router(model, num_layers, spec), spec.causal
     try:
         arch = describe(model)
     except ValueError as err:
+        found = detect_router_spec(model)
         if user_router is not None:
-            return user_router, not _looks_masked(model)
+            return user_router, found.causal if found is not None else not _looks_masked(model)
+        if found is not None:
+            return _spec_router(model, num_layers, found), found.causal
         fall_back(
-            f"cggr: {err}; the whole model is used as the router, which costs a full extra forward "
-            "pass. Pass router=callable(input_ids, attention_mask) -> logits to avoid it.",
+            f"cggr: {err}, nor a nanoGPT, litgpt or torchtitan layout; the whole model is used as "
+            "the router, which costs a full extra forward pass. Pass router=callable(input_ids, "
+            "attention_mask) -> logits, or router_spec=cggr_compile.RouterSpec(embedding=..., "
+            "blocks=..., norm=..., head=...) with the dotted paths of its token embedding, block "
+            "list, final norm and head, to avoid it.",
             strict, stacklevel=3,
         )
-        return WholeModelRouter(model), not _looks_masked(model)
+        return WholeModelRouter(model, model_call_for(model)), not _looks_masked(model)
     if user_router is not None:
         return user_router, arch.causal
     if not 1 <= num_layers < arch.num_layers:

@@ -16,6 +16,7 @@ One batch, start to end (:meth:`CGGRModel.forward`):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -25,11 +26,11 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from . import scoring as S
-from .config import CGGRConfig
+from .config import CGGRConfig, ModelCall
 from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
-from .router import WholeModelRouter, build_router, refresh_router
+from .router import WholeModelRouter, build_router, refresh_router, model_call_for
 from .schedule import Schedule, rows_for_ratio
 
 logger = logging.getLogger("cggr_compile")
@@ -203,14 +204,27 @@ class CGGRModel(nn.Module):
             config = config.replace(**options)
         self.model = model
         self.cggr_config = config
-        router, causal = build_router(model, config.router_layers, config.router, config.strict)
+        router, causal = build_router(model, config.router_layers, config.router, config.strict,
+                                      spec=config.router_spec)
+        # How the model is called (its names for the tokens, labels and mask; its output), once.
+        call = model_call_for(model, config.model_call, config.router_spec)
+        self.__dict__["model_call"] = call
+        self.__dict__["_hf_call"] = call.is_hugging_face
+        # The positional order of a call (read here once: inspect is not traced by Dynamo).
+        if call.is_hugging_face:
+            self.__dict__["_positional"] = ("input_ids", "attention_mask", "labels")
+        else:
+            params = inspect.signature(model.forward).parameters
+            self.__dict__["_positional"] = tuple(
+                n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         # Plain attributes (not submodules): no second registration of the shared tensors.
         self.__dict__["router"] = router
         self.__dict__["reference_router"] = _reference_router(config)
         self.__dict__["schedule"] = Schedule(config)
-        self.causal = causal
         # Advance once per optimizer step that updates the model, without the user's help.
         self.schedule.watch(model)
+        # Whether CGGR shifts the labels by one position (a causal LM's labels not pre-shifted).
+        self.causal = causal and not call.labels_shifted
         self._k = 1
         self._ratio = 1.0
         # The schedule's device step counter, read by the traced step (the backend's trace swaps in
@@ -309,7 +323,7 @@ class CGGRModel(nn.Module):
             dt = torch.get_autocast_dtype(kind)
             h, w = h.to(dt), w.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, router.arch.softcap)
+        _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, router.softcap)
         return S.TokenStats(entropy, p1, p2, nll)
 
     def reference_nll(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
@@ -346,6 +360,7 @@ class CGGRModel(nn.Module):
         """Run the router and score every position (no grad). ``reference_loss`` (``[B]`` or
         ``[B, T]``) is the batch's reference loss for ``scoring='reducible'``."""
         cfg = self.cggr_config
+        labels = self._cggr_labels(labels)
         with torch.no_grad(), _unsharded(self.model):
             reference = self._reference(input_ids, attention_mask, labels, reference_loss, rows)
             head = self._fused_head(self.router)
@@ -371,13 +386,93 @@ class CGGRModel(nn.Module):
         r = self.route(input_ids, attention_mask, labels, reference_loss, **rows)
         return S.sequence_difficulty(r.difficulty, r.valid)
 
-    def forward(
-        self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None, **kwargs: Any,
-    ) -> Any:
+    # -- the model's calling convention (config.ModelCall) ----------------------------------------
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[Any, Any, Any, dict]:
+        """``(input_ids, attention_mask, labels, other kwargs)`` of a call, by the model's names.
+
+        Hugging Face models keep the positional order ``(input_ids, attention_mask, labels)``;
+        others bind positional arguments through their forward's signature (``gpt(idx, targets)``).
+        A model whose forward takes no labels or mask gets CGGR's own ``labels=`` /
+        ``attention_mask=``."""
+        call: ModelCall = self.__dict__["model_call"]
+        kwargs = dict(kwargs)
+        names = self.__dict__["_positional"]
+        if len(args) > len(names):
+            raise TypeError(
+                f"cggr: {type(self.model).__name__} takes {len(names)} positional inputs ({', '.join(names)}), "
+                f"got {len(args)}; pass the others by name."
+            )
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"cggr: {name} was given both positionally and by name.")
+            kwargs[name] = value
+        kwargs = call.canonical(kwargs)
+        return kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None), kwargs.pop("labels", None), kwargs
+
+    def _cggr_labels(self, labels: Optional[Tensor]) -> Optional[Tensor]:
+        """The labels with the model's ignore index as CGGR's (-100)."""
+        ignore = self.__dict__["model_call"].ignore_index
+        if labels is None or ignore == S.IGNORE_INDEX:
+            return labels
+        return torch.where(labels == ignore, torch.full_like(labels, S.IGNORE_INDEX), labels)
+
+    def _call_plain(self, input_ids: Any, attention_mask: Any, labels: Any, kwargs: dict) -> Any:
+        """The model called as its user calls it, by its own names; its output unchanged."""
+        call: ModelCall = self.__dict__["model_call"]
+        kwargs = dict(kwargs)
+        if call.attention_mask is not None and attention_mask is not None:
+            kwargs[call.attention_mask] = attention_mask
+        if call.labels is not None and labels is not None:
+            kwargs[call.labels] = labels
+        return self.model(**{call.inputs: input_ids}, **kwargs)
+
+    def _main_pass(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+                   **kwargs: Any) -> Any:
+        """The model on the rows (or batch) that train: an output with ``.logits`` and item access.
+
+        ``labels`` are the model's own (its ignore index); they reach the model only where
+        ``ModelCall.labels_to_model`` says so (nanoGPT), never a Hugging Face model (its loss would
+        be computed for nothing)."""
+        call: ModelCall = self.__dict__["model_call"]
+        if self.__dict__["fused_loss"]:  # no logits: the loss is formed from the hidden states
+            return fused_main_pass(self.__dict__["fused_loss"], input_ids, attention_mask, kwargs, CGGROutput)
+        if self.__dict__["_hf_call"]:
+            return call_model(self.model, input_ids, attention_mask, **kwargs)
+        labels = labels if call.labels_to_model else None
+        if call.logits_module is not None:
+            out = self.model.get_submodule(call.logits_module)(input_ids)
+        else:
+            out = self._call_plain(input_ids, attention_mask, labels, kwargs)
+        if isinstance(out, (tuple, list)):
+            if call.logits_index is None:
+                raise TypeError(
+                    f"cggr: {type(self.model).__name__} returned a {type(out).__name__}; say where its "
+                    "logits are: model_call=cggr_compile.ModelCall(..., logits_index=0, loss_index=1)."
+                )
+            return CGGROutput(logits=out[call.logits_index])
+        return CGGROutput(logits=out) if isinstance(out, Tensor) else out
+
+    def _user_output(self, out: Any) -> Any:
+        """A training step's output in the model's own form: a tuple where the model returns one
+        (nanoGPT's ``(logits, loss)``: the selected rows' logits and CGGR's loss)."""
+        call: ModelCall = self.__dict__["model_call"]
+        if call.logits_index is None:
+            return out
+        loss_index = call.loss_index if call.loss_index is not None else call.logits_index + 1
+        items: list[Any] = [None] * (max(call.logits_index, loss_index) + 1)
+        items[call.logits_index] = out.logits
+        items[loss_index] = out.loss
+        return tuple(items)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(...)`` with CGGR in training: the model's own arguments (``ModelCall`` names
+        them: ``input_ids=`` / ``labels=``, or nanoGPT's ``(idx, targets)``...)."""
+        input_ids, attention_mask, labels, kwargs = self._bind(args, kwargs)
         if not (self.model.training and torch.is_grad_enabled() and labels is not None):
             # eval, no_grad or no labels: exactly the plain model (which knows no reference_loss).
             kwargs.pop("reference_loss", None)
+            if not self.__dict__["_hf_call"]:
+                return self._call_plain(input_ids, attention_mask, labels, kwargs)
             out = call_model(self.model, input_ids, attention_mask, labels, **kwargs)
             return out.logits if isinstance(out, CGGROutput) else out
         check_batch(input_ids, labels, attention_mask)
@@ -387,7 +482,7 @@ class CGGRModel(nn.Module):
         self._plan(input_ids.shape[0], input_ids.device)
         out, metrics = self._routed_step(input_ids, attention_mask, labels, kwargs)
         self._record(metrics)
-        return out
+        return self._user_output(out)
 
     def _denominator(self, weight: Tensor, given: Any, count: Optional[Tensor] = None) -> Any:
         """The loss's denominator: the caller's, else the data-parallel count, else the local one.
@@ -419,14 +514,15 @@ class CGGRModel(nn.Module):
             idx, weight = self._choose(r)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
-            out = self._main_pass(input_ids.index_select(0, idx), mask_k, **sliced)
+            labels_k = labels.index_select(0, idx) if self.model_call.labels_to_model else None
+            out = self._main_pass(input_ids.index_select(0, idx), mask_k, labels_k, **sliced)
             denominator = self._denominator(weight, denominator, self._loss_count(r))
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target.index_select(0, idx), weight,
                                   denominator)
             out["selected_indices"] = idx
         else:
             _, weight = self._choose(r)
-            out = self._main_pass(input_ids, attention_mask, **kwargs)
+            out = self._main_pass(input_ids, attention_mask, labels, **kwargs)
             denominator = self._denominator(weight, denominator)
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
             out["selected_mask"] = weight
@@ -434,13 +530,6 @@ class CGGRModel(nn.Module):
         metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)])
         out["cggr_metrics"] = metrics
         return out, metrics
-
-    def _main_pass(self, input_ids: Tensor, attention_mask: Optional[Tensor], **kwargs: Any) -> Any:
-        """The model on the rows (or batch) that train: an output with ``.logits`` and item access
-        (``logits=None`` and the final hidden states where the loss is fused)."""
-        if self.__dict__["fused_loss"]:  # no logits: the loss is formed from the hidden states
-            return fused_main_pass(self.__dict__["fused_loss"], input_ids, attention_mask, kwargs, CGGROutput)
-        return call_model(self.model, input_ids, attention_mask, **kwargs)
 
     def _choose(self, r: Routing) -> tuple[Tensor, Tensor]:
         """The selection from the router's scores, and the loss weight of its positions.

@@ -58,14 +58,17 @@ def _is_loss_node(node: fx.Node) -> bool:
 
 
 def recognise(
-    gm: fx.GraphModule, example_inputs: Sequence[Any] = (), call_kwargs: Optional[dict] = None
+    gm: fx.GraphModule, example_inputs: Sequence[Any] = (), call_kwargs: Optional[dict] = None,
+    aliases: Optional[dict[str, str]] = None,
 ) -> GraphPlan:
     """Find inputs, loss and logits of a training graph, or raise :class:`NotRewritable`.
 
     ``call_kwargs`` (the model call's keyword arguments, when known) map inputs by identity, which
     also finds keywords that Dynamo merged into one placeholder; otherwise the placeholders'
-    Dynamo sources name them.
+    Dynamo sources name them. ``aliases`` renames the model's argument names to CGGR's
+    (``ModelCall.aliases()``: nanoGPT's ``idx`` -> ``input_ids``, ``targets`` -> ``labels``).
     """
+    aliases = aliases or {}
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     plan = GraphPlan(batch=-1)
@@ -75,6 +78,7 @@ def recognise(
             plan.inputs[name] = by_id[id(value)]
     for pos, node in enumerate(placeholders):
         key = _source_key(node)
+        key = aliases.get(key, key) if key is not None else None
         if key is not None and key not in plan.inputs:
             plan.inputs[key] = pos
     used = set(plan.inputs.values())
