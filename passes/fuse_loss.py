@@ -163,9 +163,11 @@ def selective_loss(choice: FusedLoss, out: Any, target: Tensor, weight: Tensor, 
     ``scoring.selective_cross_entropy`` of its logits."""
     if not choice or out.get("logits") is not None:
         return S.selective_cross_entropy(out.logits, target, weight, denominator)
-    head = choice.head
-    return selective_linear_cross_entropy(out["last_hidden_state"], head.weight, head.bias, target, weight,
-                                          denominator, choice.softcap)
+    head, hidden = choice.head, out["last_hidden_state"]
+    if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(head.weight.dtype)  # as Mamba's forward casts its float32 residual stream
+    return selective_linear_cross_entropy(hidden, head.weight, head.bias, target, weight, denominator,
+                                          choice.softcap)
 
 
 def fused_loss_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -12,7 +12,7 @@ from cggr_compile.backend import core_of, explain
 from cggr_compile.config import CGGRConfig
 from cggr_compile.errors import CGGRFallbackError, CGGRFallbackWarning
 from cggr_compile.passes.fuse_loss import choose_fused_loss, fused_loss_nodes
-from models import batch, tiny_model
+from models import CAUSAL, batch, tiny_model
 
 OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
             selection="topk")
@@ -42,7 +42,7 @@ def _same(a, b):
         torch.testing.assert_close(g_a[n], g_b[n], msg=n)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])  # plain, tied + soft-capped, tied
+@pytest.mark.parametrize("name", CAUSAL)  # plain, tied (gpt2...), soft-capped (gemma2), biased (gptj)
 def test_transform_fused_loss_gives_the_unfused_loss_and_gradients(name):
     fused, unfused = _train_step(name, True), _train_step(name, False)
     _same(fused, unfused)
