@@ -140,6 +140,17 @@ class Schedule:
 
             _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
 
+    def __getstate__(self) -> dict:
+        # A copy or a pickle does not watch: weak references do not pickle, and the copy's model
+        # is another object (watch() it again to advance it by itself).
+        state = dict(self.__dict__)
+        state.update(auto=False, _model=None, _holds=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._holds = weakref.WeakKeyDictionary()
+
     def planned(self) -> None:
         """A training step (one micro-batch) is about to run: a new interval starts."""
         self._planned, self._auto_counted, self._user_steps = True, False, 0

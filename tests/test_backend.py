@@ -148,7 +148,8 @@ scaled_dot_product_attention() -> float32[2, 2, 6, 8]
 scaled_dot_product_attention() -> float32[2, 2, 6, 8]
 index_select(0) -> int64[2, 6]
 cross_entropy_loss(None, 2) -> float32[]
-return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], int64[], int64[]""")
+index_select(0) -> float32[2, 6]
+return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], float32[], int64[], int64[]""")
 
     def test_tokens(self):
         self.assertExpectedInline(self._text("tokens"), """\
@@ -161,7 +162,7 @@ embedding() -> float32[4, 6, 16]
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 scaled_dot_product_attention() -> float32[4, 2, 6, 8]
 cross_entropy_loss(None, 2) -> float32[]
-return float32[], float32[4, 6, 32], bool[4, 6], float32[], float32[], float32[], int64[], int64[]""")
+return float32[], float32[4, 6, 32], bool[4, 6], float32[], float32[], float32[], float32[], int64[], int64[]""")
 
 
 def test_positional_input_ids_are_understood():

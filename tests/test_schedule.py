@@ -164,3 +164,11 @@ def test_defaults_keep_min_tokens_ratio_and_the_original_classes_keep_the_thresh
     assert CGGRConfig().dynamic_threshold is False
     assert cggr_compile.CGGRModel(tiny_model("llama"), router_layers=1).cggr_config.dynamic_threshold is True
     assert cggr_compile.CGGRLoss().config.dynamic_threshold is True
+
+
+def test_a_watched_schedule_pickles_and_its_copy_does_not_watch():
+    import pickle
+
+    cg = cggr_compile.transform(tiny_model("llama"), **OPTS)
+    copy_ = pickle.loads(pickle.dumps(cg.schedule))  # weak references do not pickle: they are dropped
+    assert cg.schedule.auto and not copy_.auto and copy_.step == cg.schedule.step
