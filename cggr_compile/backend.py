@@ -384,27 +384,40 @@ def explain(
 
     Summary by default (router, selection, main pass and loss ops with their shapes); ``full=True``
     gives every node. The model's own state (schedule, caches of the backend) is not touched.
+    The model is called by its own names (``ModelCall``: nanoGPT's ``idx`` and ``targets``...).
     """
     captured: dict[str, Any] = {}
+    config = CGGRConfig.from_options(options)
+    call = model_call_for(model, config.model_call, config.router_spec)
+    aliases = call.aliases()
 
     def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         module, call_kwargs = _captured_frame(example_inputs)
-        if "gm" not in captured and "input_ids" in "".join(n.name for n in gm.graph.nodes if n.op == "placeholder"):
-            captured.update(gm=gm, example_inputs=list(example_inputs), call_kwargs=call_kwargs)
+        names = "".join(n.name for n in gm.graph.nodes if n.op == "placeholder")
+        if "gm" not in captured and call.inputs in names:
+            captured.update(gm=gm, example_inputs=list(example_inputs), call_kwargs=call.canonical(call_kwargs))
         return gm.forward
 
     labels = input_ids if labels is None else labels
+    if call.labels is None:
+        raise ValueError(
+            f"explain: {type(model).__name__}'s forward takes no labels, so its graph has no loss to route; "
+            "explain the module that computes the loss (loss_fn(model(tokens), labels)) instead."
+        )
+    kwargs = {call.inputs: input_ids, call.labels: labels}
+    if call.attention_mask is not None and attention_mask is not None:
+        kwargs[call.attention_mask] = attention_mask
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():
-            torch.compile(model, backend=capture)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            torch.compile(model, backend=capture)(**kwargs)
     finally:
         model.train(was_training)
     if "gm" not in captured:
         raise ValueError("explain: Dynamo captured no graph with input_ids for this model")
-    plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"])
-    core = CGGRModel(model, CGGRConfig.from_options(options))
+    plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"], aliases)
+    core = CGGRModel(model, config)
     core._plan(plan.batch, input_ids.device)
     gm = routed_graph(core, plan, captured["example_inputs"], captured["call_kwargs"], core._step_tensor)
     return graph_text(gm, full)

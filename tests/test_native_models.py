@@ -274,3 +274,37 @@ def test_user_router_on_nanogpt():
     logits, loss = cg(x, y)
     loss.backward()
     assert calls == [x.shape] and logits.shape[0] == 3 and model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "torchtitan"])
+def test_compiled_transform_matches_eager(name):
+    """torch.compile(transform(model)): Dynamo traces the calling convention too (positional
+    inputs, the tuple output) and gives the eager step's loss and gradients."""
+    torch._dynamo.reset()
+    model, x, y = make(name)
+    cg = cggr_compile.transform(model, **OPTIONS)
+
+    def step(fn):
+        model.zero_grad()
+        out = fn(x, y) if name == "nanogpt" else fn(x, labels=y)
+        loss = out[1] if name == "nanogpt" else out.loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = step(cg)
+    loss, grads = step(torch.compile(cg))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_explain_reads_the_models_own_names():
+    gpt, x, y = make("nanogpt")
+    text = cggr_compile.explain(gpt, x, None, y, **OPTIONS)
+    # the router runs on all 6 rows, the main pass and its logits on the k = 3 selected ones
+    assert "-> float32[6, 12, 64]" in text and "float32[3, 12, 64]" in text
+    titan, x, y = make("torchtitan")
+    assert "float32[3, 12, 64]" in cggr_compile.explain(WithLoss(titan), x, None, y, **OPTIONS)
+    with pytest.raises(ValueError, match="takes no labels.*explain the module that computes the loss"):
+        cggr_compile.explain(titan, x, None, y, **OPTIONS)
