@@ -11,6 +11,10 @@ Modes (each on a freshly built, randomly initialised model from a config, seeded
 
 * ``eager``: the standard step on the whole batch (B rows).
 * ``compiled``: ``torch.compile(model)`` (Inductor), standard step on the whole batch.
+* ``compiled_fused_loss`` (with ``--fused-loss``): ``compiled`` with the model's loss computed by the
+  fused head + cross-entropy (``cggr_compile.ops.fused_linear_ce``, no ``B x T x V`` logits): what the
+  fusion alone buys. ``--fused-loss`` also runs ``random_subset`` and the CGGR modes
+  (``fused_loss=True``) with the fused loss; their records say ``fused_loss: true``.
 * ``random_subset``: ``torch.compile(model)`` run on ``k = clamp(ceil(ratio * B), 1, B)`` rows picked by
   ``index_select`` with a device ``randperm``: the ceiling of a sequence-level CGGR without a router.
 * ``router_only``: the router alone: ``torch.compile`` of ``cg.sequence_difficulty`` (K layers + norm +
@@ -123,7 +127,11 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_name, device_slug  # noqa: E402
 
-ALL_MODES = ("eager", "compiled", "random_subset", "router_only", "cggr_backend", "cggr_transform")
+ALL_MODES = ("eager", "compiled", "compiled_fused_loss", "random_subset", "router_only", "cggr_backend",
+             "cggr_transform")
+# compiled_fused_loss runs by default only with --fused-loss (the other modes always)
+DEFAULT_MODES = tuple(m for m in ALL_MODES if m != "compiled_fused_loss")
+FULL_BATCH_MODES = ("eager", "compiled", "compiled_fused_loss")
 CGGR_MODES = ("cggr_backend", "cggr_transform")
 COMPILED_MODES = ("compiled", "random_subset", "router_only", "cggr_transform")
 
@@ -482,6 +490,8 @@ class Ctx:
     def cggr_options(self, ratio: float, router_layers: int, warmup_steps: int = 0) -> dict[str, Any]:
         opts = dict(min_tokens_ratio=ratio, router_layers=router_layers, warmup_steps=warmup_steps,
                     dynamic_threshold=False, scoring=self.args.scoring)
+        if self.args.fused_loss:
+            opts["fused_loss"] = True
         if self.cudagraphs:
             opts["cudagraphs"] = True
         return opts
@@ -528,9 +538,11 @@ def setup_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ct
     if mode == "eager":
         return train_step(model), no_info
     if mode == "compiled":
-        return train_step(ctx.compile(fused_loss_full_batch(model) if ctx.args.fused_loss else model)), no_info
+        return train_step(ctx.compile(model)), no_info
+    if mode == "compiled_fused_loss":
+        return train_step(ctx.compile(fused_loss_full_batch(model))), no_info
     if mode == "random_subset":
-        cm = ctx.compile(model)
+        cm = ctx.compile(fused_loss_full_batch(model) if ctx.args.fused_loss else model)
 
         def fwd(**b: Any) -> Any:
             idx = torch.randperm(batch, device=ctx.device)[:k]
@@ -678,12 +690,13 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
     k = rows_for(ratio, batch)
     rec: dict[str, Any] = dict(mode=mode, model=model_name, batch=batch, seq=seq, ratio=ratio,
                                router_layers=router_layers, k=k, status="ok")
-    if mode in ("eager", "compiled"):
+    if mode in FULL_BATCH_MODES:
         rec["ratio"], rec["router_layers"], rec["k"] = None, None, batch
-    if mode == "compiled" and ctx.args.fused_loss:
-        rec["fused_loss"] = True  # the full batch's loss by the fused head + cross-entropy
     elif mode == "random_subset":
         rec["router_layers"] = None
+    # the loss by the fused head + cross-entropy (cggr_compile.ops.fused_linear_ce)
+    rec["fused_loss"] = mode == "compiled_fused_loss" or (
+        bool(ctx.args.fused_loss) and mode in ("random_subset", "cggr_backend", "cggr_transform"))
     cap = LogCapture()
     loggers = [logging.getLogger("torch._dynamo"), logging.getLogger("torch._inductor")]
     for lg in loggers:
@@ -748,7 +761,7 @@ def run_schedule(mode: str, model_name: str, shape: dict[str, Any], ratio: float
     layers = shape["layers"] if layers <= 0 else min(layers, shape["layers"])
     rec: dict[str, Any] = dict(mode=mode, model=model_name, layers=layers, batch=batch, seq=seq, ratio=ratio,
                                router_layers=router_layers, warmup_steps=a.schedule_warmup,
-                               steps=a.schedule_steps, status="ok")
+                               steps=a.schedule_steps, status="ok", fused_loss=bool(a.fused_loss))
     cap = LogCapture()
     loggers = [logging.getLogger("torch._dynamo"), logging.getLogger("torch._inductor")]
     for lg in loggers:
@@ -1118,8 +1131,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-png", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--fused-loss", action="store_true",
-                   help="the compiled (full batch) mode computes its loss with the fused head + cross-entropy "
-                        "(cggr_compile.ops.fused_linear_ce, no logits): what the fusion alone buys")
+                   help="add the mode compiled_fused_loss (the full batch, its loss by the fused head + "
+                        "cross-entropy of cggr_compile.ops.fused_linear_ce: what the fusion alone buys) and "
+                        "run random_subset and the CGGR modes with the fused loss too")
     p.add_argument("--cudagraphs", action="store_true",
                    help="CUDA graphs in every compiled mode: mode='reduce-overhead' for Inductor, "
                         "options cudagraphs=True for the cggr backend")
@@ -1133,7 +1147,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, val)
     if args.modes is None:
-        args.modes = list(ALL_MODES)
+        args.modes = [m for m in ALL_MODES if m in DEFAULT_MODES or args.fused_loss]
     if args.name is None:
         args.name = args.preset
         if grid_overridden:
@@ -1268,7 +1282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for ratio in args.ratios:
                 for rl in args.router_layers:
                     for mode in args.modes:
-                        key = (mode, name) if mode in ("eager", "compiled") else \
+                        key = (mode, name) if mode in FULL_BATCH_MODES else \
                               (mode, name, ratio) if mode == "random_subset" else \
                               (mode, name, rl) if mode == "router_only" else (mode, name, ratio, rl)
                         if key not in seen:
@@ -1295,7 +1309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        k=rows_for(ratio, sh["batch"]), status="skipped",
                        error=f"skipped: time budget {budget:.0f} s (elapsed {time.perf_counter() - t_start:.0f} s, "
                              f"longest mode so far {longest:.0f} s)")
-            if mode in ("eager", "compiled"):
+            if mode in FULL_BATCH_MODES:
                 rec["ratio"], rec["router_layers"], rec["k"] = None, None, sh["batch"]
             elif mode == "random_subset":
                 rec["router_layers"] = None

@@ -186,3 +186,22 @@ def test_autocast_runs_the_fused_head_in_the_autocast_dtype():
     for g, r in zip(runs[True][1], runs[False][1]):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)
+
+
+def test_speed_benchmark_modes_with_and_without_fused_loss():
+    """speed.py: compiled_fused_loss runs only with --fused-loss, which also fuses the CGGR modes'
+    and random_subset's loss (the records say so); without it every mode is as before."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import speed
+
+    assert "compiled_fused_loss" not in speed.parse_args(["--preset", "tiny"]).modes
+    modes = speed.parse_args(["--preset", "tiny", "--fused-loss"]).modes
+    assert modes == list(speed.ALL_MODES)
+    ctx = SimpleNamespace(args=SimpleNamespace(fused_loss=True, scoring="loss"), cudagraphs=False)
+    assert speed.Ctx.cggr_options(ctx, 0.25, 1)["fused_loss"] is True
+    ctx.args.fused_loss = False
+    assert "fused_loss" not in speed.Ctx.cggr_options(ctx, 0.25, 1)
