@@ -66,7 +66,8 @@ class FusedLoss:
 
 
 def check_setting(value: Any) -> None:
-    """``fused_loss`` must be False, True or "auto" (config.py calls this)."""
+    """``fused_loss`` must be False, True or "auto" (for callers of :func:`choose_fused_loss` that
+    build no ``CGGRConfig``, whose own check says the same)."""
     if not any(value is s if isinstance(s, bool) else value == s for s in SETTINGS):
         raise ValueError(
             f"fused_loss must be False, True or 'auto', got {value!r}: True fuses the main pass's "
