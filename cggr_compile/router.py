@@ -523,7 +523,8 @@ def model_call_for(model: nn.Module, given: Optional[Any] = None,
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return ModelCall()
-    if "input_ids" in params or not params:
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if "input_ids" in params or not named:  # Hugging Face's names, or a wrapper's (*args, **kwargs)
         return ModelCall()
     spec = spec if spec is not None else detect_router_spec(model)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -308,3 +308,26 @@ def test_explain_reads_the_models_own_names():
     assert "float32[3, 12, 64]" in cggr_compile.explain(WithLoss(titan), x, None, y, **OPTIONS)
     with pytest.raises(ValueError, match="takes no labels.*explain the module that computes the loss"):
         cggr_compile.explain(titan, x, None, y, **OPTIONS)
+
+
+def test_model_call_given_in_the_config():
+    """An explicit ModelCall and RouterSpec are used as given (here nanoGPT's, spelled out:
+    pre-shifted targets, ignore index -1, the tuple output); bad types say what to pass."""
+    model, x, y = make("nanogpt")
+    call = ModelCall("idx", "targets", None, labels_shifted=True, ignore_index=-1, labels_to_model=True,
+                     logits_index=0, loss_index=1)
+    spec = detect_router_spec(model)
+    options = dict(OPTIONS, min_tokens_ratio=1.0)  # every row: the loss is the model's own
+    cg = cggr_compile.transform(model, router_spec=spec, model_call=call, **options)
+    logits, loss = cg(x, targets=y)
+    torch.testing.assert_close(loss, model(x, y)[1])
+    with pytest.raises(TypeError, match="model_call must be a cggr_compile.ModelCall"):
+        cggr_compile.transform(model, model_call={"inputs": "idx"})
+    with pytest.raises(TypeError, match="router_spec must be a cggr_compile.RouterSpec"):
+        cggr_compile.transform(model, router_spec="transformer.h")
+
+    class Wrapper(torch.nn.Module):  # forward(**kwargs): Hugging Face's names pass through
+        def forward(self, **kwargs):
+            return kwargs
+
+    assert cggr_compile.router.model_call_for(Wrapper()) == ModelCall()
