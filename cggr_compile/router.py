@@ -519,6 +519,10 @@ def model_call_for(model: nn.Module, given: Optional[Any] = None,
 
     if given is not None:
         return given
+    # A PeftModel passes its arguments through to the model inside: that model's names count.
+    inner = unwrap_peft(model)
+    prefix = "" if inner is model else next(n for n, m in model.named_modules() if m is inner) + "."
+    model = inner
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -532,7 +536,7 @@ def model_call_for(model: nn.Module, given: Optional[Any] = None,
     labels = next((n for n in ("labels", "targets") if n in params), None)
     mask = "attention_mask" if "attention_mask" in params else None
     layout = spec.layout if spec is not None else "custom"
-    logits_module = spec.root if spec is not None and spec.root else None
+    logits_module = prefix + spec.root if spec is not None and spec.root else None
     if layout == "nanogpt":
         return ModelCall(inputs, labels, mask, labels_shifted=True, ignore_index=-1, labels_to_model=True,
                          logits_module=logits_module, logits_index=0, loss_index=1)

@@ -30,7 +30,7 @@ from .config import CGGRConfig, ModelCall
 from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
-from .router import WholeModelRouter, build_router, refresh_router, model_call_for
+from .router import WholeModelRouter, build_router, model_call_for, refresh_router, unwrap_peft
 from .schedule import Schedule, rows_for_ratio
 
 logger = logging.getLogger("cggr_compile")
@@ -214,7 +214,7 @@ class CGGRModel(nn.Module):
         if call.is_hugging_face:
             self.__dict__["_positional"] = ("input_ids", "attention_mask", "labels")
         else:
-            params = inspect.signature(model.forward).parameters
+            params = inspect.signature(unwrap_peft(model).forward).parameters  # PEFT passes them on
             self.__dict__["_positional"] = tuple(
                 n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         # Plain attributes (not submodules): no second registration of the shared tensors.

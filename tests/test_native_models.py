@@ -331,3 +331,23 @@ def test_model_call_given_in_the_config():
             return kwargs
 
     assert cggr_compile.router.model_call_for(Wrapper()) == ModelCall()
+
+
+def test_lora_on_nanogpt_routes_with_the_truncated_router():
+    """A PeftModel around a nanoGPT passes its arguments on: CGGR reads the inner model's names and
+    layout (the router runs its first blocks, LoRA included); gradients match the hand-selected
+    reference and reach only the LoRA weights."""
+    peft = pytest.importorskip("peft")
+    base, x, y = make("nanogpt")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    selection, target, valid = reference_selection("nanogpt", base, x, y, "sequences")
+    ref_loss, ref_grads = reference_step("nanogpt", model, x, y, selection, target, valid, "sequences")
+    loss, got, _ = run_transform("nanogpt", model, x, y, "sequences")
+    assert torch.equal(got, selection)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert ref_grads and all("lora_" in n for n in ref_grads)
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+        else:
+            assert p.grad is None, n
