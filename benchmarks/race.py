@@ -75,7 +75,9 @@ Fairness rules:
   compiled once per process (``ModeRunner``): for each learning rate of ``--lr-sweep`` and each seed of
   ``--seeds`` the initial weights are copied into its parameters in place (the same tensors), the
   optimizer is new and the CGGR schedule is back at step 0. The best base learning rate per mode (lowest
-  mean final held-out loss over the seeds) is reported, with the whole sweep (``sweep``). Checkpoint
+  mean final held-out loss over the seeds) is reported, with the whole sweep (``sweep``); with
+  ``--sweep-seeds`` the sweep runs on those seeds only and the other seeds run at each mode's best
+  rate on them (tune on one seed, confirm on the rest). Checkpoint
   noise: ``checkpoint_std``, the std of a run's held-out loss over its last ``--checkpoint-window``
   checkpoints.
 
@@ -93,6 +95,10 @@ Fairness rules:
   fixed set of ``--eval-sequences`` held-out sequences (``--eval-pick spread``, the default: evenly
   spaced over the held-out stream, so that the set spans the held-out files; ``first``: the first
   ones), at 0 s, every ``--eval-every-seconds`` of counted training time and at the end.
+* Learnability probe (every run, ``probe``): each held-out sequence's loss drop over the run against
+  scores taken at its start: the full model's initial loss, initial minus the reference's loss (when
+  there is a reference), and for the CGGR modes the router's own score; per score, its Spearman with
+  the drop and the mean drop of the quarter it ranks highest (``docs/learnability.md`` reads them).
 * For the CGGR modes, at the end: the Spearman rank correlation between the router's per-sequence
   difficulty (``cg.sequence_difficulty``) and the trained full model's per-sequence held-out loss.
 

@@ -502,3 +502,39 @@ def test_reference_losses_match_the_race_eval():
     a = race.heldout_losses(model, seqs, 4, torch.device("cpu"), "fp32")
     b = cggr_compile.reference_losses(model, seqs, batch_size=3, device="cpu", progress=False)
     assert torch.allclose(a, b.float(), atol=1e-5)
+
+
+def test_sweep_seeds_tune_on_some_seeds_and_confirm_on_the_rest(tmp_path):
+    """--sweep-seeds 0: every lr on seed 0, then seed 1 only at the best lr of seed 0."""
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    rep = race.main(["--preset", "ci", "--corpus", str(src), "--modes", "random,cggr-loss", "--max-bytes", "0",
+                     "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res"),
+                     "--no-progress", "--device", "cpu", "--budget-seconds", "0.4", "--eval-sequences", "8",
+                     "--lr-sweep", "1e-3,3e-3", "--seeds", "0,1", "--sweep-seeds", "0"])
+    for r in rep["modes"].values():
+        seed0 = {x["base_lr"]: x["final"] for x in r["sweep"] if x["seed"] == 0}
+        assert set(seed0) == {1e-3, 3e-3}
+        best = min(seed0, key=seed0.get)
+        assert r["best_base_lr"] == best
+        assert [(x["base_lr"], x["seed"]) for x in r["sweep"] if x["seed"] == 1] == [(best, 1)]
+        assert set(r["runs_by_seed"]) == {"0", "1"}
+        probe = r["runs_by_seed"]["1"]["probe"]
+        assert probe["sequences"] == 8 and -1.0 <= probe["initial_loss"]["spearman_with_drop"] <= 1.0
+    assert "router_initial" in rep["modes"]["cggr-loss"]["runs_by_seed"]["0"]["probe"]
+    with pytest.raises(SystemExit):
+        race.parse_args(["--preset", "ci", "--seeds", "0,1", "--sweep-seeds", "2"])
+
+
+def test_learnability_probe():
+    """Spearman of each score with the held-out loss drop, and the drop of the quarter it ranks highest."""
+    import torch
+
+    initial = torch.tensor([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+    final = torch.tensor([2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4])  # drops 1.0 .. -0.4
+    out = race.learnability_probe(initial, final, {"follows": -final, "against": final})
+    assert out["sequences"] == 8 and out["mean_drop"] == pytest.approx(0.3)
+    assert out["follows"]["spearman_with_drop"] == pytest.approx(1.0)
+    assert out["against"]["spearman_with_drop"] == pytest.approx(-1.0)
+    assert out["follows"]["top_quarter_mean_drop"] == pytest.approx(0.9)  # drops 1.0 and 0.8
+    assert out["against"]["top_quarter_mean_drop"] == pytest.approx(-0.3)  # drops -0.4 and -0.2
