@@ -10,7 +10,8 @@ one of ``TABLES``. Sources:
   --commit-results`` / ``--merge``). Runs are grouped by regime and every other run-level setting
   (device, preset, budget, and any key a newer race adds, such as a batch size); inside a group,
   each mode is reported at its best learning rate (the lr with the lowest mean final loss over the
-  seeds, so the choice is the same for every seed), as mean ± sample std over seeds, with the number
+  seeds, so the choice is the same for every seed; a race with ``--sweep-seeds`` records only each
+  mode's chosen lr, and its ``lr_values`` are listed as tried), as mean ± sample std over seeds, with the number
   of seeds where it ends below the random subset and below the full batch of the same seed.
 - speed: ``SPEED_SOURCE``, the merged canonical speed run (``benchmarks/speed.py --cudagraphs``,
   one process per shape; its ``meta.merged_from`` names the per-shape files).
@@ -66,8 +67,10 @@ def quality_groups(summary: dict) -> list[dict]:
             if key not in run:
                 raise SystemExit(f"{QUALITY_SOURCE.name}: a run without {key!r}: {run!r:.200}; "
                                  "regenerate it with benchmarks/race.py --merge")
-        g = groups.setdefault(_setting(run), dict(finals={}, ms={}, extra={}, default=None, order=[]))
+        g = groups.setdefault(_setting(run), dict(finals={}, ms={}, extra={}, default=None, order=[], swept=set()))
         g["default"] = g["default"] or run.get("default_mode")
+        # the learning rates the race swept (the summary keeps each mode's chosen one per seed)
+        g["swept"].update(run.get("lr_values") or ())
         for mode, r in run["modes"].items():
             if mode not in g["order"]:
                 g["order"].append(mode)
@@ -93,7 +96,8 @@ def quality_groups(summary: dict) -> list[dict]:
             best[mode] = dict(sorted(by_lr[lr].items()))
             ms = [g["ms"][(mode, lr, s)] for s in best[mode] if g["ms"][(mode, lr, s)] is not None]
             noise = [g["extra"][(mode, lr, s)].get("noise_share_trained") for s in best[mode]]
-            info[mode] = dict(lr=lr, lrs=sorted(by_lr, key=lambda x: (x is None, x)),
+            tried = set(by_lr) | g["swept"]
+            info[mode] = dict(lr=lr, lrs=sorted(tried, key=lambda x: (x is None, x)),
                               ms=statistics.median(ms) if ms else None,
                               steps=[g["extra"][(mode, lr, s)].get("steps") for s in best[mode]],
                               noise=[n for n in noise if n is not None])
@@ -180,7 +184,7 @@ def quality_detail_table(summary: dict) -> str:
             noise = lo if lo == hi else f"{lo}–{hi}"
             ms = "–" if r["ms"] is None else f"{r['ms']:.1f}"
             # the other learning rates tried, when there were any
-            lrs = f" (of {', '.join(_lr(x) for x in r['lrs'])})" if len(r["lrs"]) > 1 else ""
+            lrs = f" (of {', '.join(_lr(x) for x in r['lrs'])})" if len(r["lrs"]) > 1 else ""  # the others tried
             lines.append(f"| {_setting_label(g['setting'])} | {_mode_label(r)} | {finals} | {_mean_std(r)} | "
                          f"{_lr(r['lr'])}{lrs} | {steps} | {ms} | {noise} |")
     return "\n".join(lines)
