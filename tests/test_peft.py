@@ -139,3 +139,17 @@ def test_router_follows_attributes_a_user_toggles():
     cg(**b).loss.backward()
     want = live_first_layers(model, b, 2)
     torch.testing.assert_close(cg.router(b["input_ids"], b["attention_mask"]), want, rtol=0, atol=0)
+
+
+def test_enable_cggr_on_a_peft_model_uses_the_truncated_router(tmp_path):
+    import transformers as T
+
+    pm = lora_model()
+    rows = [{k: v[i] for k, v in batch("llama", b=8).items()} for i in range(8)]
+    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+                               disable_tqdm=True, per_device_train_batch_size=4, max_steps=2, logging_steps=1)
+    trainer = T.Trainer(model=pm, args=args, train_dataset=rows)
+    cg = cggr_compile.enable_cggr(trainer, **OPTS)
+    assert isinstance(cg.router, TruncatedRouter)
+    trainer.train()
+    assert cg.schedule.step == 2 and cggr_compile.last_metrics(cg)["selected_indices"].shape == (2,)
