@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import speed as _speed  # noqa: E402,F401 - its finder maps cggr_compile.passes to passes/ (no install needed)
-from benchmarks.common import device_name, device_slug  # noqa: E402
+from benchmarks.common import device_name, device_slug, peak_extra_bytes, percentiles_ms  # noqa: E402
 from cggr_compile.ops import fused_linear_ce as flce  # noqa: E402
 from cggr_compile.scoring import selective_cross_entropy  # noqa: E402
 
@@ -134,24 +133,8 @@ def time_path(step: Callable, device: torch.device, reps: int, use_graphs: bool)
             t0 = time.perf_counter()
             out = step()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    res.update(median_ms=statistics.median(times), p20_ms=times[int(0.2 * (len(times) - 1))],
-               p80_ms=times[int(0.8 * (len(times) - 1))])
+    res.update(percentiles_ms(times))
     return res | {"_out": tuple(t.clone() for t in out)}
-
-
-def peak_extra_bytes(step: Callable, device: torch.device) -> Optional[int]:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return int(peak)
 
 
 def compare(out: tuple, ref: tuple) -> dict[str, float]:

@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import device_name, device_slug  # noqa: E402
+from benchmarks.common import device_name, device_slug, peak_extra_bytes, percentiles_ms  # noqa: E402
 from cggr_compile.ops import fused_scorer as fs  # noqa: E402
 
 IGN = -100
@@ -118,26 +117,7 @@ def time_fn(fn, device, reps):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return {
-        "median_ms": statistics.median(ts),
-        "p20_ms": ts[int(0.2 * (len(ts) - 1))],
-        "p80_ms": ts[int(0.8 * (len(ts) - 1))],
-    }
-
-
-def peak_extra_bytes(fn, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return int(peak)
+    return percentiles_ms(ts)
 
 
 def autotune_choices():
