@@ -43,8 +43,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import speed as _speed  # noqa: E402,F401 - its finder maps cggr_compile.passes to passes/ (no install needed)
-from benchmarks.common import device_name, device_slug, peak_extra_bytes, percentiles_ms  # noqa: E402
+from benchmarks.common import (device_name, device_slug, peak_extra_bytes, percentiles_ms,  # noqa: E402
+                               require_cggr_compile)
+
+require_cggr_compile()
 from cggr_compile.ops import fused_linear_ce as flce  # noqa: E402
 from cggr_compile.scoring import selective_cross_entropy  # noqa: E402
 

@@ -34,7 +34,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import device_name, device_slug, peak_extra_bytes, percentiles_ms  # noqa: E402
+from benchmarks.common import (device_name, device_slug, peak_extra_bytes, percentiles_ms,  # noqa: E402
+                               require_cggr_compile)
+
+require_cggr_compile()
 from cggr_compile.ops import fused_scorer as fs  # noqa: E402
 
 IGN = -100

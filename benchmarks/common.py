@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: how a device is named in results and file names."""
+"""Helpers shared by the benchmark scripts: the library import, how a device is named in results and
+file names, timing summaries."""
 
 from __future__ import annotations
 
@@ -6,9 +7,35 @@ import os
 import platform
 import re
 import statistics
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+
+# How to make a checkout importable: ``passes/`` installs as ``cggr_compile.passes`` (pyproject's
+# package-dir), so a checkout that is not installed has no ``cggr_compile.passes``.
+INSTALL_COMMAND = "python -m pip install --no-deps -e ."
+
+
+def require_cggr_compile() -> ModuleType:
+    """The installed ``cggr_compile`` with its graph passes; exits saying what to run when they cannot
+    be imported, or when they come from two different checkouts (an install of another one)."""
+    try:
+        import cggr_compile
+        import cggr_compile.passes as passes
+    except ModuleNotFoundError as err:
+        if err.name not in ("cggr_compile", "cggr_compile.passes"):
+            raise
+        raise SystemExit(f"cannot import {err.name}: the benchmarks run the installed package. In the "
+                         f"repository root run `{INSTALL_COMMAND}` (add --no-build-isolation on a machine "
+                         "without network), then run the benchmark again") from None
+    package = Path(cggr_compile.__file__).resolve().parent
+    found = Path(passes.__file__).resolve().parent
+    if found not in (package / "passes", package.parent / "passes"):
+        raise SystemExit(f"cggr_compile is imported from {package} but cggr_compile.passes from {found} "
+                         f"(another checkout's install); run `{INSTALL_COMMAND}` in {package.parent}")
+    return cggr_compile
 
 
 def device_name(device: torch.device) -> str:

@@ -323,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, val)
     if args.preset == "tiny":
         args.router_layers = min(args.router_layers, 1)
-    from benchmarks.common import device_name, device_slug
+    from benchmarks.common import device_name, device_slug, require_cggr_compile
     from benchmarks.speed import SHAPES
     import transformers
+
+    require_cggr_compile()  # before spawning: says what to run when the package is not installed
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")

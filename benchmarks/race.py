@@ -105,6 +105,10 @@ Fairness rules:
 Results: ``<results dir>/race_<preset>[-<regime>]_<device-slug>.json`` and ``.png`` (no suffix for
 scratch; ``--tag`` replaces ``<preset>[-<regime>]``). After each mode but the last, the finished modes are also written to
 ``<same stem>.partial.json``, so that a run cut short keeps them; a completed run removes that file.
+
+Run it from the repository root of an installed checkout: ``python -m pip install --no-deps -e .``
+(with ``--no-build-isolation`` on a machine without network, such as one that gets the code as an
+unpacked tarball); the race imports the installed ``cggr_compile`` and says so when it cannot.
 """
 
 from __future__ import annotations
@@ -130,13 +134,13 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-
-import cggr_compile  # noqa: E402  (the installed package; fails loudly when it is missing)
+    sys.path.insert(0, str(REPO))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
 
 from benchmarks import corpus as corpus_mod  # noqa: E402
 from benchmarks import pretrained as pretrained_mod  # noqa: E402
-from benchmarks.common import device_name, device_slug  # noqa: E402
+from benchmarks.common import device_name, device_slug, require_cggr_compile  # noqa: E402
+
+cggr_compile = require_cggr_compile()
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
 IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS)

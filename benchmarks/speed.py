@@ -68,6 +68,10 @@ after every mode, so a run cut short keeps what it measured.
 Outputs: ``benchmarks/results/speed_<name>_<device-slug>.{json,md,png}`` (``--out-dir``), copied to
 ``$OUT`` too when that variable is set (the lent GPU machine returns only ``$OUT``). ``<name>`` is
 the preset, or ``--name``. The markdown table is printed last.
+
+Run it from the repository root of an installed checkout: ``python -m pip install --no-deps -e .``
+(with ``--no-build-isolation`` on a machine without network, such as one that gets the code as an
+unpacked tarball); the script imports the installed ``cggr_compile`` and says so when it cannot.
 """
 
 from __future__ import annotations
@@ -82,8 +86,6 @@ if __name__ == "__main__" and "--keep-caches" not in sys.argv:
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import importlib.abc  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -100,32 +102,11 @@ from typing import Any, Callable, Optional  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-
-class _PassesFinder(importlib.abc.MetaPathFinder):
-    """``passes/`` installs as ``cggr_compile.passes`` (pyproject's package-dir). When the
-    ``cggr_compile`` imported is this checkout's (``REPO`` is first on ``sys.path``), its passes must
-    be this checkout's ``passes/`` too, installed or not (the lent GPU machine has no install; an
-    editable install elsewhere must not mix two checkouts)."""
-
-    def find_spec(self, name, path, target=None):  # noqa: D401
-        if name != "cggr_compile.passes" or not (REPO / "passes" / "__init__.py").exists():
-            return None
-        pkg = sys.modules.get("cggr_compile")
-        pkg_file = getattr(pkg, "__file__", None) or ""
-        if not Path(pkg_file).resolve().is_relative_to(REPO / "cggr_compile"):
-            return None  # an installed cggr_compile: let its own finder answer
-        return importlib.util.spec_from_file_location(
-            name, REPO / "passes" / "__init__.py", submodule_search_locations=[str(REPO / "passes")]
-        )
-
-
-sys.meta_path.insert(0, _PassesFinder())
+    sys.path.insert(0, str(REPO))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
 
 import torch  # noqa: E402
 
-from benchmarks.common import device_name, device_slug  # noqa: E402
+from benchmarks.common import device_name, device_slug, require_cggr_compile  # noqa: E402
 
 ALL_MODES = ("eager", "compiled", "compiled_fused_loss", "random_subset", "router_only", "cggr_backend",
              "cggr_transform")
@@ -1194,7 +1175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.tf32:
             torch.set_float32_matmul_precision("high")
     ctx = Ctx(args, device)
-    import cggr_compile  # noqa: F401 - registers the backend; fail early if the package is broken
+    require_cggr_compile()  # registers the backend; says what to run when it is not installed
     import transformers
 
     try:
