@@ -85,6 +85,7 @@ if __name__ == "__main__" and "--keep-caches" not in sys.argv:
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -275,8 +276,6 @@ def fresh_caches(args: argparse.Namespace) -> Any:
     this, a later mode would reuse the kernels an earlier mode compiled and its cold compile would
     look cheaper than a user's first run.
     """
-    import contextlib
-
     if args.keep_caches:
         return contextlib.nullcontext()
     try:
@@ -290,13 +289,68 @@ def fresh_caches(args: argparse.Namespace) -> Any:
     return contextlib.nullcontext()
 
 
-def release(model: Optional[torch.nn.Module]) -> Optional[Any]:
-    """A weakref to ``model``, to check after the mode that nothing keeps it (and its memory) alive."""
-    if model is None:
-        return None
-    import weakref
+class RunCapture:
+    """While one run is active: the torch._dynamo / torch._inductor log warnings, the Python warnings,
+    and a weak reference to the run's model, to check after the run that nothing keeps it (and its
+    memory) alive."""
 
-    return weakref.ref(model)
+    LOGGERS = ("torch._dynamo", "torch._inductor")
+
+    def __init__(self) -> None:
+        self.log = LogCapture()
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught: list[warnings.WarningMessage] = []
+        self._model: Optional[Callable[[], Optional[torch.nn.Module]]] = None
+
+    def __enter__(self) -> "RunCapture":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self.log)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catch.__exit__(*exc)
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self.log)
+
+    def warnings(self) -> list[str]:
+        return sorted({str(w.message)[:400] for w in self._caught})[:10]
+
+    def track(self, model: torch.nn.Module) -> None:
+        import weakref
+
+        self._model = weakref.ref(model)
+
+    def model_freed(self) -> bool:
+        return self._model is None or self._model() is None
+
+
+def run_isolated(rec: dict[str, Any], device: torch.device, wall_key: str,
+                 body: Callable[[RunCapture], None]) -> dict[str, Any]:
+    """``body(capture)`` on a freed device, recorded into ``rec`` instead of raised: its error and
+    traceback (status ``error``, or ``skipped`` for an error that starts so), the log warnings, whether
+    its model was freed after it and its wall time (``rec[wall_key]``). ``body`` holds the model in
+    its own locals only (gone when it returns) and registers it with ``capture.track``."""
+    capture = RunCapture()
+    free_memory(device)
+    t0 = time.perf_counter()
+    try:
+        with capture:
+            body(capture)
+    except Exception as err:  # noqa: BLE001 - a failing mode records its error; the others still run
+        rec["status"] = "skipped" if str(err).startswith("skipped") else "error"
+        rec["error"] = f"{type(err).__name__}: {str(err)[:1000]}"
+        rec["traceback"] = traceback.format_exc()[-3000:]
+        if device.type == "cuda":  # a failure inside sync_check leaves the debug mode on
+            with contextlib.suppress(Exception):
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        rec["log_warnings"] = capture.log.messages
+        free_memory(device)
+        rec["model_freed"] = capture.model_freed()
+        rec[wall_key] = time.perf_counter() - t0
+    return rec
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -678,30 +732,23 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
     # the loss by the fused head + cross-entropy (cggr_compile.ops.fused_linear_ce)
     rec["fused_loss"] = mode == "compiled_fused_loss" or (
         bool(ctx.args.fused_loss) and mode in ("random_subset", "cggr_backend", "cggr_transform"))
-    cap = LogCapture()
-    loggers = [logging.getLogger("torch._dynamo"), logging.getLogger("torch._inductor")]
-    for lg in loggers:
-        lg.addHandler(cap)
-    model = opt = step = info = batches = None
-    free_memory(ctx.device)
-    if ctx.cuda:
-        rec["mem_at_start_gib"] = torch.cuda.memory_allocated(ctx.device) / 2 ** 30
-    t_mode = time.perf_counter()
-    before = counter_snapshot()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = build_model(shape, ctx.device)
-            opt = make_optimizer(model, ctx.device) if mode != "router_only" else None
-            batches = make_batches(shape, batch, seq, ctx.device)
-            step, info = setup_mode(mode, model, opt, ctx, batch, k, ratio, router_layers)
-            rec.update(time_steps(step, batches, ctx, ctx.args.warmup, ctx.args.steps))
-            rec["compile_counts"] = counter_delta(before)
-            rec.update(info())
-            rec["host_sync"] = sync_check(step, batches[0], ctx, opt)
-            if ctx.args.profile:
-                rec["profile"] = profile_steps(step, batches, ctx)
-        rec["warnings"] = sorted({str(w.message)[:400] for w in caught})[:10]
+
+    def measure(capture: RunCapture) -> None:
+        if ctx.cuda:
+            rec["mem_at_start_gib"] = torch.cuda.memory_allocated(ctx.device) / 2 ** 30
+        before = counter_snapshot()
+        model = build_model(shape, ctx.device)
+        capture.track(model)
+        opt = make_optimizer(model, ctx.device) if mode != "router_only" else None
+        batches = make_batches(shape, batch, seq, ctx.device)
+        step, info = setup_mode(mode, model, opt, ctx, batch, k, ratio, router_layers)
+        rec.update(time_steps(step, batches, ctx, ctx.args.warmup, ctx.args.steps))
+        rec["compile_counts"] = counter_delta(before)
+        rec.update(info())
+        rec["host_sync"] = sync_check(step, batches[0], ctx, opt)
+        if ctx.args.profile:
+            rec["profile"] = profile_steps(step, batches, ctx)
+        rec["warnings"] = capture.warnings()
         rec["compiled_with"] = ("none" if ctx.args.no_compile else
                                 "cggr" if mode == "cggr_backend" else
                                 None if mode == "eager" else
@@ -713,25 +760,8 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
                             f"warnings: {cggr_warnings}")
         rec["tokens_per_s"] = batch * seq / (rec["median_ms"] * 1e-3)
         rec["trained_tokens_per_s"] = (0 if mode == "router_only" else rec["k"] * seq) / (rec["median_ms"] * 1e-3)
-    except Exception as err:  # noqa: BLE001
-        rec["status"] = "skipped" if str(err).startswith("skipped") else "error"
-        rec["error"] = f"{type(err).__name__}: {str(err)[:1000]}"
-        rec["traceback"] = traceback.format_exc()[-3000:]
-        if ctx.cuda:
-            try:
-                torch.cuda.set_sync_debug_mode(0)
-            except Exception:  # noqa: BLE001
-                pass
-    finally:
-        for lg in loggers:
-            lg.removeHandler(cap)
-        rec["log_warnings"] = cap.messages
-        ref = release(model)
-        del model, opt, step, info, batches
-        free_memory(ctx.device)
-        rec["model_freed"] = ref is None or ref() is None
-        rec["mode_wall_s"] = time.perf_counter() - t_mode
-    return rec
+
+    return run_isolated(rec, ctx.device, "mode_wall_s", measure)
 
 
 def run_schedule(mode: str, model_name: str, shape: dict[str, Any], ratio: float, router_layers: int,
@@ -743,55 +773,36 @@ def run_schedule(mode: str, model_name: str, shape: dict[str, Any], ratio: float
     rec: dict[str, Any] = dict(mode=mode, model=model_name, layers=layers, batch=batch, seq=seq, ratio=ratio,
                                router_layers=router_layers, warmup_steps=a.schedule_warmup,
                                steps=a.schedule_steps, status="ok", fused_loss=bool(a.fused_loss))
-    cap = LogCapture()
-    loggers = [logging.getLogger("torch._dynamo"), logging.getLogger("torch._inductor")]
-    for lg in loggers:
-        lg.addHandler(cap)
-    model = opt = step = info = batches = None
-    free_memory(ctx.device)
-    t0 = time.perf_counter()
-    before = counter_snapshot()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = build_model(shape, ctx.device, layers=layers)
-            opt = make_optimizer(model, ctx.device)
-            batches = make_batches(shape, batch, seq, ctx.device)
-            step, info = setup_mode(mode, model, opt, ctx, batch, rows_for(ratio, batch), ratio, router_layers,
-                                    warmup_steps=a.schedule_warmup)
-            ks, walls = [], []
-            for i in range(a.schedule_steps):
-                sync(ctx.device)
-                ts = time.perf_counter()
-                step(batches[i % len(batches)])
-                sync(ctx.device)
-                walls.append(time.perf_counter() - ts)
-                ks.append(info().get("k_observed"))
-            rec["k_per_step"] = ks
-            rec["step_wall_s"] = walls
-            rec["distinct_k"] = len({x for x in ks if x is not None})
-            rec["compile_counts"] = counter_delta(before)
-            if mode == "cggr_backend":
-                rec["routed_graph_compiles"] = routed_graph_compiles(model)
-        rec["warnings"] = sorted({str(w.message)[:400] for w in caught})[:10]
-        hit_limit = [m for m in cap.messages if "recompile_limit" in m or "cache_size_limit" in m]
+
+    def measure(capture: RunCapture) -> None:
+        before = counter_snapshot()
+        model = build_model(shape, ctx.device, layers=layers)
+        capture.track(model)
+        opt = make_optimizer(model, ctx.device)
+        batches = make_batches(shape, batch, seq, ctx.device)
+        step, info = setup_mode(mode, model, opt, ctx, batch, rows_for(ratio, batch), ratio, router_layers,
+                                warmup_steps=a.schedule_warmup)
+        ks, walls = [], []
+        for i in range(a.schedule_steps):
+            sync(ctx.device)
+            ts = time.perf_counter()
+            step(batches[i % len(batches)])
+            sync(ctx.device)
+            walls.append(time.perf_counter() - ts)
+            ks.append(info().get("k_observed"))
+        rec["k_per_step"] = ks
+        rec["step_wall_s"] = walls
+        rec["distinct_k"] = len({x for x in ks if x is not None})
+        rec["compile_counts"] = counter_delta(before)
+        if mode == "cggr_backend":
+            rec["routed_graph_compiles"] = routed_graph_compiles(model)
+        rec["warnings"] = capture.warnings()
+        hit_limit = [m for m in capture.log.messages if "recompile_limit" in m or "cache_size_limit" in m]
         rec["recompile_limit_hit"] = bool(hit_limit)
         if None in rec["k_per_step"]:
             rec["status"] = "not_routed"
-    except Exception as err:  # noqa: BLE001
-        rec["status"] = "error"
-        rec["error"] = f"{type(err).__name__}: {str(err)[:1000]}"
-        rec["traceback"] = traceback.format_exc()[-3000:]
-    finally:
-        for lg in loggers:
-            lg.removeHandler(cap)
-        rec["log_warnings"] = cap.messages
-        ref = release(model)
-        del model, opt, step, info, batches
-        free_memory(ctx.device)
-        rec["model_freed"] = ref is None or ref() is None
-        rec["wall_s"] = time.perf_counter() - t0
-    return rec
+
+    return run_isolated(rec, ctx.device, "wall_s", measure)
 
 
 # ------------------------------------------------------------------------------------------- report
