@@ -42,7 +42,11 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
+
+from benchmarks.common import (SHAPES, adamw, build_llama, command_line, device_name, device_slug,  # noqa: E402
+                               profile_steps, random_batches, require_cggr_compile, result_stem, rows_for, sync,
+                               time_calls, write_report)
 
 MODES = ("compiled", "cggr_transform", "cggr_backend")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,7 +64,6 @@ def _free_port() -> int:
 def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Namespace, device: torch.device):
     """(step(batch) -> loss, optimizer, cggr module or None) for one mode."""
     import cggr_compile
-    from benchmarks.speed import make_optimizer
 
     opts = dict(min_tokens_ratio=args.ratio, router_layers=args.router_layers, warmup_steps=0,
                 dynamic_threshold=False, scoring=args.scoring)
@@ -84,7 +87,7 @@ def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Names
         compiled = torch.compile(net, backend=backend, options=dict(opts, cudagraphs=graphs))
     else:
         compiled = torch.compile(net, backend=backend, **({"mode": "reduce-overhead"} if graphs else {}))
-    opt = make_optimizer(model, device)
+    opt = adamw(model, device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step(b: dict) -> torch.Tensor:
@@ -99,22 +102,16 @@ def _step_fn(mode: str, model: torch.nn.Module, world: int, args: argparse.Names
     return step, opt, (cg if cg is not None else (model if mode == "cggr_backend" else None))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import cggr_compile
-    from benchmarks.speed import SHAPES, build_model, make_batches, rows_for
 
     shape = dict(SHAPES[args.model])
     batch, seq = args.batch or shape["batch"], args.seq or shape["seq"]
     rec: dict[str, Any] = dict(mode=mode, world=world, batch_per_rank=batch, seq=seq, status="ok",
                                k=batch if mode == "compiled" else rows_for(args.ratio, batch))
     torch._dynamo.reset()
-    model = build_model(shape, device)
-    batches = make_batches(shape, batch, seq, device, n=4)
+    model = build_llama(shape, device)
+    batches = random_batches(shape, batch, seq, device, n=4)
     # every rank its own data: shift the token ids by rank (same distribution, other rows)
     for b in batches:
         b["input_ids"] = (b["input_ids"] + 7919 * rank) % shape["vocab"]
@@ -123,24 +120,13 @@ def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device
     t0 = time.perf_counter()
     for i in range(args.warmup):
         step(batches[i % len(batches)])
-    _sync(device)
+    sync(device)
     rec["warmup_s"] = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
-        for i in range(args.steps):
-            ev[i][0].record()
-            loss = step(batches[i % len(batches)])
-            ev[i][1].record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in ev]
+    times, loss = time_calls(lambda i: step(batches[i % len(batches)]), args.steps, device)
+    if device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:
-        times = []
-        for i in range(args.steps):
-            t = time.perf_counter()
-            loss = step(batches[i % len(batches)])
-            times.append((time.perf_counter() - t) * 1e3)
     rec["median_ms"] = statistics.median(times)
     rec["last_loss"] = float(loss)
     if cg is not None:
@@ -149,11 +135,7 @@ def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device
         if rec["k_observed"] != rec["k"]:
             rec["status"] = "not_routed"
     if args.profile and device.type == "cuda":
-        from types import SimpleNamespace
-
-        from benchmarks.speed import profile_steps
-
-        rec["profile"] = profile_steps(step, batches, SimpleNamespace(cuda=True, device=device))
+        rec["profile"] = profile_steps(step, batches, device)
     if device.type == "cuda":
         try:
             torch.cuda.set_sync_debug_mode("error")
@@ -163,7 +145,6 @@ def _run_mode(mode: str, rank: int, world: int, args: argparse.Namespace, device
             rec["host_sync"] = f"{type(err).__name__}: {str(err)[:300]}"
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    del step, opt, cg, model
     return rec
 
 
@@ -272,16 +253,15 @@ def merge(args: argparse.Namespace) -> int:
     meta = dict(runs[0]["meta"], command=" ; ".join(r["meta"]["command"] for r in runs),
                 merged_from=[Path(f).name for f in args.merge])
     records = [rec for r in runs for rec in r["records"]]
-    stem = f"ddp_{args.name or 'merged'}_{Path(args.merge[0]).stem.rsplit('_', 1)[-1]}"
-    print(write_report(Path(args.out_dir), stem, meta, records))
+    stem = result_stem("ddp", args.name or "merged", Path(args.merge[0]).stem.rsplit("_", 1)[-1])
+    print(write_outputs(Path(args.out_dir), stem, meta, records))
     return 0
 
 
-def write_report(out_dir: Path, stem: str, meta: dict, records: list[dict]) -> str:
+def write_outputs(out_dir: Path, stem: str, meta: dict, records: list[dict]) -> str:
     """``<stem>.json`` (meta and records) and ``<stem>.md`` (the table); returns the table."""
     md = markdown(meta, records)
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    (out_dir / f"{stem}.md").write_text(md)
+    write_report(out_dir, stem, dict(meta=meta, records=records), md)
     return md
 
 
@@ -308,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cudagraphs", action="store_true",
                    help="CUDA graphs for the compiled graphs (reduce-overhead; cggr: cudagraphs=True); the DDP "
                         "reducer and its all-reduces stay outside the graphs")
-    p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (speed.py's profile_steps)")
+    p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (common.profile_steps)")
     p.add_argument("--world-timeout-s", type=float, default=900.0,
                    help="kill a world's processes after this long and go on to the next world")
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -323,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, val)
     if args.preset == "tiny":
         args.router_layers = min(args.router_layers, 1)
-    from benchmarks.common import device_name, device_slug, require_cggr_compile
-    from benchmarks.speed import SHAPES
     import transformers
 
     require_cggr_compile()  # before spawning: says what to run when the package is not installed
@@ -335,14 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--worlds {max(args.worlds)} needs that many GPUs; this host has {torch.cuda.device_count()}")
     shape = SHAPES[args.model]
     meta = dict(model=args.model, device_name=device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
-                command=" ".join(["python"] + sys.argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
+                command=command_line("ddp_speed.py", argv), batch=args.batch or shape["batch"], seq=args.seq or shape["seq"],
                 ratio=args.ratio, router_layers=args.router_layers, warmup=args.warmup, steps=args.steps,
                 gpus=torch.cuda.device_count() if cuda else 0, comm_hook=args.comm_hook, bucket_cap_mb=args.bucket_cap_mb,
                 bucket_view=args.bucket_view, cudagraphs=args.cudagraphs, nccl_nvls_enable="0", started=time.strftime("%Y-%m-%d %H:%M:%S"))
     records: list[dict] = []
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ddp_{args.name or args.preset + '-' + args.model}_{device_slug(dev)}"
+    stem = result_stem("ddp", args.name or f"{args.preset}-{args.model}", device_slug(dev))
     for world in args.worlds:
         tmp = out_dir / f".{stem}_world{world}.json"
         print(f"# world {world}: starting", flush=True)
@@ -360,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.unlink()
         else:
             records.append(dict(mode="world", world=world, status="error", error="no records: the ranks did not finish"))
-        md = write_report(out_dir, stem, meta, records)  # after every world: a later hang keeps this one
+        md = write_outputs(out_dir, stem, meta, records)  # after every world: a later hang keeps this one
     print(md)
     return 0
 

@@ -122,7 +122,6 @@ import math
 import os
 import platform
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -138,7 +137,9 @@ if str(REPO) not in sys.path:
 
 from benchmarks import corpus as corpus_mod  # noqa: E402
 from benchmarks import pretrained as pretrained_mod  # noqa: E402
-from benchmarks.common import device_name, device_slug, require_cggr_compile  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import (command_line, device_name, device_slug, llama_config, pick_device,  # noqa: E402
+                               require_cggr_compile, sync, write_json)
 
 cggr_compile = require_cggr_compile()
 
@@ -249,11 +250,6 @@ def load_avg() -> list | None:
         return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def subset_k(ratio: float, batch: int) -> int:
     return max(1, min(batch, math.ceil(ratio * batch)))
 
@@ -323,15 +319,12 @@ def build_model(args, vocab_size: int):
         cfg._attn_implementation = "sdpa"
         cfg.use_cache = False  # training: no KV cache built in the forward
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"), cfg
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads, max_position_embeddings=max(2048, args.seq_len + 1),
-        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
-        bos_token_id=0, eos_token_id=0, pad_token_id=None, attention_dropout=0.0,
-    )
+    shape = dict(hidden=args.hidden_size, layers=args.num_layers, heads=args.num_heads, kv_heads=args.num_kv_heads,
+                 intermediate=args.intermediate_size, vocab=vocab_size, tied=True, seq=args.seq_len + 1)
+    cfg = llama_config(shape, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=None, attention_dropout=0.0)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     return model, cfg
@@ -1062,7 +1055,7 @@ def merge_reports(paths: list[str], out_dir: str | None = None) -> dict:
     out = Path(out_dir) if out_dir else Path(paths[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"-part\d+", "", stem)
-    (out / f"{stem}.json").write_text(json.dumps(merged, indent=1, default=str))
+    write_json(out / f"{stem}.json", merged)
     plot(merged["modes"], out / f"{stem}.png", f"CGGR race (merged), preset {first['preset']}, {first['device_name']}")
     print(merged["summary_table"])
     print(f"wrote {out / (stem + '.json')} and {stem}.png")
@@ -1287,7 +1280,7 @@ def parse_args(argv=None):
 
 def result_stem(args, device) -> str:
     tag = args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
-    return f"race_{tag}_{device_slug(device)}"
+    return common.result_stem("race", tag, device_slug(device))
 
 
 def main(argv=None) -> dict:
@@ -1305,7 +1298,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
     if args.cudagraphs is None:
@@ -1521,11 +1514,9 @@ def main(argv=None) -> dict:
             chosen["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             torch.cuda.reset_peak_memory_stats(device)
         if len(results) < len(args.modes):  # a run cut short (a machine's time limit) keeps its finished modes
-            partial = Path(args.results_dir) / f"{result_stem(args, device)}.partial.json"
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(dict(argv=argv_list, initial_heldout_loss=init_summary["heldout_loss"],
-                                               k=k, summary_table=summary_table(results), modes=results),
-                                          indent=1, default=str))
+            write_json(Path(args.results_dir) / f"{result_stem(args, device)}.partial.json",
+                       dict(argv=argv_list, initial_heldout_loss=init_summary["heldout_loss"], k=k,
+                            summary_table=summary_table(results), modes=results))
 
     results = {m: results[m] for m in args.modes}
     table = summary_table(results)
@@ -1562,7 +1553,7 @@ def main(argv=None) -> dict:
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg_end=load_avg(),
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         cggr_compile=lib_version, started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_list),
+        command=command_line("race.py", argv_list),
         argv=argv_list, args={k: v for k, v in vars(args).items()}, total_seconds=round(total, 2),
         model=dict(n_params=n_params, config=cfg_dict), corpus=corpus.describe(), base=base_info,
         k=k, lr_rule=args.lr_rule, initial_heldout_loss=init_summary["heldout_loss"],
@@ -1574,7 +1565,7 @@ def main(argv=None) -> dict:
     )
     json_path = out_dir / f"{stem}.json"
     report["json_name"] = json_path.name
-    json_path.write_text(json.dumps(report, indent=1, default=str))
+    write_json(json_path, report)
     png_path = out_dir / f"{stem}.png"
     plot(results, png_path, f"CGGR race, preset {tag}, {device_name(device)}, {n_params / 1e6:.1f}M params, "
                             f"B={args.batch_size} k={k}, {args.budget_seconds:.0f} s/mode, lr rule {args.lr_rule}")

@@ -90,10 +90,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
@@ -107,7 +104,10 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import device_name, device_slug, require_cggr_compile  # noqa: E402
+from benchmarks.common import (SHAPES, adamw, build_llama, command_line, copy_to_out, device_name,  # noqa: E402
+                               device_slug, llama_config, percentile, pick_device, profile_steps,
+                               random_batches, require_cggr_compile, result_stem, rows_for, sync, time_calls,
+                               versions, write_report)
 
 ALL_MODES = ("eager", "compiled", "compiled_fused_loss", "random_subset", "router_only", "cggr_backend",
              "cggr_transform")
@@ -116,18 +116,6 @@ DEFAULT_MODES = tuple(m for m in ALL_MODES if m != "compiled_fused_loss")
 FULL_BATCH_MODES = ("eager", "compiled", "compiled_fused_loss")
 CGGR_MODES = ("cggr_backend", "cggr_transform")
 COMPILED_MODES = ("compiled", "random_subset", "router_only", "cggr_transform")
-
-# Model shapes (LlamaConfig). head_dim = hidden / heads = 64 for all three real shapes.
-SHAPES: dict[str, dict[str, Any]] = {
-    "smollm135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
-                       tied=True, batch=16, seq=1024),
-    "smollm360m": dict(hidden=960, layers=32, heads=15, kv_heads=5, intermediate=2560, vocab=49152,
-                       tied=True, batch=16, seq=1024),
-    "llama1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
-                    tied=True, batch=8, seq=1024),
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256,
-                 tied=True, batch=8, seq=32),
-}
 
 # Every key can be overridden on the command line.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -152,11 +140,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_memory(device: torch.device) -> None:
     try:
         torch._dynamo.reset()
@@ -166,60 +149,6 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-
-
-def rows_for(ratio: float, batch: int) -> int:
-    """``k = clamp(ceil(ratio * B), 1, B)`` (SPEC.md), the library's own rounding when importable."""
-    try:
-        from cggr_compile.schedule import rows_for_ratio
-
-        return rows_for_ratio(ratio, batch)
-    except Exception:  # noqa: BLE001
-        return max(1, min(batch, math.ceil(ratio * batch - 1e-9)))
-
-
-def versions() -> dict[str, Any]:
-    from importlib import metadata
-
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda}
-    for pkg in ("triton", "pytorch-triton", "transformers", "cggr-compile"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        import triton
-
-        out["triton_module"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import cggr_compile
-        import cggr_compile.passes
-
-        out["cggr_compile_file"] = cggr_compile.__file__
-        out["cggr_passes_file"] = cggr_compile.passes.__file__
-    except Exception as err:  # noqa: BLE001
-        out["cggr_import_error"] = repr(err)
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cggr_compile", "passes"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["library_dirty"] = bool(dirty)
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 class LogCapture(logging.Handler):
@@ -354,61 +283,12 @@ def run_isolated(rec: dict[str, Any], device: torch.device, wall_key: str,
 
 
 # ---------------------------------------------------------------------------------------- the model
-def make_config(shape: dict[str, Any], layers: Optional[int] = None):
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=layers or shape["layers"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], max_position_embeddings=max(2048, shape["seq"]),
-        tie_word_embeddings=shape["tied"], use_cache=False,
-    )
-    return cfg
-
-
-def build_model(shape: dict[str, Any], device: torch.device, layers: Optional[int] = None):
-    from transformers import AutoModelForCausalLM
-
-    cfg = make_config(shape, layers)
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(0)
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    except Exception:  # noqa: BLE001 - some versions refuse a device context: build on CPU, move
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device)
-    model.config.use_cache = False
-    model.train()
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl != "sdpa":
-        raise RuntimeError(f"attention implementation is {impl!r}, expected 'sdpa'")
-    return model
-
-
-def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    kw: dict[str, Any] = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    if device.type == "cuda":
-        kw["fused"] = True
-    return torch.optim.AdamW(model.parameters(), **kw)
-
-
-def make_batches(shape: dict[str, Any], batch: int, seq: int, device: torch.device, n: int = 4) -> list[dict]:
-    g = torch.Generator(device="cpu").manual_seed(1234)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, shape["vocab"], (batch, seq), generator=g).to(device)
-        out.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone()))
-    return out
-
-
 def param_counts(shape: dict[str, Any], router_layers: int) -> dict[str, int]:
     """Exact parameter counts from a meta-device model (no memory, no init)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(make_config(shape), attn_implementation="sdpa")
+        m = AutoModelForCausalLM.from_config(llama_config(shape, use_cache=False), attn_implementation="sdpa")
     emb = m.get_input_embeddings().weight.numel()
     head = m.get_output_embeddings().weight
     total = sum(p.numel() for p in m.parameters())  # tied: counted once
@@ -467,14 +347,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+    times, _ = time_calls(lambda _, a=a, b=b: a @ b, 10, device, sync_each=True)
     out["matmul_tflops"] = 2.0 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
     del a, b
     numel = (1 << 30) // 4
@@ -482,14 +355,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+    times, _ = time_calls(lambda _, x=x, y=y: y.copy_(x), 10, device, sync_each=True)
     out["copy_gbps"] = 2.0 * numel * 4 / (statistics.median(times) * 1e-3) / 1e9
     del x, y
     torch.cuda.empty_cache()
@@ -624,11 +490,10 @@ def time_steps(step: Callable[[dict], Any], batches: list[dict], ctx: Ctx, warmu
     dev = ctx.device
     res: dict[str, Any] = {}
     warm = []
-    last = None
     for i in range(max(1, warmup)):
         sync(dev)
         t0 = time.perf_counter()
-        last = step(batches[i % len(batches)])
+        step(batches[i % len(batches)])
         sync(dev)
         warm.append(time.perf_counter() - t0)
     res["cold_compile_s"] = warm[0]
@@ -636,27 +501,14 @@ def time_steps(step: Callable[[dict], Any], batches: list[dict], ctx: Ctx, warmu
     if ctx.cuda:
         res["mem_before_timed_gib"] = torch.cuda.memory_allocated(dev) / 2 ** 30
         torch.cuda.reset_peak_memory_stats(dev)
-    times: list[float] = []
     sync(dev)
     wall0 = time.perf_counter()
-    if ctx.cuda:
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for i in range(steps):
-            ev[i][0].record()
-            last = step(batches[i % len(batches)])
-            ev[i][1].record()
-        torch.cuda.synchronize(dev)
-        times = [s.elapsed_time(e) for s, e in ev]
-    else:
-        for i in range(steps):
-            t0 = time.perf_counter()
-            last = step(batches[i % len(batches)])
-            times.append((time.perf_counter() - t0) * 1e3)
+    times, last = time_calls(lambda i: step(batches[i % len(batches)]), steps, dev)
     wall = time.perf_counter() - wall0
     res["step_ms"] = times
     res["median_ms"] = statistics.median(times)
-    res["p10_ms"] = pct(times, 0.1)
-    res["p90_ms"] = pct(times, 0.9)
+    res["p10_ms"] = percentile(times, 0.1)
+    res["p90_ms"] = percentile(times, 0.9)
     res["wall_mean_ms"] = wall / steps * 1e3
     if ctx.cuda:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
@@ -686,40 +538,6 @@ def sync_check(step: Callable[[dict], Any], batch: dict, ctx: Ctx, opt: Optional
     return out
 
 
-def profile_steps(step: Callable[[dict], Any], batches: list[dict], ctx: Ctx, steps: int = 3) -> dict[str, Any]:
-    """Where a step's time goes: host time to enqueue it, device time in kernels, kernel count, top kernels.
-
-    ``host_ms`` ~ ``wall_ms`` with ``gpu_busy_ms`` well below it means the step is bound by the host
-    (launch overhead: CUDA graphs help); ``gpu_busy_ms`` ~ ``wall_ms`` means the kernels themselves.
-    """
-    if not ctx.cuda:
-        return {"note": "n/a on cpu"}
-    from torch.profiler import ProfilerActivity, profile
-
-    host, wall = [], []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            sync(ctx.device)
-            t0 = time.perf_counter()
-            step(batches[i % len(batches)])
-            host.append((time.perf_counter() - t0) * 1e3)
-            sync(ctx.device)
-            wall.append((time.perf_counter() - t0) * 1e3)
-    kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        # user annotations (Optimizer.step#..., DDP's forward, nccl:all_reduce) span kernels: not kernels
-        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
-                and not e.name.startswith(("Optimizer.", "DistributedDataParallel.", "nccl:")):
-            kernels.setdefault(e.name, []).append(e.device_time_total / 1e3 if hasattr(e, "device_time_total")
-                                                  else e.cuda_time_total / 1e3)
-    busy = sum(sum(v) for v in kernels.values()) / steps
-    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
-    return dict(steps=steps, host_ms=statistics.median(host), wall_ms=statistics.median(wall), gpu_busy_ms=busy,
-                kernels_per_step=sum(len(v) for v in kernels.values()) / steps,
-                top_kernels=[dict(name=n[:120], ms_per_step=sum(v) / steps, calls_per_step=len(v) / steps)
-                             for n, v in top])
-
-
 def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, router_layers: int,
              ctx: Ctx, batch: int, seq: int) -> dict[str, Any]:
     k = rows_for(ratio, batch)
@@ -737,17 +555,17 @@ def run_mode(mode: str, model_name: str, shape: dict[str, Any], ratio: float, ro
         if ctx.cuda:
             rec["mem_at_start_gib"] = torch.cuda.memory_allocated(ctx.device) / 2 ** 30
         before = counter_snapshot()
-        model = build_model(shape, ctx.device)
+        model = build_llama(shape, ctx.device)
         capture.track(model)
-        opt = make_optimizer(model, ctx.device) if mode != "router_only" else None
-        batches = make_batches(shape, batch, seq, ctx.device)
+        opt = adamw(model, ctx.device) if mode != "router_only" else None
+        batches = random_batches(shape, batch, seq, ctx.device)
         step, info = setup_mode(mode, model, opt, ctx, batch, k, ratio, router_layers)
         rec.update(time_steps(step, batches, ctx, ctx.args.warmup, ctx.args.steps))
         rec["compile_counts"] = counter_delta(before)
         rec.update(info())
         rec["host_sync"] = sync_check(step, batches[0], ctx, opt)
         if ctx.args.profile:
-            rec["profile"] = profile_steps(step, batches, ctx)
+            rec["profile"] = profile_steps(step, batches, ctx.device)
         rec["warnings"] = capture.warnings()
         rec["compiled_with"] = ("none" if ctx.args.no_compile else
                                 "cggr" if mode == "cggr_backend" else
@@ -776,10 +594,10 @@ def run_schedule(mode: str, model_name: str, shape: dict[str, Any], ratio: float
 
     def measure(capture: RunCapture) -> None:
         before = counter_snapshot()
-        model = build_model(shape, ctx.device, layers=layers)
+        model = build_llama(shape, ctx.device, layers=layers)
         capture.track(model)
-        opt = make_optimizer(model, ctx.device)
-        batches = make_batches(shape, batch, seq, ctx.device)
+        opt = adamw(model, ctx.device)
+        batches = random_batches(shape, batch, seq, ctx.device)
         step, info = setup_mode(mode, model, opt, ctx, batch, rows_for(ratio, batch), ratio, router_layers,
                                 warmup_steps=a.schedule_warmup)
         ks, walls = [], []
@@ -1066,26 +884,16 @@ def plot(path: Path, meta: dict, records: list[dict]) -> Optional[str]:
 
 def write_outputs(out_dir: Path, stem: str, meta: dict, records: list[dict], schedules: list[dict],
                   predictions: list[dict], png: bool) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = dict(meta=meta, records=records, derived=derive(records), schedules=schedules, predictions=predictions)
     md = markdown(meta, records, schedules, predictions)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(data, indent=1, default=str, allow_nan=True))
-    paths[1].write_text(md)
+    paths = write_report(out_dir, stem, data, md)
     if png:
         note = plot(out_dir / f"{stem}.png", meta, records)
         if note:
             meta["png"] = note
         else:
             paths.append(out_dir / f"{stem}.png")
-    extra = os.environ.get("OUT")
-    if extra and Path(extra).resolve() != out_dir.resolve():
-        try:
-            Path(extra).mkdir(parents=True, exist_ok=True)
-            for p in paths:
-                shutil.copy(p, Path(extra) / p.name)
-        except Exception:  # noqa: BLE001
-            pass
+    copy_to_out(paths, out_dir)
     return md
 
 
@@ -1165,7 +973,7 @@ def merge(args: argparse.Namespace) -> int:
     meta["name"] = args.name if args.name != args.preset else "merged"
     meta["command"] = " ; ".join(m.get("command", "?") for m in metas)
     meta["merged_from"] = [str(f) for f in args.merge]
-    stem = f"speed_{meta['name']}_{meta.get('device_slug', 'unknown')}"
+    stem = result_stem("speed", meta["name"], meta.get("device_slug", "unknown"))
     md = write_outputs(Path(args.out_dir), stem, meta, records, schedules, predictions, not args.no_png)
     print(md)
     return 0
@@ -1178,13 +986,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if device.index is None:  # set_device and friends want an index
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        if args.tf32:
-            torch.set_float32_matmul_precision("high")
+    device = pick_device(args.device)
+    if device.type == "cuda" and args.tf32:
+        torch.set_float32_matmul_precision("high")
     ctx = Ctx(args, device)
     require_cggr_compile()  # registers the backend; says what to run when it is not installed
     import transformers
@@ -1197,7 +1001,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         fdc = os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES")
     meta: dict[str, Any] = dict(
         name=args.name, preset=args.preset, device=str(device), device_name=device_name(device),
-        device_slug=device_slug(device), versions=versions(), argv=sys.argv, command=" ".join(sys.argv),
+        device_slug=device_slug(device), versions=versions(), argv=sys.argv, command=command_line("speed.py", argv),
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
         settings=dict(steps=args.steps, warmup=args.warmup, scoring=args.scoring,
                       autocast=device.type == "cuda" and not args.no_autocast,
@@ -1218,7 +1022,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"triton {meta['versions'].get('triton') or meta['versions'].get('pytorch-triton')}; "
         f"TORCHINDUCTOR_FORCE_DISABLE_CACHES={fdc}")
     log(f"# command: {meta['command']}")
-    stem = f"speed_{args.name}_{meta['device_slug']}"
+    stem = result_stem("speed", args.name, meta["device_slug"])
     out_dir = Path(args.out_dir)
     records: list[dict] = []
     schedules: list[dict] = []
