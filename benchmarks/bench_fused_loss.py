@@ -29,13 +29,8 @@ table and writes everything to ``--out`` as JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shlex
 import sys
-import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,8 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (device_name, device_slug, peak_extra_bytes, percentiles_ms,  # noqa: E402
-                               require_cggr_compile)
+from benchmarks.common import (device_name, kernel_bench_device, kernel_bench_out,  # noqa: E402
+                               kernel_bench_parser, kernel_bench_report, log, peak_extra_bytes,
+                               percentiles_ms, print_path_table, require_cggr_compile, time_calls, write_json)
 
 require_cggr_compile()
 from cggr_compile.ops import fused_linear_ce as flce  # noqa: E402
@@ -106,35 +102,21 @@ def _cuda_graph(step: Callable, warmup: int) -> tuple[Callable, tuple]:
 def time_path(step: Callable, device: torch.device, reps: int, use_graphs: bool) -> dict[str, Any]:
     """Median / p20 / p80 milliseconds of one forward+backward, its outputs and how it was run."""
     res: dict[str, Any] = {}
-    if device.type == "cuda":
-        run, out = step, None
-        if use_graphs:
-            try:
-                run, out = _cuda_graph(step, warmup=3)
-                res["cuda_graph"] = True
-            except Exception as err:  # noqa: BLE001 - report and time it without a graph
-                res["cuda_graph"] = False
-                res["cuda_graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                torch.cuda.synchronize()
-                run = step
-        for _ in range(3):
-            o = run()
-        out = out if out is not None else o
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        out = step()  # warm-up (and compilation)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            out = step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    run, out = step, None
+    if device.type == "cuda" and use_graphs:
+        try:
+            run, out = _cuda_graph(step, warmup=3)
+            res["cuda_graph"] = True
+        except Exception as err:  # noqa: BLE001 - report and time it without a graph
+            res["cuda_graph"] = False
+            res["cuda_graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            torch.cuda.synchronize()
+            run = step
+    # warm-up (and compilation); on CUDA each replay is synchronised, so none overlaps the next's launch
+    for _ in range(3 if device.type == "cuda" else 1):
+        run()
+    times, last = time_calls(lambda _: run(), reps, device, sync_each=True)
+    out = out if out is not None else last
     res.update(percentiles_ms(times))
     return res | {"_out": tuple(t.clone() for t in out)}
 
@@ -191,25 +173,19 @@ def run_case(n: int, h_dim: int, v: int, device: torch.device, dtype: torch.dtyp
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (the CPU test runs this)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
+    ap = kernel_bench_parser(__doc__, "smoke", "tiny shapes on any device (the CPU test runs this)", TOKENS,
+                             "timed repetitions (default 20 on CUDA, 3 on CPU)", "fused_loss")
     ap.add_argument("--hidden", type=int, nargs="+", default=None, help=f"hidden sizes (default {HIDDEN})")
     ap.add_argument("--vocab", type=int, nargs="+", default=None, help=f"vocabulary sizes (default {VOCAB})")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="time without CUDA graphs")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compiled paths (the smoke test uses aot_eager)")
     ap.add_argument("--chunk-elements", type=int, nargs="+", default=(),
                     help=f"also time the fused loss with chunks of at most these many logits each "
                          f"(a path 'fused_c<log2>' per value; the default is {flce.CHUNK_ELEMENTS} = 2**27)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fused_loss_<device>.json)")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.smoke:
-        ap.error("the full grid needs CUDA; use --smoke on the CPU")
+    device = kernel_bench_device(ap, args.device, args.smoke, "smoke")
     dtype = torch.bfloat16
     grid = SMOKE if args.smoke else dict(tokens=TOKENS, hidden=HIDDEN, vocab=VOCAB)
     tokens, hidden, vocab = args.tokens or grid["tokens"], args.hidden or grid["hidden"], args.vocab or grid["vocab"]
@@ -225,9 +201,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for e in args.chunk_elements:
         paths[f"fused_c{e.bit_length() - 1}"] = (fused_loss_chunked(e), None)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
     log(f"device: {device_name(device)}; torch {torch.__version__}; cuda graphs {use_graphs}")
     cases = []
     for v in vocab:
@@ -236,50 +209,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 torch._dynamo.reset()  # each shape compiles on its own (no recompile-limit surprises)
                 cases.append(run_case(n, h_dim, v, device, dtype, paths, reps, use_graphs, log))
 
-    cmd = ["python", "benchmarks/bench_fused_loss.py"] + (sys.argv[1:] if argv is None else list(argv))
-    result = {
-        "benchmark": "fused_loss",
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": shlex.join(cmd),
-        "smoke": args.smoke,
-        "dtype": str(dtype),
-        "compile_backend": be,
-        "cuda_graphs": use_graphs,
-        "timing": ("CUDA-graph replays timed with CUDA events, median" if use_graphs else
-                   "CUDA events, median" if device.type == "cuda" else "time.perf_counter median"),
-        "measures": "forward + backward (autograd.grad w.r.t. hidden and weight) of the selective loss",
-        "peak_extra_bytes": "torch.cuda.max_memory_allocated above the inputs, one step outside the graph",
-        "errors": "each path against 'compiled' (loss absolute difference, gradients' relative L2)",
-        "cases": cases,
-    }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"fused_loss_{device_slug(device)}{'-smoke' if args.smoke else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"wrote {out}")
+    result = kernel_bench_report(
+        "fused_loss", device, "bench_fused_loss.py", argv,
+        smoke=args.smoke,
+        dtype=str(dtype),
+        compile_backend=be,
+        cuda_graphs=use_graphs,
+        timing=("CUDA-graph replays timed with CUDA events, median" if use_graphs else
+                "CUDA events, median" if device.type == "cuda" else "time.perf_counter median"),
+        measures="forward + backward (autograd.grad w.r.t. hidden and weight) of the selective loss",
+        peak_extra_bytes="torch.cuda.max_memory_allocated above the inputs, one step outside the graph",
+        errors="each path against 'compiled' (loss absolute difference, gradients' relative L2)",
+        cases=cases,
+    )
+    log(f"wrote {write_json(kernel_bench_out(args.out, 'fused_loss', device, '-smoke' if args.smoke else ''), result)}")
 
-    names = list(paths)
-    cell = 26
-    print()
-    print(f"{'N':>6} {'H':>5} {'V':>7} | " + " | ".join(f"{n:>{cell}}" for n in names))
-    print(f"{'':>6} {'':>5} {'':>7} | " + " | ".join(f"{'ms':>9} {'x':>5} {'MiB':>6} {'gerr':>3}" for _ in names))
-    for c in cases:
-        cells = []
-        for n in names:
-            r = c["paths"].get(n, {"error": "not run"})
-            if "error" in r:
-                cells.append(f"{'ERR ' + r['error'][:cell - 4]:>{cell}}")
-                continue
-            mib = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
-            gerr = max(r["grad_hidden_rel_l2"], r["grad_weight_rel_l2"])
-            cells.append(f"{r['median_ms']:9.3f} {r.get('speedup_vs_compiled', float('nan')):5.2f} {mib:>6} "
-                         f"{gerr:.0e}")
-        print(f"{c['N']:>6} {c['H']:>5} {c['V']:>7} | " + " | ".join(cells))
+    def cell(r: dict) -> str:
+        mib = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
+        gerr = max(r["grad_hidden_rel_l2"], r["grad_weight_rel_l2"])
+        return f"{r['median_ms']:9.3f} {r.get('speedup_vs_compiled', float('nan')):5.2f} {mib:>6} {gerr:.0e}"
+
+    print_path_table(cases, list(paths), {"N": 6, "H": 5, "V": 7}, f"{'ms':>9} {'x':>5} {'MiB':>6} {'gerr':>3}", 26, cell)
     print("x: speed-up over 'compiled'; MiB: peak memory above the inputs; gerr: gradients' relative L2 "
           "error against 'compiled'")
     return result

@@ -21,21 +21,21 @@ For each: median time (``triton.testing.do_bench``, which clears the L2 cache be
 Writes ``benchmarks/results/fused_scorer_<device-slug>[-tiny].json`` and prints a short table last.
 """
 
-import argparse
-import json
+from __future__ import annotations
+
 import math
 import os
-import platform
-import shlex
 import sys
 import time
+from typing import Any, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (device_name, device_slug, peak_extra_bytes, percentiles_ms,  # noqa: E402
-                               require_cggr_compile)
+from benchmarks.common import (device_name, kernel_bench_device, kernel_bench_out,  # noqa: E402
+                               kernel_bench_parser, kernel_bench_report, log, peak_extra_bytes,
+                               percentiles_ms, print_path_table, require_cggr_compile, time_calls, write_json)
 
 require_cggr_compile()
 from cggr_compile.ops import fused_scorer as fs  # noqa: E402
@@ -115,12 +115,7 @@ def time_fn(fn, device, reps):
 
         q = triton.testing.do_bench(fn, warmup=50, rep=max(100, reps * 10), quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return percentiles_ms(ts)
+    return percentiles_ms(time_calls(lambda _: fn(), reps, device)[0])
 
 
 def autotune_choices():
@@ -201,21 +196,15 @@ def epilogue_fit(cases):
     return fits
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes on any device (CI smoke test)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 16384 1024)")
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = kernel_bench_parser(__doc__, "tiny", "tiny sizes on any device (CI smoke test)", (16384, 1024),
+                             "timed repetitions (CPU) / rep scale (CUDA)", "fused_scorer")
     ap.add_argument("--heads", nargs="+", default=None, help=f"head names from {sorted(HEADS)} or HxV")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (CPU) / rep scale (CUDA)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--compile-cpu", action="store_true", help="also run the torch.compile rows on the CPU")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fused_scorer_<slug>.json)")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.tiny:
-        ap.error("the full benchmark needs CUDA; use --tiny on the CPU")
+    device = kernel_bench_device(ap, args.device, args.tiny, "tiny")
     dtype = torch.bfloat16
     if args.tiny:
         tokens = args.tokens or [64, 16]
@@ -242,11 +231,8 @@ def main(argv=None):
     if do_compile:
         paths["fused_compiled"] = torch.compile(fused, fullgraph=True, dynamic=False)
 
-    def log(msg):
-        print(msg, flush=True)
-
-    log(f"device: {device_name(device)}; torch {torch.__version__}; triton "
-        f"{__import__('triton').__version__ if fs.HAS_TRITON else None}")
+    triton_version = __import__("triton").__version__ if fs.HAS_TRITON else None
+    log(f"device: {device_name(device)}; torch {torch.__version__}; triton {triton_version}")
     cases = []
     for hname, (H, V) in heads.items():
         for N in tokens:
@@ -256,53 +242,28 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    result = {
-        "benchmark": "fused_scorer",
-        "epilogue_fit": epilogue_fit(cases),
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__ if fs.HAS_TRITON else None,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": shlex.join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None
-        else shlex.join(["python", "benchmarks/bench_fused_scorer.py"] + list(argv)),
-        "tiny": args.tiny,
-        "dtype": str(dtype),
-        "timing": "triton.testing.do_bench median (L2 cleared between runs)" if device.type == "cuda"
+    result = kernel_bench_report(
+        "fused_scorer", device, "bench_fused_scorer.py", argv,
+        epilogue_fit=epilogue_fit(cases),
+        triton=triton_version,
+        tiny=args.tiny,
+        dtype=str(dtype),
+        timing="triton.testing.do_bench median (L2 cleared between runs)" if device.type == "cuda"
         else "time.perf_counter median",
-        "peak_extra_bytes": "torch.cuda.max_memory_allocated above the inputs, one call, outputs included",
-        "autotune": autotune_choices(),
-        "cases": cases,
-    }
+        peak_extra_bytes="torch.cuda.max_memory_allocated above the inputs, one call, outputs included",
+        autotune=autotune_choices(),
+        cases=cases,
+    )
     if device.type == "cuda":
         result["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"fused_scorer_{device_slug(device)}{'-tiny' if args.tiny else ''}.json",
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"wrote {out}")
+    log(f"wrote {write_json(kernel_bench_out(args.out, 'fused_scorer', device, '-tiny' if args.tiny else ''), result)}")
 
-    # short table last
-    names = list(paths)
-    print()
-    W = 29
-    print(f"{'head':>12} {'N':>6} | " + " | ".join(f"{n:>{W}}" for n in names))
-    print(f"{'':>12} {'':>6} | " + " | ".join(f"{'ms':>8} {'xGEMM':>6} {'MiB':>6} {'err':>6}" for _ in names))
-    for c in cases:
-        cells = []
-        for n in names:
-            r = c["paths"][n]
-            if "error" in r:
-                cells.append(f"{'ERR ' + r['error'][:W - 4]:>{W}}")
-                continue
-            mib = "-" if r.get("peak_extra_bytes") is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
-            err = "-" if "max_abs_error" not in r else f"{r['max_abs_error']:.0e}"
-            cells.append(f"{r['median_ms']:8.3f} {r.get('x_gemm', float('nan')):6.2f} {mib:>6} {err:>6}")
-        print(f"{c['head']:>12} {c['N']:>6} | " + " | ".join(cells))
+    def cell(r: dict) -> str:
+        mib = "-" if r.get("peak_extra_bytes") is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
+        err = "-" if "max_abs_error" not in r else f"{r['max_abs_error']:.0e}"
+        return f"{r['median_ms']:8.3f} {r.get('x_gemm', float('nan')):6.2f} {mib:>6} {err:>6}"
+
+    print_path_table(cases, list(paths), {"head": 12, "N": 6}, f"{'ms':>8} {'xGEMM':>6} {'MiB':>6} {'err':>6}", 29, cell)
     return result
 
 

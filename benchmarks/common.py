@@ -4,6 +4,7 @@ metadata and the result files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -65,6 +66,11 @@ def pick_device(name: Optional[str] = None) -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+def log(msg: str) -> None:
+    """A progress line, flushed at once (a run's log is read while it runs)."""
+    print(msg, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -331,3 +337,58 @@ def copy_to_out(paths: Iterable[Path], out_dir: Path) -> None:
             shutil.copy(p, Path(extra) / p.name)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------- kernel benchmarks
+# bench_fused_loss.py and bench_fused_scorer.py: a grid of (tokens, head) cases, one column per path.
+def kernel_bench_parser(doc: str, small_flag: str, small_help: str, tokens: tuple[int, ...],
+                        reps_help: str, kind: str) -> argparse.ArgumentParser:
+    """The flags both kernel benchmarks take: ``--<small_flag>`` (tiny shapes on any device),
+    ``--tokens``, ``--device``, ``--reps`` and ``--out``; each script adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(f"--{small_flag}", action="store_true", help=small_help)
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help=f"token counts (default {' '.join(map(str, tokens))})")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--reps", type=int, default=None, help=reps_help)
+    ap.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{kind}_<device slug>.json)")
+    return ap
+
+
+def kernel_bench_device(ap: argparse.ArgumentParser, name: Optional[str], small: bool, small_flag: str) -> torch.device:
+    """``--device``; the full grid needs CUDA (its shapes take minutes on a CPU)."""
+    device = pick_device(name)
+    if device.type != "cuda" and not small:
+        ap.error(f"the full benchmark needs CUDA; use --{small_flag} on the CPU")
+    return device
+
+
+def kernel_bench_report(kind: str, device: torch.device, script: str, argv: Optional[list[str]],
+                        **fields: Any) -> dict[str, Any]:
+    """The result's header (benchmark, device, versions, command) followed by ``fields``."""
+    return dict(benchmark=kind, device=device_name(device), device_type=device.type, torch=torch.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(),
+                command=command_line(script, argv), **fields)
+
+
+def kernel_bench_out(out: Optional[str], kind: str, device: torch.device, suffix: str) -> Path:
+    """``--out``, by default ``benchmarks/results/<kind>_<device slug><suffix>.json``."""
+    return Path(out) if out else REPO / "benchmarks" / "results" / f"{result_stem(kind, None, device_slug(device))}{suffix}.json"
+
+
+def print_path_table(cases: list[dict], names: list[str], keys: dict[str, int], units: str, width: int,
+                     cell: Callable[[dict], str]) -> None:
+    """The last printout: one row per case (its ``keys``, right-aligned to their widths), one column per
+    path, ``cell(result)`` or the path's error."""
+    def lead(values: Iterable[Any]) -> str:
+        return " ".join(f"{v:>{w}}" for v, w in zip(values, keys.values())) + " | "
+
+    print()
+    print(lead(keys) + " | ".join(f"{n:>{width}}" for n in names))
+    print(lead([""] * len(keys)) + " | ".join(units for _ in names))
+    for c in cases:
+        cells = []
+        for n in names:
+            r = c["paths"].get(n, {"error": "not run"})
+            cells.append(f"{'ERR ' + r['error'][:width - 4]:>{width}}" if "error" in r else cell(r))
+        print(lead(c[k] for k in keys) + " | ".join(cells))

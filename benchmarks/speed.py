@@ -105,7 +105,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import (SHAPES, adamw, build_llama, command_line, copy_to_out, device_name,  # noqa: E402
-                               device_slug, llama_config, percentile, pick_device, profile_steps,
+                               device_slug, llama_config, log, percentile, pick_device, profile_steps,
                                random_batches, require_cggr_compile, result_stem, rows_for, sync, time_calls,
                                versions, write_report)
 
@@ -136,10 +136,6 @@ REFERENCE_H200 = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def free_memory(device: torch.device) -> None:
     try:
         torch._dynamo.reset()
