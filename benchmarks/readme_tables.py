@@ -25,7 +25,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -154,47 +154,61 @@ def _group_header(groups: list[dict]) -> str:
             "beats = seeds where it ends below that baseline of the same seed")
 
 
-def quality_table(summary: dict) -> str:
-    """One row per (setting, mode): the verdict's quality table."""
-    groups = quality_groups(summary)
-    lines = [f"*{_group_header(groups)}.*", "",
-             "| regime | mode | final loss | seeds | beats random | beats full | ms/step |",
-             "|---|---|---|---|---|---|---|"]
-    for g in groups:
-        best_mean = min(r["mean"] for r in g["rows"])
-        for r in g["rows"]:
-            loss = _mean_std(r)
-            loss = f"**{loss}**" if r["mean"] == best_mean else loss
-            ms = "–" if r["ms"] is None else f"{r['ms']:.1f}"
-            lines.append(f"| {_setting_label(g['setting'])} | {_mode_label(r)} | {loss} | {len(r['seeds'])} | "
-                         f"{_beats(r, 'random')} | {_beats(r, 'full')} | {ms} |")
-    return "\n".join(lines)
-
-
-def quality_detail_table(summary: dict) -> str:
-    """Every seed's final, the steps, the chosen lr and (noisy regimes) the share of noise trained on."""
-    groups = quality_groups(summary)
-    lines = ["| regime | mode | final by seed | mean ± std | best lr | steps | ms/step | noise share trained |",
-             "|---|---|---|---|---|---|---|---|"]
-    for g in groups:
-        for r in g["rows"]:
-            finals = " / ".join(f"{s}: {v:.3f}" for s, v in zip(r["seeds"], r["finals"]))
-            steps = " / ".join("–" if s is None else str(s) for s in r["steps"])
-            lo, hi = (f"{min(r['noise']):.2f}", f"{max(r['noise']):.2f}") if r["noise"] else ("–", "–")
-            noise = lo if lo == hi else f"{lo}–{hi}"
-            ms = "–" if r["ms"] is None else f"{r['ms']:.1f}"
-            # the other learning rates tried, when there were any
-            lrs = f" (of {', '.join(_lr(x) for x in r['lrs'])})" if len(r["lrs"]) > 1 else ""  # the others tried
-            lines.append(f"| {_setting_label(g['setting'])} | {_mode_label(r)} | {finals} | {_mean_std(r)} | "
-                         f"{_lr(r['lr'])}{lrs} | {steps} | {ms} | {noise} |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------- speed
 def _fmt_ms(v: Optional[float]) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def markdown_table(columns: list[tuple[str, Callable[[Any], str]]], rows: Iterable[Any]) -> list[str]:
+    """A markdown table's lines: the header, its rule, then per row each column's cell of it."""
+    lines = ["| " + " | ".join(head for head, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+
+
+def _group_rows(groups: list[dict]) -> list[tuple[dict, dict]]:
+    """(group, row) for every mode's row of every group, in order."""
+    return [(g, r) for g in groups for r in g["rows"]]
+
+
+def quality_table(summary: dict) -> str:
+    """One row per (setting, mode): the verdict's quality table."""
+    groups = quality_groups(summary)
+
+    def loss(gr: tuple[dict, dict]) -> str:
+        g, r = gr
+        best = r["mean"] == min(x["mean"] for x in g["rows"])
+        return f"**{_mean_std(r)}**" if best else _mean_std(r)
+
+    columns = [("regime", lambda gr: _setting_label(gr[0]["setting"])), ("mode", lambda gr: _mode_label(gr[1])),
+               ("final loss", loss), ("seeds", lambda gr: str(len(gr[1]["seeds"]))),
+               ("beats random", lambda gr: _beats(gr[1], "random")), ("beats full", lambda gr: _beats(gr[1], "full")),
+               ("ms/step", lambda gr: _fmt_ms(gr[1]["ms"]))]
+    return "\n".join([f"*{_group_header(groups)}.*", ""] + markdown_table(columns, _group_rows(groups)))
+
+
+def _noise_share(r: dict) -> str:
+    lo, hi = (f"{min(r['noise']):.2f}", f"{max(r['noise']):.2f}") if r["noise"] else ("–", "–")
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _best_lr(r: dict) -> str:
+    """The chosen lr, and the others tried when there were any."""
+    tried = f" (of {', '.join(_lr(x) for x in r['lrs'])})" if len(r["lrs"]) > 1 else ""
+    return _lr(r["lr"]) + tried
+
+
+def quality_detail_table(summary: dict) -> str:
+    """Every seed's final, the steps, the chosen lr and (noisy regimes) the share of noise trained on."""
+    columns = [
+        ("regime", lambda gr: _setting_label(gr[0]["setting"])), ("mode", lambda gr: _mode_label(gr[1])),
+        ("final by seed", lambda gr: " / ".join(f"{s}: {v:.3f}" for s, v in zip(gr[1]["seeds"], gr[1]["finals"]))),
+        ("mean ± std", lambda gr: _mean_std(gr[1])), ("best lr", lambda gr: _best_lr(gr[1])),
+        ("steps", lambda gr: " / ".join("–" if s is None else str(s) for s in gr[1]["steps"])),
+        ("ms/step", lambda gr: _fmt_ms(gr[1]["ms"])), ("noise share trained", lambda gr: _noise_share(gr[1])),
+    ]
+    return "\n".join(markdown_table(columns, _group_rows(quality_groups(summary))))
+
+
+# ----------------------------------------------------------------------------------------- speed
 def _records(speed: dict, model: str, mode: str, ratio: Optional[float], router: Optional[int]) -> Optional[dict]:
     for r in speed["records"]:
         if r["model"] != model or r["mode"] != mode or r.get("status") != "ok":
@@ -227,37 +241,41 @@ def _gap(d: dict) -> str:
     return "–" if v is None else f"{v:+.1f} ms".replace("-", "−")
 
 
+def _shape(speed: dict, d: dict) -> str:
+    full = _records(speed, d["model"], "compiled", None, None)
+    return f"{MODEL_NAMES.get(d['model'], d['model'])} ({full['batch']} x {full['seq']})" if full else d["model"]
+
+
+def _ms_of(mode: str, bold: bool = False) -> Callable[[dict], str]:
+    """The cell of a mode's median step time in a derived row."""
+    return lambda d: f"**{_fmt_ms(d.get(f'{mode}_ms'))}**" if bold else _fmt_ms(d.get(f"{mode}_ms"))
+
+
 def speed_table(speed: dict) -> str:
     """Step times (median ms) of every mode at the canonical setting, one row per shape."""
     s = speed["meta"]["settings"]
-    lines = [f"*{speed['meta']['device_name']}, torch {speed['meta']['versions']['torch']}, bf16 autocast, "
-             f"fused AdamW in the step, CUDA graphs in every compiled mode, scoring {s['scoring']}, "
-             f"ratio 0.25, router 4 layers; median step ms over {s['steps']} steps "
-             f"(`{SPEED_SOURCE.name}`).*", "",
-             "| shape | eager | `torch.compile` full batch | random subset of k | router alone | `backend=\"cggr\"` "
-             "| `compile(transform(model))` | x compiled | CGGR − (subset + router) | cold compile vs full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for d in _speed_rows(speed, main=True):
-        full = _records(speed, d["model"], "compiled", None, None)
-        shape = f"{MODEL_NAMES.get(d['model'], d['model'])} ({full['batch']} x {full['seq']})" if full else d["model"]
-        lines.append(f"| {shape} | {_fmt_ms(d.get('eager_ms'))} | {_fmt_ms(d.get('compiled_ms'))} | "
-                     f"{_fmt_ms(d.get('random_subset_ms'))} | {_fmt_ms(d.get('router_only_ms'))} | "
-                     f"**{_fmt_ms(d.get('cggr_backend_ms'))}** | {_fmt_ms(d.get('cggr_transform_ms'))} | "
-                     f"**{_speedup(d, 'cggr_backend')}** | {_gap(d)} | {_cold(speed, d)} |")
-    return "\n".join(lines)
+    caption = (f"*{speed['meta']['device_name']}, torch {speed['meta']['versions']['torch']}, bf16 autocast, "
+               f"fused AdamW in the step, CUDA graphs in every compiled mode, scoring {s['scoring']}, "
+               f"ratio 0.25, router 4 layers; median step ms over {s['steps']} steps "
+               f"(`{SPEED_SOURCE.name}`).*")
+    columns = [("shape", lambda d: _shape(speed, d)), ("eager", _ms_of("eager")),
+               ("`torch.compile` full batch", _ms_of("compiled")), ("random subset of k", _ms_of("random_subset")),
+               ("router alone", _ms_of("router_only")), ('`backend="cggr"`', _ms_of("cggr_backend", bold=True)),
+               ("`compile(transform(model))`", _ms_of("cggr_transform")),
+               ("x compiled", lambda d: f"**{_speedup(d, 'cggr_backend')}**"), ("CGGR − (subset + router)", _gap),
+               ("cold compile vs full", lambda d: _cold(speed, d))]
+    return "\n".join([caption, ""] + markdown_table(columns, _speed_rows(speed, main=True)))
 
 
 def speed_sweep_table(speed: dict) -> str:
     """The other ratios and router depths of the same run, against its compiled full batch."""
-    lines = ["| model | ratio, router layers | compiled full batch | random subset of k | router alone | "
-             "`backend=\"cggr\"` | x compiled | CGGR − (subset + router) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for d in sorted(_speed_rows(speed, main=False), key=lambda d: (d["model"], d["router_layers"], d["ratio"])):
-        lines.append(f"| {MODEL_NAMES.get(d['model'], d['model'])} | {d['ratio']:g}, {d['router_layers']} | "
-                     f"{_fmt_ms(d.get('compiled_ms'))} | {_fmt_ms(d.get('random_subset_ms'))} | "
-                     f"{_fmt_ms(d.get('router_only_ms'))} | {_fmt_ms(d.get('cggr_backend_ms'))} | "
-                     f"{_speedup(d, 'cggr_backend')} | {_gap(d)} |")
-    return "\n".join(lines)
+    columns = [("model", lambda d: MODEL_NAMES.get(d["model"], d["model"])),
+               ("ratio, router layers", lambda d: f"{d['ratio']:g}, {d['router_layers']}"),
+               ("compiled full batch", _ms_of("compiled")), ("random subset of k", _ms_of("random_subset")),
+               ("router alone", _ms_of("router_only")), ('`backend="cggr"`', _ms_of("cggr_backend")),
+               ("x compiled", lambda d: _speedup(d, "cggr_backend")), ("CGGR − (subset + router)", _gap)]
+    rows = sorted(_speed_rows(speed, main=False), key=lambda d: (d["model"], d["router_layers"], d["ratio"]))
+    return "\n".join(markdown_table(columns, rows))
 
 
 # ---------------------------------------------------------------------------------------- rewrite
