@@ -14,12 +14,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers as T
 
-import cggr_compile
-from cggr_compile.backend import core_of
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
+
+from benchmarks.common import require_cggr_compile  # noqa: E402
+
+cggr_compile = require_cggr_compile()
+from cggr_compile.backend import core_of  # noqa: E402
 
 
 def model_and_batch(seed: int = 0, b: int = 8, t: int = 256):

@@ -152,3 +152,24 @@ def test_merge_writes_one_report(run):
     data = json.loads(merged[0].read_text())
     assert len(data["records"]) == len(run["data"]["records"])
     assert (out / f"{merged[0].stem}.md").exists()
+
+
+def test_benchmarks_say_what_to_run_without_the_installed_passes(monkeypatch):
+    """No import workaround: without an importable cggr_compile.passes (a checkout not installed) or
+    with the passes of another checkout, the benchmarks exit naming the install command."""
+    sys.path.insert(0, str(REPO))
+    import cggr_compile.passes
+
+    from benchmarks import common
+
+    assert common.require_cggr_compile() is sys.modules["cggr_compile"]
+    assert "_PassesFinder" not in SCRIPT.read_text()
+    monkeypatch.setitem(sys.modules, "cggr_compile.passes", None)  # what a checkout without install sees
+    with pytest.raises(SystemExit, match=r"cannot import cggr_compile.passes.*pip install --no-deps -e \."):
+        common.require_cggr_compile()
+    other = type(cggr_compile.passes)("cggr_compile.passes")
+    other.__file__ = "/elsewhere/passes/__init__.py"
+    monkeypatch.setitem(sys.modules, "cggr_compile.passes", other)
+    monkeypatch.setattr(sys.modules["cggr_compile"], "passes", other)
+    with pytest.raises(SystemExit, match="another checkout's install"):
+        common.require_cggr_compile()
