@@ -1,8 +1,8 @@
 """The ``cggr`` Dynamo backend: ``torch.compile(model, backend="cggr", options={...})``.
 
 For each captured graph: recognise it (``passes/recognise_training_graph``); if it is a training
-step of a supported model with labels, build the rewritten step for the schedule's current level
-``k`` (``passes/trace_routed_step``, with the router's scoring unfused, then ``passes/fuse_scorer``,
+step of a supported model with labels, build the rewritten step for the schedule's current plan
+(``RoutedPlan``: ``k``...; ``passes/trace_routed_step``, with the router's scoring unfused, then ``passes/fuse_scorer``,
 which puts the fused scorer op in where it pays) and compile it with Inductor on CUDA, or run the
 same graph with eager ops elsewhere. One rewritten graph is built per level, lazily, so a whole warmup
 schedule compiles at most ``num_levels`` times, all with the default static shapes.
@@ -31,7 +31,8 @@ from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritabl
 from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
 from cggr_compile.graph_text import graph_text
 from cggr_compile.router import model_call_for
-from cggr_compile.transform import CGGRModel, StepLevel, selection_key
+from cggr_compile.schedule import RoutedPlan
+from cggr_compile.transform import CGGRModel, selection_key
 
 _warned: set[str] = set()
 # Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
@@ -174,21 +175,17 @@ def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def routed_graph(
-    core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor,
+    core: CGGRModel, plan: GraphPlan, routed: RoutedPlan, example_inputs: Sequence[Any], call_kwargs: dict,
     dynamo_gm: Optional[fx.GraphModule] = None,
 ) -> fx.GraphModule:
-    """The rewritten step for ``core._k``: traced with the router's scoring unfused (head, then
-    ``scoring.token_stats``), then ``passes/fuse_scorer`` replaces that subgraph by the fused scorer
-    op where it pays. So the fusion in a compiled graph is the pass's decision, visible in the graph
-    (``gm.meta["cggr_fuse_scorer"]`` says what it did, or why not), not the router code's."""
-    fuse_in_route = core.fuse_in_route
-    core.fuse_in_route = False
-    try:
-        gm = trace_routed_step(core, plan, example_inputs, call_kwargs, step_tensor, dynamo_gm)
-    finally:
-        core.fuse_in_route = fuse_in_route
+    """The rewritten step for ``routed``: traced with the router's scoring unfused (head, then
+    ``scoring.token_stats``: the plan with ``fuse_scorer=False``), then ``passes/fuse_scorer``
+    replaces that subgraph by the fused scorer op where it pays. So the fusion in a compiled graph is
+    the pass's decision, visible in the graph (``gm.meta["cggr_fuse_scorer"]`` says what it did, or
+    why not), not the router code's."""
+    gm = trace_routed_step(core, plan, routed.replace(fuse_scorer=False), example_inputs, call_kwargs, dynamo_gm)
     fuse_scorer(gm, enabled=core.cggr_config.fused_scorer, autocast_dtype=_autocast_dtype(example_inputs))
-    record_fused_loss(gm, core.__dict__["fused_loss"])  # gm.meta["cggr_fused_loss"]: fused, or why not
+    record_fused_loss(gm, core.fused_loss)  # gm.meta["cggr_fused_loss"]: fused, or why not
     return gm
 
 
@@ -222,18 +219,18 @@ class RoutedGraph:
         self.plan = plan
         self.example_inputs = list(example_inputs)
         self.call_kwargs = call_kwargs
-        # one graph per StepLevel: k, and for granularity="tokens" the token ratio too (both baked in)
-        self.compiled: dict[StepLevel, Callable] = {}
+        # One graph per RoutedPlan, as it compares: k, and for granularity="tokens" the token ratio
+        # too (both baked in); the step counter is an input, not part of the key.
+        self.compiled: dict[RoutedPlan, Callable] = {}
         self.references = reference_tensors(core)  # scoring='reducible' with reference=: its weights
-        self.graphs: dict[StepLevel, fx.GraphModule] = {}
+        self.graphs: dict[RoutedPlan, fx.GraphModule] = {}
 
-    def graph_for(self, level: StepLevel, step_tensor: torch.Tensor) -> fx.GraphModule:
-        """The rewritten graph for ``level``, which must be the core's current plan (``core._plan``)."""
-        assert self.core.level() == level, (self.core.level(), level)
-        if level not in self.graphs:
-            self.graphs[level] = routed_graph(self.core, self.plan, self.example_inputs, self.call_kwargs,
-                                              step_tensor, self.dynamo_gm)
-        return self.graphs[level]
+    def graph_for(self, routed: RoutedPlan) -> fx.GraphModule:
+        """The rewritten graph for ``routed`` (built once per distinct plan)."""
+        if routed not in self.graphs:
+            self.graphs[routed] = routed_graph(self.core, self.plan, routed, self.example_inputs, self.call_kwargs,
+                                               self.dynamo_gm)
+        return self.graphs[routed]
 
     def compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """One level's graph compiled whole, or (under DDP) cut at DDP's buckets so that the gradient
@@ -251,19 +248,19 @@ class RoutedGraph:
     def __call__(self, *args: Any) -> tuple:
         core, plan = self.core, self.plan
         ids = args[plan.inputs["input_ids"]]
-        core._plan(plan.batch, ids.device)
-        level, k, step_tensor = core.level(), core._k, core._step_tensor
-        fn = self.compiled.get(level)
+        routed = core.plan_step(plan.batch, ids.device)
+        step_tensor = routed.step_tensor
+        fn = self.compiled.get(routed)
         if fn is None:
-            gm = self.graph_for(level, step_tensor)
+            gm = self.graph_for(routed)
             fn = self.compile(gm, list(args) + [step_tensor] + self.references)
-            self.compiled[level] = fn
+            self.compiled[routed] = fn
         loss, logits, selection, *extras = fn(*args, step_tensor, *self.references)
         metrics = dict(zip(METRIC_KEYS, extras))
-        metrics.update(step=core.schedule.step, token_ratio=core._ratio, k=k,
+        metrics.update(step=core.schedule.step, token_ratio=routed.ratio, k=routed.k,
                        selection=core.cggr_config.selection, scoring=core.cggr_config.scoring)
         metrics[selection_key(core.cggr_config.granularity)] = selection  # the transform's name
-        core._record(metrics)
+        core.record_step(metrics)
         outs: list[Any] = [loss.new_empty(0)] * plan.num_outputs  # caches: a training step has none
         outs[plan.loss_output] = loss
         if plan.logits_output >= 0:
@@ -331,7 +328,7 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
     core = core_for(module, config_options)
     routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs,
                          active_ddp_bucket_bytes() if ddp_buckets else None)
-    core.__dict__.setdefault("routed_graphs", []).append(routed)
+    core.routed_graphs.append(routed)
     return routed
 
 
@@ -418,8 +415,8 @@ def explain(
         raise ValueError("explain: Dynamo captured no graph with input_ids for this model")
     plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"], aliases)
     core = CGGRModel(model, config)
-    core._plan(plan.batch, input_ids.device)
-    gm = routed_graph(core, plan, captured["example_inputs"], captured["call_kwargs"], core._step_tensor)
+    routed = core.plan_step(plan.batch, input_ids.device)
+    gm = routed_graph(core, plan, routed, captured["example_inputs"], captured["call_kwargs"])
     return graph_text(gm, full)
 
 

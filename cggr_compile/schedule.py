@@ -14,8 +14,10 @@ All of this runs on the host between steps and never waits on the device:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -54,6 +56,33 @@ def quantise_ratio(ratio: float, levels: list[float]) -> float:
 def rows_for_ratio(ratio: float, batch: int) -> int:
     """``k = clamp(ceil(ratio * B), 1, B)``."""
     return max(1, min(batch, math.ceil(ratio * batch - 1e-9)))
+
+
+@dataclass(frozen=True)
+class RoutedPlan:
+    """Everything one routed step takes from the schedule, decided on the host before it runs.
+
+    The routed step (``CGGRModel.routed_step``) is a function of this object and the batch, and
+    never reads the schedule's mutable state, so a plan cannot go stale between the decision and
+    the step. Equality (and the hash) covers exactly what a traced step bakes in, so the backend
+    keys its graph cache by the plan: ``k`` rows, the token budget's ratio (tokens only), the
+    granularity and where the scorer fuses. ``ratio`` (sequences: only a metric, ``k`` carries
+    it) and the device step counter (the same tensor every step, a graph input) are not compared.
+    """
+
+    batch: int
+    k: int
+    token_ratio: Optional[float]  # tokens: the ratio that sets the token budget; sequences: None
+    ratio: float = field(compare=False)
+    granularity: str = "sequences"
+    # Whether ``CGGRModel.route`` calls the fused scorer op itself (cfg.fused_scorer and a linear
+    # head). The backend traces with it off and lets passes/fuse_scorer.py put the op in the graph.
+    fuse_scorer: bool = True
+    step_tensor: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+
+    def replace(self, **changes: Any) -> "RoutedPlan":
+        """A copy with ``changes`` (the plan itself never changes)."""
+        return dataclasses.replace(self, **changes)
 
 
 class LaggedScalar:
@@ -211,6 +240,16 @@ class Schedule:
 
     def rows(self, batch: int) -> int:
         return rows_for_ratio(self.ratio(), batch)
+
+    def plan(self, batch: int, device: torch.device) -> RoutedPlan:
+        """The next routed step's plan for a batch of ``batch`` rows on ``device``."""
+        c = self.config
+        ratio = self.ratio()
+        return RoutedPlan(
+            batch=batch, k=rows_for_ratio(ratio, batch),
+            token_ratio=ratio if c.granularity == "tokens" else None, ratio=ratio,
+            granularity=c.granularity, fuse_scorer=bool(c.fused_scorer), step_tensor=self.device_step(device),
+        )
 
     def describe(self, batch: int) -> str:
         """One line for the user: ``k`` now, when the curriculum starts slicing and when it ends."""

@@ -2,9 +2,10 @@
 
 One batch, start to end (:meth:`CGGRModel.forward`):
 
-1. ``_plan`` (host, never traced): the schedule turns the step counter and the lagged mean
-   confidence into a ratio level and ``k`` rows; both are stored as plain attributes, so a compiled
-   forward specialises on them and a whole schedule compiles at most ``num_levels`` times.
+1. ``plan_step`` (host, never traced): the schedule turns the step counter and the lagged mean
+   confidence into an immutable :class:`~cggr_compile.schedule.RoutedPlan` (the ratio level,
+   ``k`` rows, the device step counter...); the step reads only the plan, so a compiled forward
+   specialises on its values and a whole schedule compiles at most ``num_levels`` times.
 2. ``route``: the truncated router scores every position (``scoring.py``), rows or tokens are
    selected with static shapes.
 3. the wrapped model runs on ``input_ids[idx]`` (and the mask and every per-row input sliced the
@@ -31,7 +32,7 @@ from .distributed import data_parallel_world, rank_normaliser
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
 from .router import WholeModelRouter, build_router, model_call_for, refresh_router, unwrap_peft
-from .schedule import Schedule, rows_for_ratio
+from .schedule import RoutedPlan, Schedule
 
 logger = logging.getLogger("cggr_compile")
 
@@ -58,15 +59,6 @@ def selection_key(granularity: str) -> str:
     """The one name of a step's selection in outputs and metrics (transform, backend, Trainer):
     ``selected_indices`` (the row indices ``[k]``, sequences) or ``selected_mask`` (``[B, T]``, tokens)."""
     return "selected_indices" if granularity == "sequences" else "selected_mask"
-
-
-@dataclass(frozen=True)
-class StepLevel:
-    """What a traced routed step bakes in as constants, so one compiled graph per distinct value:
-    ``k`` rows (sequences), or for tokens also the ratio that sets the token budget."""
-
-    k: int
-    token_ratio: Optional[float] = None
 
 
 @dataclass
@@ -170,6 +162,13 @@ def _unsharded(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _router_modules(router: Any) -> list[nn.Module]:
+    """The modules a router holds (its shallow clones of the model's layers, norm and head)."""
+    if router is None:
+        return []
+    return [m for m in vars(router).values() if isinstance(m, nn.Module)]
+
+
 def _is_per_row(value: Any, batch: int) -> bool:
     return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch
 
@@ -225,14 +224,9 @@ class CGGRModel(nn.Module):
         self.schedule.watch(model)
         # Whether CGGR shifts the labels by one position (a causal LM's labels not pre-shifted).
         self.causal = causal and not call.labels_shifted
-        self._k = 1
-        self._ratio = 1.0
-        # The schedule's device step counter, read by the traced step (the backend's trace swaps in
-        # its graph input here).
-        self.__dict__["_step_tensor"] = None
-        # Whether ``route`` calls the fused scorer op itself (cfg.fused_scorer and a linear head).
-        # The backend traces with this off and lets passes/fuse_scorer.py put the op in the graph.
-        self.fuse_in_route = True
+        # The backend's routed graphs of this core (cggr_compile.backend.RoutedGraph), for tests and
+        # introspection; the eager transform has none.
+        self.__dict__["routed_graphs"] = []
         # The main pass's loss: the model's logits, or the fused head + loss (passes/fuse_loss.py).
         self.__dict__["fused_loss"] = choose_fused_loss(model, config.fused_loss, config.strict)
 
@@ -266,7 +260,10 @@ class CGGRModel(nn.Module):
         return dict(self.__dict__.get("_last_metrics", {}))
 
     @torch.compiler.disable
-    def _plan(self, batch: int, device: torch.device) -> None:
+    def plan_step(self, batch: int, device: torch.device) -> RoutedPlan:
+        """Plan the next routed step (host, never traced): the schedule's :class:`RoutedPlan` for a
+        batch of ``batch`` rows on ``device``. Also logs the schedule once, marks the step as
+        planned for the schedule's automatic advance and refreshes the routers' clones."""
         if not self.__dict__.get("_described"):
             # Once: a user who keeps the defaults trains the whole batch (plus the router) for a
             # while; say so, with the k now and when slicing starts, rather than leave it silent.
@@ -280,15 +277,33 @@ class CGGRModel(nn.Module):
             logger.info(self.schedule.threshold_note(batch))
         self.schedule.planned()
         self._refresh_routers()
-        ratio = self.schedule.ratio()
-        self._ratio = ratio
-        self._k = rows_for_ratio(ratio, batch)
-        self.__dict__["_step_tensor"] = self.schedule.device_step(device)
+        return self.schedule.plan(batch, device)
 
-    def level(self) -> StepLevel:
-        """The level the last ``_plan`` chose (the backend's graph cache key)."""
-        tokens = self.cggr_config.granularity == "tokens"
-        return StepLevel(self._k, self._ratio if tokens else None)
+    @contextlib.contextmanager
+    def swapped_tensors(self, replacements: dict[int, Tensor]) -> Iterator[None]:
+        """While inside, every parameter / buffer slot of the wrapped model and of the routers'
+        clones that holds a tensor in ``replacements`` (keyed by ``id``) holds its replacement.
+
+        The backend's trace runs the routed step on its graph inputs this way, so no weight is
+        baked into the graph as a constant; the slots are restored on exit."""
+        roots = [self.model] + _router_modules(self.router) + _router_modules(self.__dict__["reference_router"])
+        undo = []
+        seen = set()
+        for root in roots:
+            for mod in root.modules():
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                for store in (mod._parameters, mod._buffers):
+                    for name, t in list(store.items()):
+                        if t is not None and id(t) in replacements:
+                            undo.append((store, name, t))
+                            store[name] = replacements[id(t)]
+        try:
+            yield
+        finally:
+            for store, name, t in reversed(undo):
+                store[name] = t
 
     @torch.compiler.disable
     def _refresh_routers(self) -> None:
@@ -297,20 +312,24 @@ class CGGRModel(nn.Module):
         refresh_router(self.__dict__["reference_router"])
 
     @torch.compiler.disable
-    def _record(self, metrics: dict[str, Any]) -> None:
+    def record_step(self, metrics: dict[str, Any]) -> None:
+        """Keep a finished step's metrics (:meth:`metrics`) and start the non-blocking trip of its
+        mean confidence to the host, for the dynamic threshold of a later step."""
         self.__dict__["_last_metrics"] = metrics
         if "avg_confidence" in metrics:
             self.schedule.confidence.push(metrics["avg_confidence"])
 
+    _record = record_step  # the name cggr_compile.integrations calls
+
     # -- the step -------------------------------------------------------------------------------
-    def _fused_head(self, router: Any) -> Optional[nn.Linear]:
+    def _fused_head(self, router: Any, plan: Optional[RoutedPlan] = None) -> Optional[nn.Linear]:
         """The router's linear head when the fused scorer op scores it here, else None.
 
         The eager transform (and torch.compile of it) fuses here, calling the op directly. The cggr
-        backend's trace turns this off and traces the unfused head + token_stats; its graph pass
-        (passes/fuse_scorer.py) then decides where the op pays. Same numbers either way, up to
-        float rounding."""
-        fuse = self.cggr_config.fused_scorer and self.fuse_in_route
+        backend traces a plan with ``fuse_scorer=False``, so the unfused head + token_stats; its
+        graph pass (passes/fuse_scorer.py) then decides where the op pays. Same numbers either way,
+        up to float rounding. Without a plan: the config's choice."""
+        fuse = self.cggr_config.fused_scorer if plan is None else plan.fuse_scorer
         return getattr(router, "linear_head", None) if fuse else None
 
     @staticmethod
@@ -327,18 +346,18 @@ class CGGRModel(nn.Module):
         return S.TokenStats(entropy, p1, p2, nll)
 
     def reference_nll(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
-                      **rows: Any) -> Tensor:
+                      *, plan: Optional[RoutedPlan] = None, **rows: Any) -> Tensor:
         """The reference model's loss at every position ``[B, T]`` (aligned like the router's scores)."""
         ref = self.__dict__["reference_router"]
         target = S.aligned_labels(labels, self.causal)
         with torch.no_grad():
-            head = self._fused_head(ref)
+            head = self._fused_head(ref, plan)
             if head is None:
                 return S.token_stats(ref(input_ids, attention_mask, **rows), target).nll
             return self._fused_stats(ref, ref.hidden(input_ids, attention_mask, **rows), head, target).nll
 
     def _reference(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
-                   given: Optional[Tensor], rows: dict) -> Optional[Tensor]:
+                   given: Optional[Tensor], rows: dict, plan: Optional[RoutedPlan] = None) -> Optional[Tensor]:
         """``scoring='reducible'``'s reference loss ``[B, T]``: the batch's, else the reference model's."""
         if self.cggr_config.scoring != "reducible":
             if given is not None:
@@ -350,20 +369,21 @@ class CGGRModel(nn.Module):
         if given is not None:
             return S.reference_per_position(given, input_ids.shape)
         if self.__dict__["reference_router"] is not None and labels is not None:
-            return self.reference_nll(input_ids, attention_mask, labels, **rows)
+            return self.reference_nll(input_ids, attention_mask, labels, plan=plan, **rows)
         return None
 
     def route(
         self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
-        reference_loss: Optional[Tensor] = None, **rows: Any,
+        reference_loss: Optional[Tensor] = None, *, plan: Optional[RoutedPlan] = None, **rows: Any,
     ) -> Routing:
         """Run the router and score every position (no grad). ``reference_loss`` (``[B]`` or
-        ``[B, T]``) is the batch's reference loss for ``scoring='reducible'``."""
+        ``[B, T]``) is the batch's reference loss for ``scoring='reducible'``; ``plan`` says
+        whether the fused scorer op runs here (default: the config's ``fused_scorer``)."""
         cfg = self.cggr_config
         labels = self._cggr_labels(labels)
         with torch.no_grad(), _unsharded(self.model):
-            reference = self._reference(input_ids, attention_mask, labels, reference_loss, rows)
-            head = self._fused_head(self.router)
+            reference = self._reference(input_ids, attention_mask, labels, reference_loss, rows, plan)
+            head = self._fused_head(self.router, plan)
             if head is None:
                 out = self.router(input_ids, attention_mask, **rows)
                 return score_positions(out, attention_mask, labels, self.causal, cfg.scoring, reference=reference)
@@ -479,9 +499,9 @@ class CGGRModel(nn.Module):
         # Hugging Face's count covers every labelled token; CGGR's loss normalises by the selected
         # ones (pass loss_denominator= for a count across micro-batches or ranks).
         kwargs.pop("num_items_in_batch", None)
-        self._plan(input_ids.shape[0], input_ids.device)
-        out, metrics = self._routed_step(input_ids, attention_mask, labels, kwargs)
-        self._record(metrics)
+        plan = self.plan_step(input_ids.shape[0], input_ids.device)
+        out, metrics = self.routed_step(plan, input_ids, attention_mask, labels, kwargs)
+        self.record_step(metrics)
         return self._user_output(out)
 
     def _denominator(self, weight: Tensor, given: Any, count: Optional[Tensor] = None) -> Any:
@@ -501,17 +521,21 @@ class CGGRModel(nn.Module):
         """``selection='importance'``: the batch's valid tokens; otherwise None (the selected ones)."""
         return r.valid.sum() if self.cggr_config.selection == "importance" else None
 
-    def _routed_step(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
+    def routed_step(
+        self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
     ) -> tuple[Any, dict[str, Any]]:
+        """One routed training step as ``plan`` says: router, selection, main pass on the
+        selection, selective loss. Returns the output (with ``loss``, the selection and
+        ``cggr_metrics``) and the metrics. A function of ``plan`` and the batch only (the backend
+        traces it, with the plan's step counter a graph input)."""
         cfg = self.cggr_config
         b = input_ids.shape[0]
         kwargs = dict(kwargs)
         denominator = kwargs.pop("loss_denominator", None)
         reference_loss = kwargs.pop("reference_loss", None)
-        r = self.route(input_ids, attention_mask, labels, reference_loss, **per_row_inputs(kwargs, b))
+        r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **per_row_inputs(kwargs, b))
         if cfg.granularity == "sequences":
-            idx, weight = self._choose(r)
+            idx, weight = self._choose(r, plan)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             labels_k = labels.index_select(0, idx) if self.model_call.labels_to_model else None
@@ -521,17 +545,17 @@ class CGGRModel(nn.Module):
                                   denominator)
             out["selected_indices"] = idx
         else:
-            _, weight = self._choose(r)
+            _, weight = self._choose(r, plan)
             out = self._main_pass(input_ids, attention_mask, labels, **kwargs)
             denominator = self._denominator(weight, denominator)
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
-        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)])
+        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)], plan)
         out["cggr_metrics"] = metrics
         return out, metrics
 
-    def _choose(self, r: Routing) -> tuple[Tensor, Tensor]:
+    def _choose(self, r: Routing, plan: RoutedPlan) -> tuple[Tensor, Tensor]:
         """The selection from the router's scores, and the loss weight of its positions.
 
         Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
@@ -542,19 +566,19 @@ class CGGRModel(nn.Module):
         cfg = self.cggr_config
         if cfg.granularity != "sequences":
             mask = S.select_tokens(
-                r.difficulty, r.valid, self._ratio, cfg.selection, cfg.num_strata,
-                cfg.min_tokens_per_sequence, cfg.seed, self._step_tensor,
+                r.difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
+                cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
             )
             return mask, mask
         seq = S.sequence_difficulty(r.difficulty, r.valid)
         if cfg.selection == "importance":
             probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
-            idx = S.sample_importance(probs, self._k, cfg.seed, self._step_tensor)
+            idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
             return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
-        idx = S.select_sequences(seq, self._k, cfg.selection, cfg.num_strata, cfg.seed, self._step_tensor)
+        idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
         return idx, r.valid.index_select(0, idx)
 
-    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor) -> dict[str, Any]:
+    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan) -> dict[str, Any]:
         # The step is read here, inline: handed to a helper as an argument, Dynamo specialised on
         # its value and recompiled at every step (tests/test_transform.py counts the graphs).
         cfg = self.cggr_config
@@ -566,7 +590,7 @@ class CGGRModel(nn.Module):
         metrics["selected_difficulty"] = (rows.float() * w).sum() / w.sum().clamp(min=1.0)
         metrics[selection_key(cfg.granularity)] = selection
         metrics.update(
-            step=self.schedule.step, token_ratio=self._ratio, k=self._k,
+            step=self.schedule.step, token_ratio=plan.ratio, k=plan.k,
             tokens_selected=weight.sum() if weight.dtype == torch.bool else (weight != 0).sum(),
             tokens_total=r.valid.sum(),
             selection=cfg.selection, scoring=cfg.scoring,
@@ -590,17 +614,17 @@ class CGGRModel(nn.Module):
         positions, and the loss normalises by ``tokens_total`` (the batch's valid positions): sum
         that instead.
         ``record=False`` leaves the schedule's lagged confidence alone (push it later with
-        ``_record``), so every micro-batch of a step is planned from the same state.
+        :meth:`record_step`), so every micro-batch of a step is planned from the same state.
         """
         check_batch(input_ids, labels, attention_mask)
         b = input_ids.shape[0]
-        self._plan(b, input_ids.device)
+        plan = self.plan_step(b, input_ids.device)
         reference_loss = kwargs.pop("reference_loss", None)
-        r = self.route(input_ids, attention_mask, labels, reference_loss, **per_row_inputs(kwargs, b))
-        selection, weight = self._choose(r)
-        metrics = self._step_metrics(r, weight, selection)
+        r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **per_row_inputs(kwargs, b))
+        selection, weight = self._choose(r, plan)
+        metrics = self._step_metrics(r, weight, selection, plan)
         if record:
-            self._record(metrics)
+            self.record_step(metrics)
         return selection, weight, metrics
 
 

@@ -1,7 +1,7 @@
 """Pass: the router's output head and softmax scoring become one ``cggr::fused_token_stats`` call.
 
 Precondition: a rewritten step graph from ``trace_routed_step``, traced with the router's scoring
-unfused (``CGGRModel.fuse_in_route = False``, as the backend's cores are): pre-dispatch ATen nodes
+unfused (a ``RoutedPlan`` with ``fuse_scorer=False``, as the backend traces it): pre-dispatch ATen nodes
 with fake tensors in ``meta["val"]``, where the router's statistics are ``scoring.token_stats`` of
 the head's logits::
 

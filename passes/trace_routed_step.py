@@ -1,51 +1,32 @@
-"""Pass: build the rewritten training graph for one level ``k``.
+"""Pass: build the rewritten training graph for one routed plan (one level ``k``).
 
 Precondition: a :class:`~cggr_compile.passes.recognise_training_graph.GraphPlan` for Dynamo's
-graph and the module it was captured from.
+graph, the module it was captured from (its CGGR core) and the core's
+:class:`~cggr_compile.schedule.RoutedPlan` for the step.
 Guarantees: an FX graph with Dynamo's placeholder order (plus the schedule's step counter) that
 runs the truncated router under no-grad, scores and selects with ``cggr_compile.scoring``, runs the
 model on the selected rows only (or the whole batch with a token mask) and returns
 ``(loss, logits, selection, *metrics)``. It is traced from the very code that
-``cggr_compile.transform`` runs (``CGGRModel._routed_step``), so the two entry points cannot drift
-apart. Every parameter and buffer is a graph input (looked up by identity), none is baked in.
+``cggr_compile.transform`` runs (``CGGRModel.routed_step``), so the two entry points cannot drift
+apart. Every parameter and buffer is a graph input (looked up by identity and swapped in through
+``CGGRModel.swapped_tensors``), none is baked in; the plan's step counter is the graph input after
+Dynamo's. The core itself is not changed.
 With ``dynamo_gm`` given, the placeholders carry Dynamo's sources (``carry_dynamo_sources``).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from cggr_compile.passes.recognise_training_graph import GraphPlan
+from cggr_compile.schedule import RoutedPlan
 
 METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "selected_difficulty", "tokens_selected",
                "tokens_total")
-
-
-@contextlib.contextmanager
-def _swap_tensors(roots: Sequence[torch.nn.Module], by_id: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Point every parameter/buffer slot that holds a tensor in ``by_id`` at its replacement."""
-    undo = []
-    seen = set()
-    for root in roots:
-        for mod in root.modules():
-            if id(mod) in seen:
-                continue
-            seen.add(id(mod))
-            for store in (mod._parameters, mod._buffers):
-                for name, t in list(store.items()):
-                    if t is not None and id(t) in by_id:
-                        undo.append((store, name, t))
-                        store[name] = by_id[id(t)]
-    try:
-        yield
-    finally:
-        for store, name, t in reversed(undo):
-            store[name] = t
 
 
 def reference_tensors(core: Any) -> list[torch.Tensor]:
@@ -60,12 +41,12 @@ def reference_tensors(core: Any) -> list[torch.Tensor]:
     return list(unique.values())
 
 
-def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict) -> Any:
+def routed_step_fn(core: Any, plan: GraphPlan, routed: RoutedPlan, example_inputs: Sequence[Any],
+                   call_kwargs: dict) -> Any:
     """The function of Dynamo's graph arguments (then the step counter, then the reference model's
-    tensors) that the rewritten graph computes."""
+    tensors) that the rewritten graph computes: ``core.routed_step`` under ``routed``."""
     originals = [example_inputs[p] for p in plan.others]
     references = reference_tensors(core)
-    roots = [core.model] + _router_modules(core.router) + _router_modules(core.reference_router)
     n = len(example_inputs)
 
     def step(*args: Any) -> tuple:
@@ -78,22 +59,16 @@ def routed_step_fn(core: Any, plan: GraphPlan, example_inputs: Sequence[Any], ca
         own = ("input_ids", "attention_mask", "labels")
         kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor) and k not in own}
         kwargs.update({k: v for k, v in inputs.items() if k not in own})
-        with _swap_tensors(roots, swaps):
-            core.__dict__["_step_tensor"] = step_tensor
-            out, metrics = core._routed_step(
-                inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], kwargs
+        with core.swapped_tensors(swaps):
+            out, metrics = core.routed_step(
+                routed.replace(step_tensor=step_tensor), inputs["input_ids"], inputs.get("attention_mask"),
+                inputs["labels"], kwargs,
             )
         selection = out["selected_indices"] if "selected_indices" in out else out["selected_mask"]
         extras = [metrics[k] if k in metrics else torch.zeros(()) for k in METRIC_KEYS]
         return (out["loss"], out["logits"], selection, *extras)
 
     return step
-
-
-def _router_modules(router: Any) -> list[torch.nn.Module]:
-    if router is None:
-        return []
-    return [m for m in vars(router).values() if isinstance(m, torch.nn.Module)]
 
 
 def carry_dynamo_sources(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bool:
@@ -128,16 +103,14 @@ def carry_dynamo_sources(dynamo_gm: fx.GraphModule, gm: fx.GraphModule) -> bool:
 
 
 def trace_routed_step(
-    core: Any, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict, step_tensor: torch.Tensor,
+    core: Any, plan: GraphPlan, routed: RoutedPlan, example_inputs: Sequence[Any], call_kwargs: dict,
     dynamo_gm: Optional[fx.GraphModule] = None,
 ) -> fx.GraphModule:
-    """Trace the rewritten step for the current ``core._k`` into an FX graph (fake tensors)."""
-    fn = routed_step_fn(core, plan, example_inputs, call_kwargs)
-    args = list(example_inputs) + [step_tensor] + reference_tensors(core)
-    try:
-        gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
-    finally:
-        core.__dict__["_step_tensor"] = step_tensor
+    """Trace the rewritten step for ``routed`` (its ``k``, ratio, fusion choice) into an FX graph
+    (fake tensors); ``routed.step_tensor`` is the example value of the step counter's input."""
+    fn = routed_step_fn(core, plan, routed, example_inputs, call_kwargs)
+    args = list(example_inputs) + [routed.step_tensor] + reference_tensors(core)
+    gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     if dynamo_gm is not None:

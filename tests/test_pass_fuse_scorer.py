@@ -31,10 +31,9 @@ def _unfused(name="llama", scoring="combined", router=None, b=10):
     got = capture(model, **data)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
     core = cggr_compile.transform(model, CGGRConfig(scoring=scoring, router=router, **OPTS))
-    core.fuse_in_route = False
-    core._plan(plan.batch, torch.device("cpu"))
-    gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
-    return gm, list(got["example_inputs"]) + [core._step_tensor]
+    routed = core.plan_step(plan.batch, torch.device("cpu")).replace(fuse_scorer=False)
+    gm = trace_routed_step(core, plan, routed, got["example_inputs"], got["kwargs"])
+    return gm, list(got["example_inputs"]) + [routed.step_tensor]
 
 
 def _calls(gm, name):
@@ -166,8 +165,8 @@ def test_declines_logits_that_are_not_one_linear_layer():
     got = capture(model, **data)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
     core = cggr_compile.transform(model, CGGRConfig(router=router, **OPTS))
-    core._plan(plan.batch, torch.device("cpu"))
-    gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
+    routed = core.plan_step(plan.batch, torch.device("cpu"))
+    gm = trace_routed_step(core, plan, routed, got["example_inputs"], got["kwargs"])
     _unchanged(gm, fuse_scorer(gm, force=True), "not from the head")
 
 

@@ -20,8 +20,8 @@ def _rewritten(granularity="sequences", ratio=0.5):
     core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=ratio, warmup_steps=0,
                                                      dynamic_threshold=False, granularity=granularity,
                                                      scoring="combined", selection="topk"))
-    core._plan(plan.batch, torch.device("cpu"))
-    gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor)
+    routed = core.plan_step(plan.batch, torch.device("cpu"))
+    gm = trace_routed_step(core, plan, routed, got["example_inputs"], got["kwargs"])
     return model, got, gm
 
 
@@ -72,8 +72,8 @@ def test_dynamo_sources_are_carried_so_parameters_are_static_inputs():
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
     core = cggr_compile.transform(model, CGGRConfig(router_layers=1, min_tokens_ratio=0.5, warmup_steps=0,
                                                      dynamic_threshold=False, scoring="combined", selection="topk"))
-    core._plan(plan.batch, torch.device("cpu"))
-    gm = trace_routed_step(core, plan, got["example_inputs"], got["kwargs"], core._step_tensor, got["gm"])
+    routed = core.plan_step(plan.batch, torch.device("cpu"))
+    gm = trace_routed_step(core, plan, routed, got["example_inputs"], got["kwargs"], got["gm"])
     own = list(dict(gm.named_buffers()).keys()) + list(dict(gm.named_parameters()).keys())
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     _, static = frontend_utils._try_get_metadata_from_dynamo(gm, own, len(own) + len(placeholders), [])
