@@ -43,11 +43,11 @@ from torch import Tensor, nn
 from . import scoring as S
 from .config import CGGRConfig
 from .distributed import data_parallel_world, rank_normaliser
+from .scoring import IGNORE_INDEX
 from .transform import CGGRModel, slice_rows
 
 __all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS"]
 
-IGNORE_INDEX = -100
 # Inputs the router never sees (the loss's, or options of the call).
 # enable_cggr's selection when none is given (the library's default, importance, needs its own loss)
 TRAINER_DEFAULT_SELECTION = "stratified"
