@@ -2,10 +2,11 @@
 
 For each captured graph: recognise it (``passes/recognise_training_graph``); if it is a training
 step of a supported model with labels, build the rewritten step for the schedule's current plan
-(``RoutedPlan``: ``k``...; ``passes/trace_routed_step``, with the router's scoring unfused, then ``passes/fuse_scorer``,
-which puts the fused scorer op in where it pays) and compile it with Inductor on CUDA, or run the
-same graph with eager ops elsewhere. One rewritten graph is built per level, lazily, so a whole warmup
-schedule compiles at most ``num_levels`` times, all with the default static shapes.
+(a ``RoutedPlan``: ``k``, ...) with the pass pipeline (``passes/pipeline.PASSES``: trace the step
+with the router's scoring unfused, then ``passes/fuse_scorer`` puts the fused scorer op in where it
+pays) and compile it with Inductor on CUDA, or run the same graph with eager ops elsewhere. One
+rewritten graph is built per distinct plan, lazily, so a whole warmup schedule compiles at most
+``num_levels`` times, all with the default static shapes.
 
 Where it cannot rewrite it warns once, naming the reason and what to do, and compiles the graph
 unmodified. Eval mode, ``torch.no_grad()`` and calls without labels are compiled unmodified
@@ -25,10 +26,10 @@ import torch.fx as fx
 from cggr_compile.config import CGGRConfig
 from cggr_compile.errors import fall_back
 from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module, compile_in_ddp_buckets
-from cggr_compile.passes.fuse_loss import record_fused_loss
-from cggr_compile.passes.fuse_scorer import fuse_scorer
+from cggr_compile.passes.pass_context import PassContext
+from cggr_compile.passes.pipeline import run_passes
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
-from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, trace_routed_step
+from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors
 from cggr_compile.graph_text import graph_text
 from cggr_compile.router import model_call_for
 from cggr_compile.schedule import RoutedPlan
@@ -176,17 +177,17 @@ def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
 
 def routed_graph(
     core: CGGRModel, plan: GraphPlan, routed: RoutedPlan, example_inputs: Sequence[Any], call_kwargs: dict,
-    dynamo_gm: Optional[fx.GraphModule] = None,
+    dynamo_gm: fx.GraphModule, carry_dynamo_sources: bool = True,
 ) -> fx.GraphModule:
-    """The rewritten step for ``routed``: traced with the router's scoring unfused (head, then
-    ``scoring.token_stats``: the plan with ``fuse_scorer=False``), then ``passes/fuse_scorer``
-    replaces that subgraph by the fused scorer op where it pays. So the fusion in a compiled graph is
-    the pass's decision, visible in the graph (``gm.meta["cggr_fuse_scorer"]`` says what it did, or
-    why not), not the router code's."""
-    gm = trace_routed_step(core, plan, routed.replace(fuse_scorer=False), example_inputs, call_kwargs, dynamo_gm)
-    fuse_scorer(gm, enabled=core.cggr_config.fused_scorer, autocast_dtype=_autocast_dtype(example_inputs))
-    record_fused_loss(gm, core.fused_loss)  # gm.meta["cggr_fused_loss"]: fused, or why not
-    return gm
+    """The rewritten step for ``routed``, built from Dynamo's graph by the pass pipeline
+    (``passes/pipeline.py:PASSES``): traced with the router's scoring unfused (head, then
+    ``scoring.token_stats``), then ``passes/fuse_scorer`` replaces that subgraph by the fused scorer
+    op where it pays. So the fusion in a compiled graph is the pass's decision, visible in the graph
+    (``gm.meta["cggr_fuse_scorer"]`` says what it did, or why not; ``gm.meta["cggr_passes"]`` what
+    every pass did), not the router code's."""
+    context = PassContext(core, plan, routed, example_inputs, call_kwargs, carry_dynamo_sources,
+                          _autocast_dtype(example_inputs))
+    return run_passes(dynamo_gm, context)
 
 
 def _autocast_dtype(example_inputs: Sequence[Any]) -> Optional[torch.dtype]:
@@ -210,8 +211,7 @@ class RoutedGraph:
     """The callable the backend returns for a rewritable training graph."""
 
     def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict,
-                 dynamo_gm: Optional[fx.GraphModule] = None, cudagraphs: bool = False,
-                 ddp_bucket_bytes: Optional[int] = None):
+                 dynamo_gm: fx.GraphModule, cudagraphs: bool = False, ddp_bucket_bytes: Optional[int] = None):
         self.core = core
         self.dynamo_gm = dynamo_gm
         self.cudagraphs = cudagraphs
@@ -416,7 +416,8 @@ def explain(
     plan = recognise(captured["gm"], captured["example_inputs"], captured["call_kwargs"], aliases)
     core = CGGRModel(model, config)
     routed = core.plan_step(plan.batch, input_ids.device)
-    gm = routed_graph(core, plan, routed, captured["example_inputs"], captured["call_kwargs"])
+    gm = routed_graph(core, plan, routed, captured["example_inputs"], captured["call_kwargs"], captured["gm"],
+                      carry_dynamo_sources=False)
     return graph_text(gm, full)
 
 

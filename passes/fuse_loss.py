@@ -20,7 +20,7 @@ Guarantees: with the fusion chosen, the main pass returns an output whose ``logi
 whose ``last_hidden_state`` holds the main pass's final hidden states, and the loss is
 :func:`selective_loss` of it: the same number as the unfused loss up to float rounding, under every
 SPEC loss rule (-100, padding, the normaliser, zero not NaN), with no ``[rows, T, V]`` logits in
-the graph. :func:`record_fused_loss` checks the traced graph (one op node when chosen, none
+the graph. ``passes/check_fused_loss.py`` checks the traced graph (one op node when chosen, none
 otherwise) and writes the reason to ``gm.meta["cggr_fused_loss"]``.
 """
 
@@ -173,13 +173,3 @@ def selective_loss(choice: FusedLoss, out: Any, target: Tensor, weight: Tensor, 
 
 def fused_loss_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(OP_TARGET)]
-
-
-def record_fused_loss(gm: fx.GraphModule, choice: FusedLoss) -> str:
-    """Check the traced step against the choice and record it in ``gm.meta["cggr_fused_loss"]``."""
-    nodes = fused_loss_nodes(gm)
-    if bool(choice) != (len(nodes) == 1) or len(nodes) > 1:
-        raise AssertionError(f"fuse_loss: chose {choice.reason!r} but the traced step has {len(nodes)} "
-                             "fused loss nodes")
-    gm.meta["cggr_fused_loss"] = choice.reason
-    return choice.reason

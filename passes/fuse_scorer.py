@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from cggr_compile.ops import fused_scorer as fs
+from cggr_compile.passes.pass_context import PassContext, record_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -440,3 +441,10 @@ def _done(gm: fx.GraphModule, result: FuseScorerResult) -> FuseScorerResult:
     else:
         log.debug("fuse_scorer: the router's scoring stays unfused: %s", result.reason)
     return result
+
+
+def fuse_scorer_pass(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
+    """Pipeline entry: :func:`fuse_scorer` as the core's config asks (in place)."""
+    result = fuse_scorer(gm, enabled=context.core.cggr_config.fused_scorer, autocast_dtype=context.autocast_dtype)
+    record_pass(gm, "fuse_scorer", result.reason, changed=bool(result))
+    return gm

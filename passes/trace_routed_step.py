@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from cggr_compile.passes.pass_context import PassContext, record_pass
 from cggr_compile.passes.recognise_training_graph import GraphPlan
 from cggr_compile.schedule import RoutedPlan
 
@@ -116,3 +117,17 @@ def trace_routed_step(
     if dynamo_gm is not None:
         carry_dynamo_sources(dynamo_gm, gm)
     return gm
+
+
+def trace_routed_step_pass(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
+    """Pipeline entry: Dynamo's graph ``gm`` in, the routed step for ``context.routed`` out.
+
+    Traced with the router's scoring unfused (the plan with ``fuse_scorer=False``: head, then
+    ``scoring.token_stats``), so that whether the scorer fuses is ``passes/fuse_scorer``'s decision,
+    visible in the graph, not the router code's."""
+    routed = trace_routed_step(context.core, context.graph_plan, context.routed.replace(fuse_scorer=False),
+                               context.example_inputs, context.call_kwargs,
+                               gm if context.carry_dynamo_sources else None)
+    record_pass(routed, "trace_routed_step", f"traced the routed step for {context.routed} "
+                f"({len(routed.graph.nodes)} nodes from Dynamo's {len(gm.graph.nodes)})", changed=True)
+    return routed

@@ -104,7 +104,7 @@ def test_backend_schedule_advances_and_compiles_per_level_only():
 
 
 def test_backward_graph_holds_only_selected_rows():
-    from cggr_compile.passes.check_backward_rows import backward_leading_dims
+    from pass_helpers import backward_leading_dims
 
     model = tiny_model("llama")
     b = batch("llama", b=10)  # B=10 and k=3 differ from every other dim of the tiny model
