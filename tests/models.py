@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers as T
 
@@ -69,3 +71,29 @@ def batch(name: str, b: int = 6, t: int = 12, seed: int = 1) -> dict[str, torch.
         labels = ids.clone()
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def reference_selection(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, granularity: str,
+                        ratio: float) -> torch.Tensor:
+    """The rows or tokens a top-k router on ``scoring='loss'`` picks, chosen by hand: the eager
+    reference that the parity tests hold both entry points to.
+
+    ``logits`` score ``target`` (aligned: position ``t`` predicts ``target[t]``) where ``valid``.
+    ``sequences``: the sorted indices of the ``ceil(ratio * B)`` rows of highest mean NLL (a row
+    with no valid token never wins); ``tokens``: a ``(B, T)`` mask of the ``ceil(ratio * n)`` valid
+    tokens of highest NLL. Ties go to the lower index.
+    """
+    nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    if granularity == "sequences":
+        seq = nll.sum(1) / valid.sum(1).clamp(min=1)
+        seq = torch.where(valid.any(1), seq, torch.full_like(seq, -math.inf))
+        k = math.ceil(ratio * seq.numel())
+        order = sorted(range(seq.numel()), key=lambda i: (-seq[i].item(), i))
+        return torch.tensor(sorted(order[:k]))
+    flat = torch.where(valid, nll, torch.full_like(nll, -math.inf)).flatten()
+    n = int(valid.sum())
+    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: math.ceil(ratio * n)]
+    sel = torch.zeros(flat.numel(), dtype=torch.bool)
+    sel[order] = True
+    return sel.view_as(valid)

@@ -4,8 +4,6 @@ against a reference that scores in float64 and selects the same rows (or tokens)
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ import cggr_compile
 from cggr_compile import ModelCall, RouterSpec, detect_router_spec
 from cggr_compile.backend import last_metrics
 from cggr_compile.errors import CGGRFallbackError
+from models import reference_selection
 from native_models import WithLoss, nanogpt, shifted_batch, torchtitan_llama
 
 K = 1  # router layers
@@ -50,23 +49,10 @@ def reference_router_logits(name, model, x):
     return logits.double()
 
 
-def reference_selection(name, model, x, y, granularity):
-    logits = reference_router_logits(name, model, x)
-    target = torch.where(y == IGNORE[name], torch.full_like(y, -100), y)  # pre-shifted: no shift here
-    valid = target != -100
-    nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))
-    if granularity == "sequences":
-        seq = nll.sum(1) / valid.sum(1).clamp(min=1)
-        k = math.ceil(RATIO * seq.numel())
-        order = sorted(range(seq.numel()), key=lambda i: (-seq[i].item(), i))
-        return torch.tensor(sorted(order[:k])), target, valid
-    flat = torch.where(valid, nll, torch.full_like(nll, -math.inf)).flatten()
-    n = int(valid.sum())
-    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: math.ceil(RATIO * n)]
-    sel = torch.zeros(flat.numel(), dtype=torch.bool)
-    sel[order] = True
-    return sel.view_as(valid), target, valid
+def reference_targets(name, y):
+    """The targets the router scores (pre-shifted: no shift here) and where they count."""
+    target = torch.where(y == IGNORE[name], torch.full_like(y, -100), y)
+    return target, target != -100
 
 
 def reference_step(name, model, x, y, selection, target, valid, granularity):
@@ -116,7 +102,8 @@ def run_backend(name, model, x, y, granularity):
 def test_parity(name, entry, granularity):
     torch._dynamo.reset()
     model, x, y = make(name)
-    selection, target, valid = reference_selection(name, model, x, y, granularity)
+    target, valid = reference_targets(name, y)
+    selection = reference_selection(reference_router_logits(name, model, x), target, valid, granularity, RATIO)
     ref_loss, ref_grads = reference_step(name, model, x, y, selection, target, valid, granularity)
 
     model.zero_grad()
@@ -340,7 +327,8 @@ def test_lora_on_nanogpt_routes_with_the_truncated_router():
     peft = pytest.importorskip("peft")
     base, x, y = make("nanogpt")
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
-    selection, target, valid = reference_selection("nanogpt", base, x, y, "sequences")
+    target, valid = reference_targets("nanogpt", y)
+    selection = reference_selection(reference_router_logits("nanogpt", base, x), target, valid, "sequences", RATIO)
     ref_loss, ref_grads = reference_step("nanogpt", model, x, y, selection, target, valid, "sequences")
     loss, got, _ = run_transform("nanogpt", model, x, y, "sequences")
     assert torch.equal(got, selection)

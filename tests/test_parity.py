@@ -3,15 +3,13 @@ that scores in float64 and selects the same rows (or tokens) by hand."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cggr_compile
 from cggr_compile.backend import last_metrics
-from models import ARCHITECTURES, MASKED, batch, tiny_model
+from models import ARCHITECTURES, MASKED, batch, reference_selection, tiny_model
 
 K = 1  # router layers
 RATIO = 0.5
@@ -44,25 +42,12 @@ def reference_router_logits(name, model, b):
     return logits
 
 
-def reference_selection(name, model, b, granularity):
-    logits = reference_router_logits(name, model, b)
+def reference_targets(name, b):
+    """The targets the router scores (a causal LM's shifted labels) and where they count."""
     labels = b["labels"]
     target = labels if name in MASKED else torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     valid = (target != -100) & (b["attention_mask"] == 1)
-    nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))
-    if granularity == "sequences":
-        seq = nll.sum(1) / valid.sum(1).clamp(min=1)
-        seq = torch.where(valid.any(1), seq, torch.full_like(seq, -math.inf))
-        k = math.ceil(RATIO * seq.numel())
-        order = sorted(range(seq.numel()), key=lambda i: (-seq[i].item(), i))
-        return torch.tensor(sorted(order[:k])), target, valid
-    flat = torch.where(valid, nll, torch.full_like(nll, -math.inf)).flatten()
-    n = int(valid.sum())
-    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: math.ceil(RATIO * n)]
-    sel = torch.zeros(flat.numel(), dtype=torch.bool)
-    sel[order] = True
-    return sel.view_as(valid), target, valid
+    return target, valid
 
 
 def reference_step(model, b, selection, target, valid, granularity):
@@ -104,7 +89,8 @@ def run_backend(model, b, granularity):
 def test_parity(name, entry, granularity):
     model = tiny_model(name)
     b = batch(name)
-    selection, target, valid = reference_selection(name, model, b, granularity)
+    target, valid = reference_targets(name, b)
+    selection = reference_selection(reference_router_logits(name, model, b), target, valid, granularity, RATIO)
     ref_loss, ref_grads = reference_step(model, b, selection, target, valid, granularity)
 
     model.zero_grad()
