@@ -13,8 +13,11 @@ one of ``TABLES``. Sources:
   seeds, so the choice is the same for every seed; a race with ``--sweep-seeds`` records only each
   mode's chosen lr, and its ``lr_values`` are listed as tried), as mean ± sample std over seeds, with the number
   of seeds where it ends below the random subset and below the full batch of the same seed.
-- speed: ``SPEED_SOURCE``, the merged canonical speed run (``benchmarks/speed.py --cudagraphs``,
-  one process per shape; its ``meta.merged_from`` names the per-shape files).
+- speed: ``SPEED_SOURCE``, the merged canonical speed run (``benchmarks/speed.py --cudagraphs
+  --fused-loss``, one process per shape; its ``meta.merged_from`` names the per-shape files): the
+  compiled full batch with and without the fused loss, the random subset and CGGR with it.
+- speed-canon and speed-sweep: ``SPEED_UNFUSED_SOURCE``, the earlier canonical run without the fused
+  loss (with eager, the transform, and the other ratios and router depths).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any, Callable, Iterable, Optional
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 QUALITY_SOURCE = RESULTS / "quality_summary.json"
-SPEED_SOURCE = RESULTS / "speed_gpu-canon-all-cudagraphs_nvidia-h200.json"
+SPEED_SOURCE = RESULTS / "speed_gpu-fused-all-cudagraphs_nvidia-h200.json"
+SPEED_UNFUSED_SOURCE = RESULTS / "speed_gpu-canon-all-cudagraphs_nvidia-h200.json"
 # Files whose tables this script owns; README.md must hold the verdict's two tables.
 TARGETS = (REPO / "README.md", REPO / "docs" / "results.md")
 REQUIRED = {REPO / "README.md": ("speed-table", "quality-table")}
@@ -251,20 +255,49 @@ def _ms_of(mode: str, bold: bool = False) -> Callable[[dict], str]:
     return lambda d: f"**{_fmt_ms(d.get(f'{mode}_ms'))}**" if bold else _fmt_ms(d.get(f"{mode}_ms"))
 
 
-def speed_table(speed: dict) -> str:
-    """Step times (median ms) of every mode at the canonical setting, one row per shape."""
+def _caption(speed: dict, source: Path) -> str:
     s = speed["meta"]["settings"]
-    caption = (f"*{speed['meta']['device_name']}, torch {speed['meta']['versions']['torch']}, bf16 autocast, "
-               f"fused AdamW in the step, CUDA graphs in every compiled mode, scoring {s['scoring']}, "
-               f"ratio 0.25, router 4 layers; median step ms over {s['steps']} steps "
-               f"(`{SPEED_SOURCE.name}`).*")
+    return (f"*{speed['meta']['device_name']}, torch {speed['meta']['versions']['torch']}, bf16 autocast, "
+            f"fused AdamW in the step, CUDA graphs in every compiled mode, scoring {s['scoring']}, "
+            f"ratio 0.25, router 4 layers; median step ms over {s['steps']} steps (`{source.name}`).*")
+
+
+def _own_peak(speed: dict, mode: str) -> Callable[[dict], str]:
+    """A mode's peak memory less what was allocated when it started: a mode whose model the
+    benchmark could not free (its record says ``model_freed: false``) leaves memory to the next."""
+    def cell(d: dict) -> str:
+        r = _records(speed, d["model"], mode, d["ratio"], d["router_layers"])
+        if not r or r.get("peak_mem_gib") is None:
+            return "–"
+        return f"{r['peak_mem_gib'] - (r.get('mem_at_start_gib') or 0.0):.2f}"
+    return cell
+
+
+def speed_table(speed: dict) -> str:
+    """Step times (median ms) at the canonical setting with the fused loss, one row per shape."""
+    columns = [("shape", lambda d: _shape(speed, d)),
+               ("`torch.compile` full batch", _ms_of("compiled")),
+               ("+ fused loss", _ms_of("compiled_fused_loss")),
+               ("random subset of k (fused loss)", _ms_of("random_subset")),
+               ("router alone", _ms_of("router_only")),
+               ('`backend="cggr"` (fused loss)', _ms_of("cggr_backend", bold=True)),
+               ("x compiled", lambda d: f"**{_speedup(d, 'cggr_backend')}**"), ("CGGR − (subset + router)", _gap),
+               ("peak GiB: subset / CGGR", lambda d: f"{_own_peak(speed, 'random_subset')(d)} / "
+                                                      f"{_own_peak(speed, 'cggr_backend')(d)}"),
+               ("cold compile vs full", lambda d: _cold(speed, d))]
+    return "\n".join([_caption(speed, SPEED_SOURCE), ""] + markdown_table(columns, _speed_rows(speed, main=True)))
+
+
+def speed_canon_table(speed: dict) -> str:
+    """The earlier canonical run without the fused loss, with eager and the transform."""
     columns = [("shape", lambda d: _shape(speed, d)), ("eager", _ms_of("eager")),
                ("`torch.compile` full batch", _ms_of("compiled")), ("random subset of k", _ms_of("random_subset")),
                ("router alone", _ms_of("router_only")), ('`backend="cggr"`', _ms_of("cggr_backend", bold=True)),
                ("`compile(transform(model))`", _ms_of("cggr_transform")),
                ("x compiled", lambda d: f"**{_speedup(d, 'cggr_backend')}**"), ("CGGR − (subset + router)", _gap),
                ("cold compile vs full", lambda d: _cold(speed, d))]
-    return "\n".join([caption, ""] + markdown_table(columns, _speed_rows(speed, main=True)))
+    return "\n".join([_caption(speed, SPEED_UNFUSED_SOURCE), ""]
+                     + markdown_table(columns, _speed_rows(speed, main=True)))
 
 
 def speed_sweep_table(speed: dict) -> str:
@@ -299,7 +332,8 @@ def tables() -> dict[str, Callable[[], str]]:
 
     return {
         "speed-table": lambda: speed_table(src(SPEED_SOURCE)),
-        "speed-sweep-table": lambda: speed_sweep_table(src(SPEED_SOURCE)),
+        "speed-canon-table": lambda: speed_canon_table(src(SPEED_UNFUSED_SOURCE)),
+        "speed-sweep-table": lambda: speed_sweep_table(src(SPEED_UNFUSED_SOURCE)),
         "quality-table": lambda: quality_table(src(QUALITY_SOURCE)),
         "quality-detail-table": lambda: quality_detail_table(src(QUALITY_SOURCE)),
     }
