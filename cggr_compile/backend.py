@@ -33,7 +33,8 @@ from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors
 from cggr_compile.graph_text import graph_text
 from cggr_compile.router import model_call_for
 from cggr_compile.schedule import RoutedPlan
-from cggr_compile.transform import CGGRModel, selection_key
+from cggr_compile.metrics import step_metrics
+from cggr_compile.transform import CGGRModel
 
 _warned: set[str] = set()
 # Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
@@ -256,10 +257,9 @@ class RoutedGraph:
             fn = self.compile(gm, list(args) + [step_tensor] + self.references)
             self.compiled[routed] = fn
         loss, logits, selection, *extras = fn(*args, step_tensor, *self.references)
-        metrics = dict(zip(METRIC_KEYS, extras))
-        metrics.update(step=core.schedule.step, token_ratio=routed.ratio, k=routed.k,
-                       selection=core.cggr_config.selection, scoring=core.cggr_config.scoring)
-        metrics[selection_key(core.cggr_config.granularity)] = selection  # the transform's name
+        # The graph computed the device statistics; the host values come from the plan.
+        metrics = step_metrics(core.cggr_config, core.schedule, dict(zip(METRIC_KEYS, extras)), routed.ratio,
+                               routed.k, selection)
         core.record_step(metrics)
         outs: list[Any] = [loss.new_empty(0)] * plan.num_outputs  # caches: a training step has none
         outs[plan.loss_output] = loss

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import scoring as S
 from .config import CGGRConfig
+from .metrics import step_metrics, token_counts
 from .router import TruncatedRouter, build_router
 from .schedule import Schedule
 from .transform import CGGRModel as _TransformModel, check_batch, score_positions
@@ -69,9 +70,7 @@ class _Scheduled:
                                c.min_tokens_per_sequence, c.seed, self.schedule.device_step(r.difficulty.device))
         if "avg_confidence" in r.metrics:
             self.schedule.confidence.push(r.metrics["avg_confidence"])
-        self._metrics = dict(r.metrics, step=self.schedule.step, token_ratio=ratio,
-                             tokens_selected=mask.sum(), tokens_total=r.valid.sum(),
-                             selection=c.selection, scoring=c.scoring)
+        self._metrics = step_metrics(c, self.schedule, r.metrics, ratio, **token_counts(mask, r.valid))
         return mask, ratio
 
 

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 from . import scoring as S
 from .config import CGGRConfig, ModelCall
 from .distributed import data_parallel_world, rank_normaliser
+from .metrics import selected_difficulty, selection_key, step_metrics, token_counts
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
 from .router import WholeModelRouter, build_router, model_call_for, refresh_router, unwrap_peft
@@ -53,12 +54,6 @@ def call_model(model: nn.Module, input_ids: Any, attention_mask: Any = None, lab
         kwargs["labels"] = labels
     out = model(input_ids=input_ids, **kwargs)
     return CGGROutput(logits=out) if isinstance(out, Tensor) else out
-
-
-def selection_key(granularity: str) -> str:
-    """The one name of a step's selection in outputs and metrics (transform, backend, Trainer):
-    ``selected_indices`` (the row indices ``[k]``, sequences) or ``selected_mask`` (``[B, T]``, tokens)."""
-    return "selected_indices" if granularity == "sequences" else "selected_mask"
 
 
 @dataclass
@@ -579,23 +574,12 @@ class CGGRModel(nn.Module):
         return idx, r.valid.index_select(0, idx)
 
     def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan) -> dict[str, Any]:
-        # The step is read here, inline: handed to a helper as an argument, Dynamo specialised on
-        # its value and recompiled at every step (tests/test_transform.py counts the graphs).
         cfg = self.cggr_config
-        metrics: dict[str, Any] = dict(r.metrics)
-        # The selection's mean difficulty beside the batch's (avg_difficulty): under 'combined'
-        # (z-scores) the batch's is ~0 by construction, the gap is what the router did.
-        rows = r.difficulty.index_select(0, selection) if cfg.granularity == "sequences" else r.difficulty
-        w = (weight != 0).to(torch.float32)
-        metrics["selected_difficulty"] = (rows.float() * w).sum() / w.sum().clamp(min=1.0)
-        metrics[selection_key(cfg.granularity)] = selection
-        metrics.update(
-            step=self.schedule.step, token_ratio=plan.ratio, k=plan.k,
-            tokens_selected=weight.sum() if weight.dtype == torch.bool else (weight != 0).sum(),
-            tokens_total=r.valid.sum(),
-            selection=cfg.selection, scoring=cfg.scoring,
+        return step_metrics(
+            cfg, self.schedule, r.metrics, plan.ratio, plan.k, selection,
+            selected_difficulty=selected_difficulty(r.difficulty, weight, selection, cfg.granularity),
+            **token_counts(weight, r.valid),
         )
-        return metrics
 
     def select(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
