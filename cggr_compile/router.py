@@ -239,7 +239,35 @@ def _truncated_config(config: Any, num_layers: int) -> Any:
     return cfg
 
 
-class TruncatedRouter:
+class _HeadRouter:
+    """What both truncated routers share: ``hidden`` (the final-normed state after K layers, given
+    by each) scored with the model's own head, soft-capped like the model's logits."""
+
+    head: nn.Module
+
+    @property
+    def softcap(self) -> Optional[float]:
+        raise NotImplementedError
+
+    def hidden(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def linear_head(self) -> Optional[nn.Linear]:
+        """The head when it is one linear layer (then it can be fused with the scoring)."""
+        return self.head if type(self.head) is nn.Linear else None
+
+    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        hidden = self.hidden(input_ids, attention_mask, **rows)
+        with torch.no_grad():
+            logits = self.head(hidden)
+            c = self.softcap
+            if c is not None:
+                logits = torch.tanh(logits / c) * c
+        return logits
+
+
+class TruncatedRouter(_HeadRouter):
     """``(input_ids, attention_mask, **row_inputs) -> logits [B, T, V]`` from the first K layers.
 
     Deliberately not an ``nn.Module``: it must never become a submodule (that would add its
@@ -303,22 +331,8 @@ class TruncatedRouter:
             return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
 
     @property
-    def linear_head(self) -> Optional[nn.Linear]:
-        """The head when it is one linear layer (then it can be fused with the scoring)."""
-        return self.head if type(self.head) is nn.Linear else None
-
-    @property
     def softcap(self) -> Optional[float]:
         return self.arch.softcap
-
-    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
-        hidden = self.hidden(input_ids, attention_mask, **rows)
-        with torch.no_grad():
-            logits = self.head(hidden)
-            if self.arch.softcap is not None:
-                c = self.arch.softcap
-                logits = torch.tanh(logits / c) * c
-        return logits
 
 
 @dataclass(frozen=True)
@@ -415,7 +429,7 @@ def detect_router_spec(model: nn.Module) -> Optional[RouterSpec]:
     return None
 
 
-class SpecRouter:
+class SpecRouter(_HeadRouter):
     """The truncated router of a :class:`RouterSpec` model: ``(input_ids, ...) -> logits [B, T, V]``.
 
     Like :class:`TruncatedRouter` it holds shallow clones (eval mode, the same tensors) of the
@@ -457,20 +471,6 @@ class SpecRouter:
             for block in self.blocks:
                 h = block(h, *args)
             return self.norm(h) if self.norm is not None else h
-
-    @property
-    def linear_head(self) -> Optional[nn.Linear]:
-        """The head when it is one linear layer (then it can be fused with the scoring)."""
-        return self.head if type(self.head) is nn.Linear else None
-
-    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
-        hidden = self.hidden(input_ids, attention_mask, **rows)
-        with torch.no_grad():
-            logits = self.head(hidden)
-            if self.spec.softcap is not None:
-                c = self.spec.softcap
-                logits = torch.tanh(logits / c) * c
-        return logits
 
 
 def _check_spec(model: nn.Module, spec: RouterSpec) -> int:
