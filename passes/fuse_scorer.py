@@ -28,6 +28,12 @@ head with more than one layer (BERT's transform + decoder) only the final linear
 comes before it stays in the graph.
 
 Where it does not apply it changes nothing; the result (and a debug log line) says why.
+
+The pattern above is what ``cggr_compile.scoring.token_stats`` traces to (tests/test_pass_fuse_scorer.py
+traces that very function and asserts the matcher takes all of it, so the two cannot drift). As
+Inductor's pattern matcher does, the pass counts in ``torch._dynamo.utils.counters["cggr"]``:
+``fuse_scorer_candidates`` (``log_softmax`` nodes looked at), ``fuse_scorer_matched`` (scoring
+subgraphs recognised) and ``fuse_scorer_fused`` (replaced by the op).
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import counters
 
 from cggr_compile.ops import fused_scorer as fs
 from cggr_compile.passes.pass_context import PassContext, record_pass
+from cggr_compile.scoring import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -50,8 +58,6 @@ aten = torch.ops.aten
 # logits are small next to the rest of the router, and most of each of the kernel's vocabulary
 # tiles (64 to 256 columns) would be padding.
 MIN_VOCAB = 1024
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -410,10 +416,12 @@ def fuse_scorer(gm: fx.GraphModule, enabled: bool = True, force: bool = False,
     if not candidates:
         return _done(gm, FuseScorerResult(0, "no softmax scoring in the graph (a router that returns difficulties?)"))
     reasons, fused, what = [], 0, []
+    counters["cggr"]["fuse_scorer_candidates"] += len(candidates)
     for ls in candidates:
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         try:
             m = _match(ls)
+            counters["cggr"]["fuse_scorer_matched"] += 1
             h_val, w_val = _val(m.hidden), _val(m.weight)
             tokens = h_val.numel() // h_val.shape[-1]
             why = None if force else fusion_pays(h_val, w_val.shape[0], tokens)
@@ -425,6 +433,7 @@ def fuse_scorer(gm: fx.GraphModule, enabled: bool = True, force: bool = False,
             reasons.append(f"{ls.name}: {err}")
             continue
         fused += 1
+        counters["cggr"]["fuse_scorer_fused"] += 1
         what.append(f"{tokens} tokens x vocabulary {w_val.shape[0]} on {h_val.device.type}"
                     + (f", softcap {m.softcap}" if m.softcap is not None else ""))
     if fused:

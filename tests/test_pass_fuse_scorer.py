@@ -7,6 +7,7 @@ import operator
 import pytest
 import torch
 import transformers as T
+from torch._dynamo.utils import counters
 
 import cggr_compile
 from cggr_compile.backend import core_of
@@ -233,3 +234,65 @@ def test_under_autocast_the_op_gets_the_autocast_dtype_like_the_unfused_head():
         out = gm(*args)
     assert torch.equal(out[2], ref[2])  # the same rows
     torch.testing.assert_close(out[0], ref[0], rtol=2e-2, atol=2e-2)
+
+
+def _traced_token_stats(with_labels=True, bias=True):
+    """``scoring.token_stats`` itself on a linear head, traced like the routed step (pre-dispatch
+    ATen, fake tensors, under no-grad where the router's final hidden state is computed)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from cggr_compile import scoring as S
+
+    def scoring(h, w, b, target):
+        with torch.no_grad():
+            hidden = h * 1.0  # the router's final hidden state, computed under no-grad
+            return tuple(S.token_stats(torch.nn.functional.linear(hidden, w, b), target if with_labels else None))
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(3, 5, 8, generator=g), torch.randn(VOCAB, 8, generator=g),
+            torch.randn(VOCAB, generator=g) if bias else None, torch.randint(0, VOCAB, (3, 5), generator=g)]
+    args[3][0, :2] = -100
+    gm = make_fx(scoring, tracing_mode="fake", pre_dispatch=True)(*args)
+    gm.graph.eliminate_dead_code()  # as trace_routed_step leaves it (topk's unused indices go)
+    gm.recompile()
+    return gm, args
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_matcher_takes_all_of_scoring_token_stats(with_labels, bias):
+    """The pattern is hand-written against scoring.token_stats: trace that very function and require
+    the matcher to take all of it (so a change to token_stats that the pass no longer matches fails
+    here, not silently as an unfused router in every compiled step), with the same numbers."""
+    gm, args = _traced_token_stats(with_labels, bias)
+    (ls,) = _calls(gm, "log_softmax")
+    m = pass_mod._match(ls)
+    assert set(m.outputs) == ({"entropy", "p1", "p2", "nll"} if with_labels else {"entropy", "p1", "p2"})
+    assert m.softcap is None and (m.target is not None) == with_labels and (m.bias is not None) == bias
+    ref = gm(*args)
+    counters.clear()
+    assert fuse_scorer(gm, force=True).fused == 1
+    assert dict(counters["cggr"]) == {"fuse_scorer_candidates": 1, "fuse_scorer_matched": 1, "fuse_scorer_fused": 1}
+    for unfused in UNFUSED:
+        assert not _calls(gm, unfused), unfused
+    for a, b in zip(gm(*args), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_counters_count_candidates_matches_and_fusions_as_inductors_pattern_matcher():
+    gm, _ = _unfused()
+    counters.clear()
+    fuse_scorer(gm)  # CPU, one chunk: matched, not fused
+    assert dict(counters["cggr"]) == {"fuse_scorer_candidates": 1, "fuse_scorer_matched": 1}
+    counters.clear()
+    fuse_scorer(gm, force=True)
+    assert counters["cggr"]["fuse_scorer_matched"] == 1 and counters["cggr"]["fuse_scorer_fused"] == 1
+    counters.clear()
+    fuse_scorer(gm, force=True)  # nothing left to match
+    assert counters["cggr"]["fuse_scorer_candidates"] == 0 and counters["cggr"]["fuse_scorer_fused"] == 0
+
+
+def test_the_pass_takes_the_ignore_index_from_scoring():
+    from cggr_compile import scoring as S
+
+    assert pass_mod.IGNORE_INDEX is S.IGNORE_INDEX
