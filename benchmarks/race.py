@@ -125,6 +125,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -749,6 +750,45 @@ def router_scores(cg, seqs, batch, device, dtype, ref_losses=None) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------- finetune base
+def cached_state(path: Path) -> tuple[dict, dict] | None:
+    """``(state, info)`` of a model saved by ``save_state`` at ``path``, or None."""
+    if not path.exists():
+        return None
+    blob = torch.load(path, map_location="cpu")
+    return blob["state"], blob["info"]
+
+
+def save_state(path: Path, state: dict, info: dict) -> None:
+    """Write ``{"state", "info"}`` atomically (a run killed mid-write leaves no half file behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "info": info}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def train_for_budget(step: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor, order: "BatchOrder",
+                     budget_s: float, warmup_steps: int, label: str, args, device, loss_every: int) -> dict:
+    """Full-batch steps ``step(rows)`` until ``budget_s`` of step time past the first
+    ``warmup_steps`` steps (their time, compiles included, is counted apart): the loop of the base
+    model and of the reference model. Returns steps, train_seconds, warmup_seconds, wall_seconds."""
+    prog = Progress(budget_s, label, args.progress)
+    t_train, steps, t_wall, warm_s = 0.0, 0, time.perf_counter(), 0.0
+    while t_train < budget_s:
+        t0 = time.perf_counter()
+        loss = step(seqs[order.next()].to(device))
+        sync(device)
+        dt = time.perf_counter() - t0
+        if steps >= warmup_steps:
+            t_train += dt
+        else:
+            warm_s += dt
+        steps += 1
+        prog.update(dt if steps > warmup_steps else 0.0,
+                    step=steps, loss=f"{float(loss):.3f}" if steps % loss_every == 0 else "…")
+    prog.close()
+    return dict(steps=steps, train_seconds=round(t_train, 2), warmup_seconds=round(warm_s, 2),
+                wall_seconds=round(time.perf_counter() - t_wall, 2))
+
+
 def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict, dict]:
     """Full-batch training on the base part for --base-budget-seconds; cached under benchmarks/.cache/."""
     base = corpus.splits["base"]
@@ -760,11 +800,10 @@ def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict,
     ), sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = Path(args.cache_dir) / f"base_{key}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location="cpu")
-        log(f"base model: cached {path.name} ({blob['info']['steps']} steps)")
-        blob["info"]["cached"] = True
-        return blob["state"], blob["info"]
+    cached = cached_state(path)
+    if cached is not None:
+        log(f"base model: cached {path.name} ({cached[1]['steps']} steps)")
+        return cached[0], dict(cached[1], cached=True)
     log(f"base model: training full batch on the base part for {args.base_budget_seconds:.0f} s ...")
     model, _ = build_model(args, corpus.vocab_size)
     model.load_state_dict(init_state)
@@ -772,25 +811,13 @@ def base_model_state(args, corpus, init_state, device, log=print) -> tuple[dict,
     step, _, _ = make_step_fn("full", model, args, device, args.batch_size, args.lr)
     seqs = base.sequences.to(device) if device.type == "cuda" else base.sequences
     order = BatchOrder(seqs.shape[0], args.batch_size, args.seed + 1)
-    prog = Progress(args.base_budget_seconds, "base (full)", args.progress)
-    t_train, steps, t_wall = 0.0, 0, time.perf_counter()
-    while t_train < args.base_budget_seconds:
-        t0 = time.perf_counter()
-        loss = step(seqs[order.next()].to(device))
-        sync(device)
-        dt = time.perf_counter() - t0
-        if steps >= args.warmup_steps:
-            t_train += dt
-        steps += 1
-        prog.update(dt, step=steps, loss=f"{float(loss):.3f}" if steps % 50 == 0 else "…")
-    prog.close()
-    info = dict(key=key, steps=steps, train_seconds=round(t_train, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
-                epochs=round(order.epochs(), 4), tokens=steps * args.batch_size * args.seq_len, cached=False)
+    run = train_for_budget(step, seqs, order, args.base_budget_seconds, args.warmup_steps, "base (full)",
+                           args, device, loss_every=50)
+    info = dict(key=key, steps=run["steps"], train_seconds=run["train_seconds"], wall_seconds=run["wall_seconds"],
+                epochs=round(order.epochs(), 4), tokens=run["steps"] * args.batch_size * args.seq_len, cached=False)
     state = {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": state, "info": info}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    log(f"base model: {steps} steps, saved {path.name}")
+    save_state(path, state, info)
+    log(f"base model: {run['steps']} steps, saved {path.name}")
     return state, info
 
 
@@ -816,43 +843,28 @@ def reference_state(args, corpus, init_state, device, runner: "ModeRunner", mode
     ), sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = Path(args.cache_dir) / f"reference_{key}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location="cpu")
-        log(f"reference model: cached {path.name} ({blob['info']['steps']} steps, "
-            f"{blob['info']['train_seconds']} s when made)")
-        return blob["state"], dict(blob["info"], cached=True)
+    cached = cached_state(path)
+    if cached is not None:
+        log(f"reference model: cached {path.name} ({cached[1]['steps']} steps, "
+            f"{cached[1]['train_seconds']} s when made)")
+        return cached[0], dict(cached[1], cached=True)
     seqs = ref.sequences.to(device) if device.type == "cuda" else ref.sequences
     log(f"reference model: fine-tuning a copy of the initial model full-batch on the reference split "
         f"({len(ref.files)} train files, {seqs.shape[0]} sequences) for {args.reference_budget_seconds:.0f} s, lr {lr:.2e} ...")
     runner.reset(init_state, lr, args.seed + 2)
     order = BatchOrder(seqs.shape[0], args.batch_size, args.seed + 2)
-    prog = Progress(args.reference_budget_seconds, "reference", args.progress)
-    t_train, steps, t_wall, warm_s = 0.0, 0, time.perf_counter(), 0.0
-    while t_train < args.reference_budget_seconds:
-        t0 = time.perf_counter()
-        loss = runner.step(seqs[order.next()].to(device), k=args.batch_size)
-        sync(device)
-        dt = time.perf_counter() - t0
-        if steps >= args.warmup_steps:
-            t_train += dt
-        else:
-            warm_s += dt
-        steps += 1
-        prog.update(dt if steps > args.warmup_steps else 0.0,
-                    step=steps, loss=f"{float(loss):.3f}" if steps % 20 == 0 else "…")
-    prog.close()
+    run = train_for_budget(lambda x: runner.step(x, k=args.batch_size), seqs, order, args.reference_budget_seconds,
+                           args.warmup_steps, "reference", args, device, loss_every=20)
     state = {kk: v.detach().cpu().clone() for kk, v in runner.model.state_dict().items()}
     ev = heldout_losses(runner.model, eval_seqs, args.eval_batch_size or args.batch_size, device, args.dtype)
-    info = dict(key=key, steps=steps, warmup_steps=args.warmup_steps, train_seconds=round(t_train, 2),
-                warmup_seconds=round(warm_s, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
+    info = dict(key=key, steps=run["steps"], warmup_steps=args.warmup_steps, train_seconds=run["train_seconds"],
+                warmup_seconds=run["warmup_seconds"], wall_seconds=run["wall_seconds"],
                 lr=lr, epochs=round(order.epochs(), 4), sequences=int(seqs.shape[0]), files=len(ref.files),
-                tokens=steps * args.batch_size * args.seq_len, heldout_loss=round(float(ev.mean()), 5),
+                tokens=run["steps"] * args.batch_size * args.seq_len, heldout_loss=round(float(ev.mean()), 5),
                 cached=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": state, "info": info}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    log(f"reference model: {steps} steps in {t_train:.1f} s (+{warm_s:.1f} s warm-up), held-out loss "
-        f"{info['heldout_loss']:.4f}; saved {path.name}")
+    save_state(path, state, info)
+    log(f"reference model: {run['steps']} steps in {run['train_seconds']:.1f} s (+{run['warmup_seconds']:.1f} s "
+        f"warm-up), held-out loss {info['heldout_loss']:.4f}; saved {path.name}")
     return state, info
 
 
