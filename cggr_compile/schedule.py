@@ -15,6 +15,7 @@ All of this runs on the host between steps and never waits on the device:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import Any, Optional
 import torch
 
 from .config import CGGRConfig
+
+logger = logging.getLogger("cggr_compile")
 
 
 def warmup_ratio(step: int, warmup_steps: int, min_ratio: float) -> float:
@@ -157,6 +160,8 @@ class Schedule:
         self._planned = False  # a training step ran since the last optimizer step's advance
         self._auto_counted = False  # this interval's optimizer step advanced the schedule
         self._user_steps = 0  # explicit steps in this interval
+        self._described = False  # log_once: the schedule was described
+        self._warmup_noted = False  # log_once: the end of the warmup was noted
 
     def watch(self, model: torch.nn.Module) -> None:
         """Advance after each optimizer step that updates ``model``'s parameters."""
@@ -179,6 +184,21 @@ class Schedule:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._holds = weakref.WeakKeyDictionary()
+
+    def log_once(self, batch: int) -> None:
+        """Log what the schedule will do, once; and once the warmup is over (with the dynamic
+        threshold), what the threshold made of ``k``. Called as each step is planned."""
+        c = self.config
+        if not self.__dict__.get("_described"):
+            # Once: a user who keeps the defaults trains the whole batch (plus the router) for a
+            # while; say so, with the k now and when slicing starts, rather than leave it silent.
+            self._described = True
+            slicing_later = self.rows(batch) == batch and c.min_tokens_ratio < 1
+            logger.log(logging.WARNING if slicing_later else logging.INFO, self.describe(batch))
+        if not self.__dict__.get("_warmup_noted") and c.uses_dynamic_threshold and self.warmup_over():
+            # Once, when k has reached its final level: what the dynamic threshold made of it.
+            self._warmup_noted = True
+            logger.info(self.threshold_note(batch))
 
     def planned(self) -> None:
         """A training step (one micro-batch) is about to run: a new interval starts."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -28,14 +27,12 @@ from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig, ModelCall
-from .distributed import data_parallel_world, rank_normaliser
 from .metrics import selected_difficulty, selection_key, step_metrics, token_counts
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
 from .router import WholeModelRouter, build_router, model_call_for, refresh_router, unwrap_peft
 from .schedule import RoutedPlan, Schedule
-
-logger = logging.getLogger("cggr_compile")
+from .selection import Routing, choose, loss_count, loss_denominator
 
 
 @dataclass
@@ -54,16 +51,6 @@ def call_model(model: nn.Module, input_ids: Any, attention_mask: Any = None, lab
         kwargs["labels"] = labels
     out = model(input_ids=input_ids, **kwargs)
     return CGGROutput(logits=out) if isinstance(out, Tensor) else out
-
-
-@dataclass
-class Routing:
-    """What the router decided for one batch (all device tensors)."""
-
-    target: Optional[Tensor]  # labels aligned with positions, [B, T]
-    valid: Tensor  # [B, T] bool
-    difficulty: Tensor  # [B, T] float32
-    metrics: dict[str, Tensor]
 
 
 def check_batch(input_ids: Any, labels: Any = None, attention_mask: Any = None) -> None:
@@ -178,7 +165,27 @@ def slice_rows(value: Any, idx: Tensor, batch: int) -> Any:
     return value.index_select(0, idx) if _is_per_row(value, batch) else value
 
 
-class CGGRModel(nn.Module):
+class WrappedModel(nn.Module):
+    """A module that stands for the model it wraps (``self.model``) in checkpoints and attributes.
+
+    ``state_dict()`` / ``load_state_dict()`` are the wrapped model's (same keys), so checkpoints
+    move freely between the two; an attribute the wrapper lacks is the wrapped model's
+    (``cg.config``, ``cg.generate``...)."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.model.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class CGGRModel(WrappedModel):
     """A model that trains with CGGR and otherwise behaves exactly like the model it wraps.
 
     ``parameters()`` yields the wrapped model's own tensors and ``state_dict()`` /
@@ -225,19 +232,6 @@ class CGGRModel(nn.Module):
         # The main pass's loss: the model's logits, or the fused head + loss (passes/fuse_loss.py).
         self.__dict__["fused_loss"] = choose_fused_loss(model, config.fused_loss, config.strict)
 
-    # -- checkpoint compatibility with the wrapped model --------------------------------------
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.model.load_state_dict(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
-
     # -- schedule -------------------------------------------------------------------------------
     def step(self) -> None:
         """Count an optimizer step. Not needed: the schedule advances by itself after each
@@ -259,17 +253,7 @@ class CGGRModel(nn.Module):
         """Plan the next routed step (host, never traced): the schedule's :class:`RoutedPlan` for a
         batch of ``batch`` rows on ``device``. Also logs the schedule once, marks the step as
         planned for the schedule's automatic advance and refreshes the routers' clones."""
-        if not self.__dict__.get("_described"):
-            # Once: a user who keeps the defaults trains the whole batch (plus the router) for a
-            # while; say so, with the k now and when slicing starts, rather than leave it silent.
-            self.__dict__["_described"] = True
-            slicing_later = self.schedule.rows(batch) == batch and self.cggr_config.min_tokens_ratio < 1
-            logger.log(logging.WARNING if slicing_later else logging.INFO, self.schedule.describe(batch))
-        if not self.__dict__.get("_warmup_noted") and self.cggr_config.uses_dynamic_threshold \
-                and self.schedule.warmup_over():
-            # Once, when k has reached its final level: what the dynamic threshold made of it.
-            self.__dict__["_warmup_noted"] = True
-            logger.info(self.schedule.threshold_note(batch))
+        self.schedule.log_once(batch)
         self.schedule.planned()
         self._refresh_routers()
         return self.schedule.plan(batch, device)
@@ -499,23 +483,6 @@ class CGGRModel(nn.Module):
         self.record_step(metrics)
         return self._user_output(out)
 
-    def _denominator(self, weight: Tensor, given: Any, count: Optional[Tensor] = None) -> Any:
-        """The loss's denominator: the caller's, else the data-parallel count, else the local one.
-
-        ``count`` is the local count (default: the selected tokens, ``weight.sum()``; for
-        ``selection='importance'`` the batch's valid tokens, whose mean loss the weighted loss
-        estimates).
-        """
-        if given is not None:
-            return given
-        if not self.cggr_config.data_parallel_normalize or data_parallel_world() == 1:
-            return count
-        return rank_normaliser(weight.sum() if count is None else count)
-
-    def _loss_count(self, r: Routing) -> Optional[Tensor]:
-        """``selection='importance'``: the batch's valid tokens; otherwise None (the selected ones)."""
-        return r.valid.sum() if self.cggr_config.selection == "importance" else None
-
     def routed_step(
         self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
     ) -> tuple[Any, dict[str, Any]]:
@@ -528,21 +495,20 @@ class CGGRModel(nn.Module):
         kwargs = dict(kwargs)
         denominator = kwargs.pop("loss_denominator", None)
         reference_loss = kwargs.pop("reference_loss", None)
-        r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **per_row_inputs(kwargs, b))
+        r, idx, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
+                                                per_row_inputs(kwargs, b))
         if cfg.granularity == "sequences":
-            idx, weight = self._choose(r, plan)
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
             labels_k = labels.index_select(0, idx) if self.model_call.labels_to_model else None
             out = self._main_pass(input_ids.index_select(0, idx), mask_k, labels_k, **sliced)
-            denominator = self._denominator(weight, denominator, self._loss_count(r))
+            denominator = loss_denominator(weight, denominator, cfg, loss_count(r, cfg))
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target.index_select(0, idx), weight,
                                   denominator)
             out["selected_indices"] = idx
-        else:
-            _, weight = self._choose(r, plan)
+        else:  # the token mask is both the selection and the weight
             out = self._main_pass(input_ids, attention_mask, labels, **kwargs)
-            denominator = self._denominator(weight, denominator)
+            denominator = loss_denominator(weight, denominator, cfg)
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
             out["selected_mask"] = weight
         out["loss"] = loss
@@ -550,28 +516,15 @@ class CGGRModel(nn.Module):
         out["cggr_metrics"] = metrics
         return out, metrics
 
-    def _choose(self, r: Routing, plan: RoutedPlan) -> tuple[Tensor, Tensor]:
-        """The selection from the router's scores, and the loss weight of its positions.
-
-        Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
-        (``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid
-        positions, from the same probabilities the rows were drawn with). Tokens: the token mask
-        ``[B, T]``, which is also the weight.
-        """
-        cfg = self.cggr_config
-        if cfg.granularity != "sequences":
-            mask = S.select_tokens(
-                r.difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
-                cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
-            )
-            return mask, mask
-        seq = S.sequence_difficulty(r.difficulty, r.valid)
-        if cfg.selection == "importance":
-            probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
-            idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
-            return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
-        idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
-        return idx, r.valid.index_select(0, idx)
+    def _route_and_choose(
+        self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+        reference_loss: Optional[Tensor], rows: dict,
+    ) -> tuple[Routing, Tensor, Tensor]:
+        """The router's scores, the selection and its loss weight (``selection.choose``): what
+        :meth:`routed_step` and :meth:`select` share."""
+        r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **rows)
+        selection, weight = choose(r, plan, self.cggr_config)
+        return r, selection, weight
 
     def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan) -> dict[str, Any]:
         cfg = self.cggr_config
@@ -604,8 +557,8 @@ class CGGRModel(nn.Module):
         b = input_ids.shape[0]
         plan = self.plan_step(b, input_ids.device)
         reference_loss = kwargs.pop("reference_loss", None)
-        r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **per_row_inputs(kwargs, b))
-        selection, weight = self._choose(r, plan)
+        r, selection, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
+                                                      per_row_inputs(kwargs, b))
         metrics = self._step_metrics(r, weight, selection, plan)
         if record:
             self.record_step(metrics)

@@ -1,0 +1,72 @@
+"""What a routed step trains on, from the router's scores: the selection, the loss weight of its
+positions, and the count the loss's sum is divided by (local, the caller's, or across ranks).
+
+All of it is traced into the step (static shapes, no host synchronisation); the numbers it reads
+from the schedule come from the step's :class:`~cggr_compile.schedule.RoutedPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from . import scoring as S
+from .config import CGGRConfig
+from .distributed import data_parallel_world, rank_normaliser
+from .schedule import RoutedPlan
+
+
+@dataclass
+class Routing:
+    """What the router decided for one batch (all device tensors)."""
+
+    target: Optional[Tensor]  # labels aligned with positions, [B, T]
+    valid: Tensor  # [B, T] bool
+    difficulty: Tensor  # [B, T] float32
+    metrics: dict[str, Tensor]
+
+
+def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Tensor]:
+    """The selection from the router's scores, and the loss weight of its positions.
+
+    Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
+    (``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid
+    positions, from the same probabilities the rows were drawn with). Tokens: the token mask
+    ``[B, T]``, which is also the weight.
+    """
+    cfg = config
+    if cfg.granularity != "sequences":
+        mask = S.select_tokens(
+            r.difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
+            cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
+        )
+        return mask, mask
+    seq = S.sequence_difficulty(r.difficulty, r.valid)
+    if cfg.selection == "importance":
+        probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
+        idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
+        return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
+    idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
+    return idx, r.valid.index_select(0, idx)
+
+
+def loss_count(r: Routing, config: CGGRConfig) -> Optional[Tensor]:
+    """``selection='importance'``: the batch's valid tokens (whose mean loss the weighted loss
+    estimates); otherwise None (the selected ones)."""
+    return r.valid.sum() if config.selection == "importance" else None
+
+
+def loss_denominator(weight: Tensor, given: Any, config: CGGRConfig, count: Optional[Tensor] = None) -> Any:
+    """The loss's denominator: the caller's, else the data-parallel count, else the local one.
+
+    ``count`` is the local count (default: the selected tokens, ``weight.sum()``; see
+    :func:`loss_count`). Under data parallelism (``data_parallel_normalize``) it is the count over
+    all ranks divided by the world size (``cggr_compile.distributed.rank_normaliser``).
+    """
+    if given is not None:
+        return given
+    if not config.data_parallel_normalize or data_parallel_world() == 1:
+        return count
+    return rank_normaliser(weight.sum() if count is None else count)
