@@ -44,6 +44,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..scoring import IGNORE_INDEX
+
 __all__ = [
     "selective_linear_cross_entropy",
     "default_chunk_tokens",
@@ -51,7 +53,6 @@ __all__ = [
     "IGNORE_INDEX",
 ]
 
-IGNORE_INDEX = -100
 OP_NAME = "cggr::fused_linear_cross_entropy"
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -41,6 +41,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..scoring import IGNORE_INDEX
+
 __all__ = [
     "fused_token_stats",
     "HAS_TRITON",
@@ -48,7 +50,6 @@ __all__ = [
     "IGNORE_INDEX",
 ]
 
-IGNORE_INDEX = -100
 # Finite "minus infinity" for padding columns and empty splits: keeps 0 * (-inf) NaNs away, and
 # stays finite when scaled by log2(e) (the kernel works in base 2).
 _NEG = -1.0e38
@@ -110,6 +111,7 @@ if HAS_TRITON:
     _NEG_C = tl.constexpr(_NEG)
     _LOG2E_C = tl.constexpr(1.4426950408889634)
     _LN2_C = tl.constexpr(0.6931471805599453)
+    _IGNORE_C = tl.constexpr(IGNORE_INDEX)
 
     if _INTERPRET:
 
@@ -305,7 +307,7 @@ if HAS_TRITON:
         p2 = tl.minimum(tl.exp(Z2 - lse), 1.0)
 
         # label logit: hidden[n] . weight[label[n]] (+ bias), gathered, fp32 accumulation
-        lab = tl.load(lab_ptr + offs, mask=mask, other=-100)
+        lab = tl.load(lab_ptr + offs, mask=mask, other=_IGNORE_C)
         in_range = (lab >= 0) & (lab < V)
         lab_c = tl.where(in_range, lab, 0).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
@@ -326,7 +328,7 @@ if HAS_TRITON:
             zl = _softcap(zl, softcap)
         nll = tl.maximum(lse - zl, 0.0)
         nll = tl.where(in_range, nll, float("nan"))
-        nll = tl.where(lab == -100, 0.0, nll)
+        nll = tl.where(lab == _IGNORE_C, 0.0, nll)
 
         tl.store(lse_ptr + offs, lse, mask=mask)
         tl.store(ent_ptr + offs, ent, mask=mask)
