@@ -48,9 +48,12 @@ from .transform import CGGRModel, slice_rows
 
 __all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS"]
 
-# Inputs the router never sees (the loss's, or options of the call).
 # enable_cggr's selection when none is given (the library's default, importance, needs its own loss)
 TRAINER_DEFAULT_SELECTION = "stratified"
+# The transformers releases the Trainer integration is tested with: pyproject.toml's bound (keep
+# the two in step). The Trainer internals it reads (_TrainerInternals) move between releases.
+TESTED_TRANSFORMERS = ">=5.23,<5.25"
+# Inputs the router never sees (the loss's, or options of the call).
 _NOT_FOR_ROUTER = {
     "labels", "shift_labels", "num_items_in_batch", "use_cache", "return_dict", "output_attentions",
     "output_hidden_states", "return_loss", "completion_mask", "assistant_masks", "logits_to_keep",
@@ -170,6 +173,24 @@ def _routable(inputs: Any) -> bool:
         and isinstance(inputs.get("input_ids"), Tensor)
 
 
+def _select_step(cg: CGGRModel, micro_batches: list[dict]) -> tuple[list[_Selected], Any]:
+    """Select every micro-batch of one optimizer step, then record their metrics: all of them are
+    planned from the same schedule state. Also returns the step's loss denominator, the sum of their
+    selected-token counts (a device tensor: no host sync)."""
+    sels = [_select(cg, b, record=False) for b in micro_batches]
+    for s in sels:
+        cg.record_step(s.metrics)
+    return sels, sum(s.metrics["tokens_selected"] for s in sels)
+
+
+def _rank_normalised(cg: CGGRModel, total: Any) -> Any:
+    """``total`` as CGGR's data-parallel count (``cggr_compile.distributed``) when ranks average
+    their gradients (DDP/FSDP), so every selected token of every rank weighs the same."""
+    if cg.cggr_config.data_parallel_normalize and data_parallel_world() > 1:
+        return rank_normaliser(total)
+    return total
+
+
 def route_step(cg: CGGRModel, micro_batches: Iterable[dict], num_items_key: str = "num_items_in_batch") -> list[dict]:
     """CGGR for the micro-batches of one optimizer step, in a plain loop.
 
@@ -185,18 +206,214 @@ def route_step(cg: CGGRModel, micro_batches: Iterable[dict], num_items_key: str 
     """
     _check_selection(cg)
     batches = [dict(b) for b in micro_batches]
-    sels = [_select(cg, b, record=False) for b in batches]
-    for s in sels:
-        cg._record(s.metrics)
-    total = sum(s.metrics["tokens_selected"] for s in sels)
-    if cg.cggr_config.data_parallel_normalize and data_parallel_world() > 1:
-        total = rank_normaliser(total)  # DDP/FSDP average over ranks: every selected token weighs the same
+    sels, total = _select_step(cg, batches)
+    total = _rank_normalised(cg, total)
     return [{**_cut(cg, b, s), num_items_key: total} for b, s in zip(batches, sels)]
 
 
 # --------------------------------------------------------------------------------------------
 # transformers.Trainer (and TRL's SFTTrainer)
 # --------------------------------------------------------------------------------------------
+def _transformers_version() -> str:
+    import transformers
+
+    return str(getattr(transformers, "__version__", "unknown"))
+
+
+def _check_transformers_version() -> None:
+    """Warn when transformers is outside the tested range: the Trainer internals may have moved."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    found = _transformers_version()
+    try:
+        inside = SpecifierSet(TESTED_TRANSFORMERS).contains(Version(found), prereleases=True)
+    except InvalidVersion:
+        inside = False
+    if not inside:
+        warnings.warn(
+            f"cggr: enable_cggr is tested with transformers{TESTED_TRANSFORMERS}, this is {found}; it reads "
+            "Trainer internals that change between releases. If training fails or its loss looks wrong, "
+            f"install a tested release: pip install 'transformers{TESTED_TRANSFORMERS}'.",
+            stacklevel=4,
+        )
+
+
+class _TrainerInternals:
+    """Every ``Trainer`` attribute the integration reads, in one place.
+
+    Several are private or differ between transformers releases (``loss_is_scaled_for_ga``,
+    ``_loss_shifts_labels``, ``current_gradient_accumulation_steps``, ``_signature_columns``, ...):
+    a release that renames one needs a change here only. Creating it checks that ``trainer`` is a
+    ``Trainer`` and warns when transformers is outside :data:`TESTED_TRANSFORMERS`.
+    """
+
+    PATCHED = ("get_batch_samples", "compute_loss", "log")
+
+    def __init__(self, trainer: Any) -> None:
+        for name in self.PATCHED + ("add_callback", "model", "args"):
+            if not hasattr(trainer, name):
+                raise TypeError(f"cggr: enable_cggr expects a transformers.Trainer (it has no {name!r}).")
+        _check_transformers_version()
+        self.trainer = trainer
+
+    def _required(self, name: str) -> Any:
+        """An attribute with no safe default: without it the loss scaling cannot be decided."""
+        try:
+            return getattr(self.trainer, name)
+        except AttributeError:
+            raise AttributeError(
+                f"cggr: this Trainer (transformers {_transformers_version()}) has no {name!r}, which "
+                f"enable_cggr reads to scale the loss like the Trainer does; install a tested release: "
+                f"pip install 'transformers{TESTED_TRANSFORMERS}'."
+            ) from None
+
+    # -- the trainer's methods ----------------------------------------------------------------
+    def replace_method(self, name: str, method: Any) -> Any:
+        """Put ``method`` in place of the trainer's ``name``; returns the trainer's own."""
+        own = getattr(self.trainer, name)
+        setattr(self.trainer, name, method)
+        return own
+
+    def add_callback(self, callback: Any) -> None:
+        self.trainer.add_callback(callback)
+
+    def keep_column(self, column: str) -> None:
+        """Keep ``column`` in the batches: the Trainer drops dataset columns its model's forward does
+        not name (``remove_unused_columns``), and the router reads this one."""
+        trainer = self.trainer
+        fill = getattr(trainer, "_set_signature_columns_if_needed", None)
+        if fill is None:
+            return
+
+        def set_signature_columns_if_needed() -> None:
+            fill()
+            if trainer._signature_columns is not None and column not in trainer._signature_columns:
+                trainer._signature_columns.append(column)
+
+        trainer._set_signature_columns_if_needed = set_signature_columns_if_needed
+
+    # -- state and arguments ------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        return int(getattr(self.trainer.state, "global_step", 0) or 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.args.device
+
+    @property
+    def accumulation_steps(self) -> int:
+        """The micro-batches of the current optimizer step (the last step of an epoch may have fewer)."""
+        return int(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
+
+    @property
+    def world_size(self) -> int:
+        return getattr(self.trainer.args, "world_size", 1)
+
+    @property
+    def averages_tokens_across_devices(self) -> bool:
+        return bool(getattr(self.trainer.args, "average_tokens_across_devices", False))
+
+    # -- accelerate ---------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """The trainer's autocast (accelerate's mixed precision), so the router runs like the model."""
+        acc = getattr(self.trainer, "accelerator", None)
+        if acc is not None and hasattr(acc, "autocast"):
+            return acc.autocast()
+        return contextlib.nullcontext()
+
+    def sum_over_ranks(self, total: Tensor) -> Tensor:
+        return self.trainer.accelerator.gather(total.reshape(1)).sum()
+
+    def loss_processes(self) -> int:
+        """What ``Trainer.compute_loss`` multiplies a token-averaged loss by: the data-parallel ranks
+        (processes over tensor-parallel size)."""
+        t = self.trainer
+        tp = t.get_tp_size() if hasattr(t, "get_tp_size") else 1
+        return t.accelerator.num_processes // tp
+
+    # -- how the trainer's loss treats num_items_in_batch --------------------------------------
+    def loss_uses_num_items(self) -> bool:
+        """Whether the trainer's own ``compute_loss`` normalises by ``num_items_in_batch``.
+
+        True for a subclass that computes its own loss (TRL's trainers), a ``compute_loss_func``,
+        label smoothing, and a causal LM whose loss is transformers' ``ForCausalLMLoss``. Other
+        models (BERT's masked LM takes ``**kwargs`` but ignores the count) get CGGR's loss from their
+        logits instead.
+        """
+        from transformers import Trainer
+
+        t = self.trainer
+        if type(t).compute_loss is not Trainer.compute_loss:
+            return True
+        if self._required("compute_loss_func") is not None or getattr(t, "label_smoother", None) is not None:
+            return True
+        return bool(self._required("model_accepts_loss_kwargs") and getattr(t, "_loss_shifts_labels", False))
+
+    def loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Whether ``training_step`` takes ``compute_loss``'s loss as already scaled for gradient
+        accumulation (else it divides it by the accumulation steps); ``num_items_in_batch`` is what
+        ``training_step`` passed."""
+        scaled = getattr(self.trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:  # transformers' rule in training_step
+            scaled = (self._required("model_accepts_loss_kwargs") and num_items_in_batch is not None) \
+                or self._required("compute_loss_func") is not None
+        return bool(scaled)
+
+
+class _MetricsWindow:
+    """The ``cggr/*`` log entries of one logging window: sums over its micro-batches, kept as
+    device tensors and read once per log (no host sync per micro-batch)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.micro = 0
+        self.steps = 0
+        self.k_sum = 0.0
+        self.ratio_sum = 0.0
+
+    def add(self, m: dict) -> None:
+        """One micro-batch's metrics."""
+        self.micro += 1
+        self.k_sum += float(m.get("k", 0))
+        self.ratio_sum += float(m.get("token_ratio", 0.0))
+        for key in _MEAN_KEYS + _PER_STEP_KEYS:
+            v = m.get(key)
+            if isinstance(v, Tensor):
+                v = v.detach().to(torch.float32)
+                self.sums[key] = v if key not in self.sums else self.sums[key] + v
+
+    def end_step(self) -> None:
+        """One optimizer step's micro-batches are in (per-step entries are means over steps)."""
+        self.steps += 1
+
+    def read(self, schedule_step: int) -> dict[str, float]:
+        """The window's means, then a new window (this is the one place that reads the device tensors)."""
+        if self.micro == 0:
+            return {}
+        values = {k: float(v) for k, v in self.sums.items()}
+        steps = max(self.steps, 1)
+        out = {
+            "cggr/step": float(schedule_step),
+            "cggr/k": self.k_sum / self.micro,
+            "cggr/token_ratio": self.ratio_sum / self.micro,
+        }
+        for key in _PER_STEP_KEYS:
+            if key in values:
+                out[f"cggr/{key}"] = values[key] / steps
+        if "tokens_selected" in values and values.get("tokens_total"):
+            out["cggr/selected_fraction"] = values["tokens_selected"] / values["tokens_total"]
+        for key in _MEAN_KEYS:
+            if key in values:
+                out[f"cggr/{key}"] = values[key] / self.micro
+        self.reset()
+        return out
+
+
 def _callback(integration: "_TrainerIntegration") -> Any:
     """A ``TrainerCallback`` that advances the schedule once per optimizer step (``on_step_end``)."""
     from transformers import TrainerCallback
@@ -210,56 +427,27 @@ def _callback(integration: "_TrainerIntegration") -> Any:
 
 
 class _TrainerIntegration:
-    """The state ``enable_cggr`` attaches to a trainer (``trainer._cggr``)."""
+    """The state ``enable_cggr`` attaches to a trainer (``trainer._cggr``), and the trainer methods
+    it puts in place (:meth:`install`)."""
 
-    def __init__(self, trainer: Any, cg: CGGRModel) -> None:
-        self.trainer = trainer
+    def __init__(self, internals: _TrainerInternals, cg: CGGRModel) -> None:
+        self.internals = internals
         self.cggr = cg
         self.pending: deque[Optional[_Selected]] = deque()
         self.on_the_fly = 0  # micro-batches routed inside compute_loss (no pending selection)
+        self.window = _MetricsWindow()
         self._warned: set[str] = set()
-        self._reset_window()
-        self.orig = {name: getattr(trainer, name) for name in ("get_batch_samples", "compute_loss", "log")}
+        self.orig: dict[str, Any] = {}
 
-    # -- metrics window -----------------------------------------------------------------------
-    def _reset_window(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.micro = 0
-        self.steps = 0
-        self.k_sum = 0.0
-        self.ratio_sum = 0.0
-
-    def _accumulate(self, m: dict) -> None:
-        self.micro += 1
-        self.k_sum += float(m.get("k", 0))
-        self.ratio_sum += float(m.get("token_ratio", 0.0))
-        for key in _MEAN_KEYS + _PER_STEP_KEYS:
-            v = m.get(key)
-            if isinstance(v, Tensor):
-                v = v.detach().to(torch.float32)
-                self.sums[key] = v if key not in self.sums else self.sums[key] + v
+    def install(self) -> None:
+        """Patch the trainer's methods (keeping its own in ``orig``) and add the schedule's callback."""
+        for name in _TrainerInternals.PATCHED:
+            self.orig[name] = self.internals.replace_method(name, getattr(self, name))
+        self.internals.add_callback(_callback(self))
 
     def log_entries(self) -> dict[str, float]:
-        """The window's means (this is the one place that reads the device tensors)."""
-        if self.micro == 0:
-            return {}
-        values = {k: float(v) for k, v in self.sums.items()}
-        steps = max(self.steps, 1)
-        out = {
-            "cggr/step": float(self.cggr.schedule.step),
-            "cggr/k": self.k_sum / self.micro,
-            "cggr/token_ratio": self.ratio_sum / self.micro,
-        }
-        for key in _PER_STEP_KEYS:
-            if key in values:
-                out[f"cggr/{key}"] = values[key] / steps
-        if "tokens_selected" in values and values.get("tokens_total"):
-            out["cggr/selected_fraction"] = values["tokens_selected"] / values["tokens_total"]
-        for key in _MEAN_KEYS:
-            if key in values:
-                out[f"cggr/{key}"] = values[key] / self.micro
-        self._reset_window()
-        return out
+        """The logging window's ``cggr/*`` means (see :class:`_MetricsWindow`)."""
+        return self.window.read(self.cggr.schedule.step)
 
     # -- helpers ------------------------------------------------------------------------------
     def warn_once(self, key: str, message: str) -> None:
@@ -267,23 +455,15 @@ class _TrainerIntegration:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _router_context(self) -> Any:
-        """The trainer's autocast (accelerate's mixed precision), so the router runs like the model."""
-        acc = getattr(self.trainer, "accelerator", None)
-        if acc is not None and hasattr(acc, "autocast"):
-            return acc.autocast()
-        return contextlib.nullcontext()
-
     def _to_device(self, inputs: dict) -> dict:
-        device = self.trainer.args.device
+        device = self.internals.device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
     def _sync_schedule(self) -> None:
         """The schedule counts optimizer steps: follow the trainer's (a resume, a second train())."""
-        step = int(getattr(self.trainer.state, "global_step", 0) or 0)
-        cg = self.cggr
-        if cg.schedule.step != step:
-            cg.schedule.set_step(step)
+        step = self.internals.global_step
+        if self.cggr.schedule.step != step:
+            self.cggr.schedule.set_step(step)
 
     def _check_rows(self, shape: torch.Size) -> None:
         if self.cggr.cggr_config.granularity == "sequences" and shape[0] == 1:
@@ -293,6 +473,15 @@ class _TrainerIntegration:
                 "loss) or batches of several rows (e.g. TRL's packing_strategy='wrapped')."
             ))
 
+    def _route(self, micro_batches: list[dict]) -> tuple[list[_Selected], Any]:
+        """:func:`_select_step` under the trainer's autocast, with the window's metrics."""
+        with torch.no_grad(), self.internals.autocast():
+            sels, total = _select_step(self.cggr, micro_batches)
+        for s in sels:
+            self._check_rows(s.shape)
+            self.window.add(s.metrics)
+        return sels, total
+
     def _denominator(self, total: Tensor) -> Tensor:
         """Across data-parallel ranks (not tested here: one process).
 
@@ -300,12 +489,11 @@ class _TrainerIntegration:
         over ranks (the Trainer then multiplies the loss by the number of processes). Without it,
         CGGR's own rule (``cggr_compile.distributed``): the sum over ranks divided by the world.
         """
-        args = self.trainer.args
-        if getattr(args, "world_size", 1) > 1:
-            if getattr(args, "average_tokens_across_devices", False):
-                return self.trainer.accelerator.gather(total.reshape(1)).sum()
-            if self.cggr.cggr_config.data_parallel_normalize and data_parallel_world() > 1:
-                return rank_normaliser(total)
+        t = self.internals
+        if t.world_size > 1:
+            if t.averages_tokens_across_devices:
+                return t.sum_over_ranks(total)
+            return _rank_normalised(self.cggr, total)
         return total
 
     # -- patched trainer methods --------------------------------------------------------------
@@ -316,15 +504,9 @@ class _TrainerIntegration:
             self.pending.extend([None] * len(batch_samples))
             return batch_samples, num_items
         self._sync_schedule()
-        with torch.no_grad(), self._router_context():
-            sels = [_select(self.cggr, self._to_device(b), record=False) for b in batch_samples]
-        for s in sels:
-            self._check_rows(s.shape)
-            self.cggr._record(s.metrics)
-            self._accumulate(s.metrics)
-        self.steps += 1
+        sels, total = self._route([self._to_device(b) for b in batch_samples])
+        self.window.end_step()
         self.pending.extend(sels)
-        total = sum(s.metrics["tokens_selected"] for s in sels)
         return batch_samples, self._denominator(total)
 
     def compute_loss(
@@ -341,53 +523,27 @@ class _TrainerIntegration:
             # and weigh this micro-batch as 1/G of the step, like the Trainer's own fallback.
             self.pending.clear()
             self.on_the_fly += 1
-            with torch.no_grad(), self._router_context():
-                sel = _select(self.cggr, inputs, record=True)
-            self._accumulate(sel.metrics)
-            self._check_rows(sel.shape)
+            (sel,), selected = self._route([inputs])
             if num_items_in_batch is not None:
-                steps = int(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
-                num_items_in_batch = sel.metrics["tokens_selected"] * steps
+                num_items_in_batch = selected * self.internals.accumulation_steps
         cut = _cut(self.cggr, inputs, sel)
-        if self._delegate():
+        if self.internals.loss_uses_num_items():
             return orig(model, cut, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
         return self._own_loss(model, cut, return_outputs, num_items_in_batch, passed)
 
-    def _delegate(self) -> bool:
-        """Whether the trainer's own ``compute_loss`` normalises by ``num_items_in_batch``.
-
-        True for a subclass that computes its own loss (TRL's trainers), a ``compute_loss_func``,
-        label smoothing, and a causal LM whose loss is transformers' ``ForCausalLMLoss``. Other
-        models (BERT's masked LM takes ``**kwargs`` but ignores the count) get CGGR's loss from their
-        logits instead.
-        """
-        from transformers import Trainer
-
-        t = self.trainer
-        if type(t).compute_loss is not Trainer.compute_loss:
-            return True
-        if t.compute_loss_func is not None or getattr(t, "label_smoother", None) is not None:
-            return True
-        return bool(t.model_accepts_loss_kwargs and getattr(t, "_loss_shifts_labels", False))
-
     def _own_loss(self, model: nn.Module, cut: dict, return_outputs: bool, denominator: Any, passed: Any) -> Any:
         """CGGR's loss from the model's logits, scaled like the Trainer expects it."""
-        t = self.trainer
+        t = self.internals
         labels = cut.pop("labels")
         cut.pop("shift_labels", None)
         outputs = model(**cut)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         target = S.aligned_labels(labels, self.cggr.causal)
         loss = S.selective_cross_entropy(logits, target, target != IGNORE_INDEX, denominator)
-        scaled = getattr(t, "loss_is_scaled_for_ga", None)
-        if scaled is None:  # transformers' rule in training_step
-            scaled = (t.model_accepts_loss_kwargs and passed is not None) or t.compute_loss_func is not None
-        if denominator is not None and not scaled:  # it will divide by the accumulation steps: undo that
-            loss = loss * int(getattr(t, "current_gradient_accumulation_steps", 1) or 1)
-        if getattr(t.args, "average_tokens_across_devices", False) and getattr(t.args, "world_size", 1) > 1 \
-                and passed is not None:  # the count is the ranks' sum and DDP averages: as Trainer.compute_loss
-            tp = t.get_tp_size() if hasattr(t, "get_tp_size") else 1
-            loss = loss * (t.accelerator.num_processes // tp)
+        if denominator is not None and not t.loss_is_scaled_for_ga(passed):
+            loss = loss * t.accumulation_steps  # training_step will divide by the accumulation steps: undo that
+        if t.averages_tokens_across_devices and t.world_size > 1 and passed is not None:
+            loss = loss * t.loss_processes()  # the count is the ranks' sum and DDP averages: as Trainer.compute_loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> Any:
@@ -415,9 +571,7 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
     """
     if getattr(trainer, "_cggr", None) is not None:
         raise ValueError("cggr: CGGR is already enabled on this trainer.")
-    for name in ("get_batch_samples", "compute_loss", "log", "add_callback", "model", "args"):
-        if not hasattr(trainer, name):
-            raise TypeError(f"cggr: enable_cggr expects a transformers.Trainer (it has no {name!r}).")
+    internals = _TrainerInternals(trainer)
     model = trainer.model
     if any(isinstance(m, CGGRModel) for m in _wrappers(model)):
         raise ValueError(
@@ -439,27 +593,10 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
     # not the optimizer's hook.
     cg.schedule.auto = False
     _check_selection(cg)
-    integration = _TrainerIntegration(trainer, cg)
-    trainer.get_batch_samples = integration.get_batch_samples
-    trainer.compute_loss = integration.compute_loss
-    trainer.log = integration.log
-    trainer.add_callback(_callback(integration))
+    integration = _TrainerIntegration(internals, cg)
+    integration.install()
     if cg.cggr_config.scoring == "reducible":
-        _keep_column(trainer, "reference_loss")
+        internals.keep_column("reference_loss")
     trainer._cggr = integration
     return cg
 
-
-def _keep_column(trainer: Any, column: str) -> None:
-    """Keep ``column`` in the batches: the Trainer drops dataset columns its model's forward does not
-    name (``remove_unused_columns``), and the router reads this one."""
-    fill = getattr(trainer, "_set_signature_columns_if_needed", None)
-    if fill is None:
-        return
-
-    def set_signature_columns_if_needed() -> None:
-        fill()
-        if trainer._signature_columns is not None and column not in trainer._signature_columns:
-            trainer._signature_columns.append(column)
-
-    trainer._set_signature_columns_if_needed = set_signature_columns_if_needed
