@@ -167,32 +167,52 @@ def _hash_uniform(index: Tensor, seed: int, step: Tensor) -> Tensor:
     return (h & mask).to(torch.float32) / float(1 << 31)
 
 
-def stratum_quotas(total: int, budget: int, num_strata: int) -> list[tuple[int, int, int]]:
-    """Static (start, size, quota) per stratum for ``total`` ranked items (0 = hardest stratum).
+def _minimum(a: int | Tensor, b: int | Tensor) -> int | Tensor:
+    return torch.minimum(a, b) if isinstance(a, Tensor) else min(a, b)
 
-    Stratum ``i`` gets a share of ``budget`` proportional to ``num_strata - i`` (rounded down,
-    the rounding leftover handed to the harder strata first); a quota larger than its stratum passes
-    the excess on to the next stratum, and what the last stratum cannot take wraps to the
-    hardest strata that still have room.
+
+def _indicator(cond: bool | Tensor) -> int | Tensor:
+    return cond.to(torch.int64) if isinstance(cond, Tensor) else int(cond)
+
+
+def _stratum_plan(total: int | Tensor, budget: int | Tensor, s: int) -> tuple[list, list, list]:
+    """``(bounds, sizes, quotas)`` of ``s`` strata over ``total`` ranked items (0 = hardest stratum).
+
+    The one quota computation of both selections: ``total`` and ``budget`` are Python ints
+    (sequences: static, see :func:`stratum_quotas`) or int64 tensors (tokens: the valid count is
+    data, see :func:`_stratified_token_mask`); every step below means the same on both, so the two
+    cannot drift. Stratum ``i`` holds ranks ``[floor(i*total/s), floor((i+1)*total/s))`` and gets a
+    share of ``budget`` proportional to ``s - i`` (rounded down, the rounding leftover handed to the
+    harder strata first); a quota larger than its stratum passes the excess on to the next stratum,
+    and what the last stratum cannot take wraps to the hardest strata that still have room.
     """
-    s = min(num_strata, total)
-    bounds = [(i * total) // s for i in range(s + 1)]
+    bounds = [(total * i) // s for i in range(s + 1)]
     sizes = [bounds[i + 1] - bounds[i] for i in range(s)]
     weights = [s - i for i in range(s)]
-    raw = [budget * w / sum(weights) for w in weights]
-    quota = [int(math.floor(x)) for x in raw]
-    for i in range(budget - sum(quota)):
-        quota[i] += 1
+    total_w = sum(weights)
+    # Integer floor division: exact, where a float quotient could round up to the next integer.
+    quota = [(budget * w) // total_w for w in weights]
+    left = budget - sum(quota)  # < s: one more for each of the hardest ``left`` strata
+    quota = [q + _indicator(left > i) for i, q in enumerate(quota)]
     carry = 0
     for i in range(s):
         want = quota[i] + carry
-        quota[i] = min(want, sizes[i])
+        quota[i] = _minimum(want, sizes[i])
         carry = want - quota[i]
     for i in range(s):  # leftover (only when the easy strata are small): fill from the top
-        extra = min(carry, sizes[i] - quota[i])
-        quota[i] += extra
-        carry -= extra
-    return [(bounds[i], sizes[i], quota[i]) for i in range(s)]
+        extra = _minimum(carry, sizes[i] - quota[i])
+        quota[i] = quota[i] + extra
+        carry = carry - extra
+    return bounds, sizes, quota
+
+
+def stratum_quotas(total: int, budget: int, num_strata: int) -> list[tuple[int, int, int]]:
+    """Static (start, size, quota) per stratum for ``total`` ranked items (0 = hardest stratum).
+
+    ``min(num_strata, total)`` strata, split as :func:`_stratum_plan` says.
+    """
+    bounds, sizes, quota = _stratum_plan(total, budget, min(num_strata, total))
+    return list(zip(bounds[:-1], sizes, quota))
 
 
 def select_sequences(
@@ -335,28 +355,7 @@ def _stratified_token_mask(
     dev = rank.device
     s = num_strata
     nf = n.to(torch.int64)
-    # Stratum i holds ranks [floor(i*n/s), floor((i+1)*n/s)).
-    bounds = [(nf * i) // s for i in range(s + 1)]
-    sizes = [bounds[i + 1] - bounds[i] for i in range(s)]
-    weights = [s - i for i in range(s)]
-    total_w = sum(weights)
-    raw = [budget.to(torch.float64) * w / total_w for w in weights]
-    quota = [torch.floor(r).to(torch.int64) for r in raw]
-    left = budget - sum(quota)
-    # Same rounding as stratum_quotas: floor, then the leftover to the harder strata first.
-    for i in range(s):
-        give = (left > 0).to(torch.int64)
-        quota[i] = quota[i] + give
-        left = left - give
-    carry = torch.zeros((), dtype=torch.int64, device=dev)
-    for i in range(s):
-        want = quota[i] + carry
-        quota[i] = torch.minimum(want, sizes[i])
-        carry = want - quota[i]
-    for i in range(s):
-        extra = torch.minimum(carry, sizes[i] - quota[i])
-        quota[i] = quota[i] + extra
-        carry = carry - extra
+    bounds, _, quota = _stratum_plan(nf, budget.to(torch.int64), s)
     stratum = torch.zeros_like(rank)
     for i in range(1, s):
         stratum = stratum + (rank >= bounds[i]).to(torch.int64)
