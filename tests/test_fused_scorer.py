@@ -287,6 +287,40 @@ def test_op_is_traceable():
     torch.testing.assert_close(compiled(h, w, lab), eager)
 
 
+def _same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), [(x - y).abs().max().item() for x, y in zip(a, b)]
+
+
+@host_only
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 5.0)])
+def test_autocast_rule_casts_like_the_explicit_cast(bias, softcap, amp):
+    """Under autocast the op takes its float inputs in the region's dtype (the op's autocast rule),
+    exactly as the explicit casts before it did, and its own float32 math is not autocast."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    h, w, b, lab, cap = make_case(12, 77, 24, torch.float32, bias=bias, softcap=softcap, seed=61)
+    hc, wc = h.to(amp), w.to(amp)
+    bc = b.to(amp) if b is not None else None
+    cast = fused_token_stats(hc, wc, bc, lab, cap)  # the explicit cast, outside autocast
+    plain = fused_token_stats(h, w, b, lab, cap)
+    with torch.autocast("cpu", dtype=amp):
+        _same(fused_token_stats(h, w, b, lab, cap), cast)
+        _same(torch.ops.cggr.fused_token_stats.default(h, w, b, lab, cap), cast)
+        _same(fused_token_stats(hc, wc, bc, lab, cap), cast)  # explicit cast and the rule: the same
+        gm = make_fx(lambda h, w, b, l: torch.ops.cggr.fused_token_stats.default(h, w, b, l, cap))(h, w, b, lab)
+    ops = [n for n in gm.graph.nodes if n.target == torch.ops.cggr.fused_token_stats.default]
+    assert len(ops) == 1 and all(a.meta["val"].dtype == amp for a in ops[0].args[:3] if a is not None), gm.code
+    _same(gm(h, w, b, lab), cast)
+    with torch.autocast("cpu", dtype=amp), torch.autocast("cpu", enabled=False):  # autocast off: no cast
+        _same(fused_token_stats(h, w, b, lab, cap), plain)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w, b, l: fused_token_stats(h, w, b, l, cap), backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=amp):
+        _same(compiled(h, w, b, lab), cast)
+    torch._dynamo.reset()
+
+
 @host_only
 def test_workspace_and_split_sizing():
     # the split cap shrinks as tokens grow; the workspace stays O(N * splits)
@@ -417,6 +451,16 @@ def test_interp_strided_hidden_and_the_op(monkeypatch):
     # the public op, forced onto the Triton path on the CPU
     monkeypatch.setattr(fs, "_BACKEND", "triton")
     check(fused_token_stats(h, w, b, lab), ref, lab, **CPU_TOL)
+
+
+@interp_only
+def test_interp_autocast_rule(monkeypatch):
+    h, w, b, lab, cap = make_case(9, 77, 24, torch.float32, bias=True, softcap=5.0, seed=42)
+    monkeypatch.setattr(fs, "_BACKEND", "triton")
+    cast = fused_token_stats(h.bfloat16(), w.bfloat16(), b.bfloat16(), lab, cap)
+    check(cast, reference(h.bfloat16(), w.bfloat16(), b.bfloat16(), lab, cap), lab, **CPU_TOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _same(fused_token_stats(h, w, b, lab, cap), cast)
 
 
 # ----------------------------------------------------------------------------------------------

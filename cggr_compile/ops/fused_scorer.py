@@ -127,6 +127,42 @@ else:  # pragma: no cover - old torch or no triton
 
 
 # ----------------------------------------------------------------------------------------------
+# Autocast rule
+# ----------------------------------------------------------------------------------------------
+# Inside an autocast region the unfused head (a linear layer) runs in the region's dtype, so the op
+# takes its float inputs in that dtype too (an fp32 matmul would cost several times the bf16 one),
+# then runs with autocast off: its own float32 math stays float32. torch.library.register_autocast
+# (torch >= 2.5) only takes one fixed dtype per device, where the region's dtype (bf16 or fp16) is
+# what the unfused head gets, so the rule is registered on the autocast keys the way it registers
+# its own, reading the dtype at call time.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_autocast_lib = torch.library.Library("cggr", "FRAGMENT")
+
+
+def _autocast_rule(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + device_type.upper())
+    keyset = torch._C.DispatchKeySet(key)
+
+    def kernel(_keyset, hidden, weight, bias, labels, softcap=None):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+            # what autocast does to a lower-precision op's inputs (register_autocast's rule)
+            if t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64:
+                return t.to(dtype)
+            return t
+
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return torch.ops.cggr.fused_token_stats.default(cast(hidden), cast(weight), cast(bias), labels, softcap)
+
+    return kernel
+
+
+for _device in _AUTOCAST_DEVICES:
+    _autocast_lib.impl("fused_token_stats", _autocast_rule(_device), "Autocast" + _device.upper(), with_keyset=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def fused_token_stats(
@@ -153,7 +189,9 @@ def fused_token_stats(
         ``-log p[label]`` (0.0 where the label is -100, NaN where it is outside ``[0, V)``).
 
     Never materialises the ``N x V`` logits. Runs without gradient (the outputs never require
-    grad). On CUDA with Triton it is one custom op that Inductor compiles into its graph.
+    grad). On CUDA with Triton it is one custom op that Inductor compiles into its graph. Inside a
+    ``torch.autocast`` region (CPU or CUDA) the op's autocast rule casts ``hidden``, ``weight`` and
+    ``bias`` to the region's dtype, as autocast does to the unfused head.
     """
     if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("fused_token_stats: hidden and weight must be tensors")
