@@ -29,7 +29,7 @@ The op has no autograd formula: it is the router's scorer. :func:`fused_token_st
 """
 
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -139,7 +139,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 _autocast_lib = torch.library.Library("cggr", "FRAGMENT")
 
 
-def _autocast_rule(device_type: str):
+def _autocast_rule(device_type: str) -> Callable[..., Tuple[Tensor, ...]]:
     key = getattr(torch._C.DispatchKey, "Autocast" + device_type.upper())
     keyset = torch._C.DispatchKeySet(key)
 
