@@ -10,7 +10,7 @@ One batch, start to end (:meth:`CGGRModel.forward`):
    selected with static shapes.
 3. the wrapped model runs on ``input_ids[idx]`` (and the mask and every per-row input sliced the
    same way), or on the whole batch with a token mask; the loss is the selective cross-entropy.
-4. ``_record`` (host, never traced): the mean confidence starts its non-blocking trip to the host
+4. ``record_step`` (host, never traced): the mean confidence starts its non-blocking trip to the host
    for the dynamic threshold of a later step.
 """
 
@@ -298,7 +298,6 @@ class CGGRModel(WrappedModel):
         if "avg_confidence" in metrics:
             self.schedule.confidence.push(metrics["avg_confidence"])
 
-    _record = record_step  # the name cggr_compile.integrations calls
 
     # -- the step -------------------------------------------------------------------------------
     def _fused_head(self, router: Any, plan: Optional[RoutedPlan] = None) -> Optional[nn.Linear]:
@@ -313,15 +312,9 @@ class CGGRModel(WrappedModel):
 
     @staticmethod
     def _fused_stats(router: Any, hidden: Tensor, head: nn.Linear, target: Optional[Tensor]) -> S.TokenStats:
-        h, w, bias = hidden, head.weight, head.bias
-        kind = h.device.type
-        if torch.is_autocast_enabled(kind):
-            # The unfused head would run in the autocast dtype: so does the fused one
-            # (an fp32 matmul in the kernel would cost several times the bf16 one).
-            dt = torch.get_autocast_dtype(kind)
-            h, w = h.to(dt), w.to(dt)
-            bias = bias.to(dt) if bias is not None else None
-        _, entropy, p1, p2, nll = fused_token_stats(h, w, bias, target, router.softcap)
+        # Under autocast the op's own autocast rule (ops/fused_scorer.py) casts the inputs to the
+        # region's dtype, as the unfused head would run.
+        _, entropy, p1, p2, nll = fused_token_stats(hidden, head.weight, head.bias, target, router.softcap)
         return S.TokenStats(entropy, p1, p2, nll)
 
     def reference_nll(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,

@@ -330,7 +330,10 @@ def _rewrite(gm: fx.GraphModule, m: _Match, order: dict, modes: dict, autocast_d
     h_val, w_val = _val(m.hidden), _val(m.weight)
     # A pre-dispatch graph traced under autocast still shows the head in float32 (autocast applies
     # below it, when the graph is compiled); the unfused head would run in the autocast dtype, so the
-    # op must get its inputs in that dtype too, or its matmul runs in float32 (~10x slower).
+    # op must get its inputs in that dtype too, or its matmul runs in float32 (~10x slower). The op's
+    # autocast rule would cast them when the graph runs; the pass writes the casts into the graph
+    # instead, so that every node's meta["val"] states the dtype that actually runs (the invariant of
+    # passes/README.md) and the rewrite does not depend on an autocast region at lowering time.
     cast = autocast_dtype if autocast_dtype is not None and h_val.dtype == torch.float32 else None
     lead = tuple(h_val.shape[:-1])
     n = 1
