@@ -256,7 +256,9 @@ class CGGRModel(WrappedModel):
         self.schedule.log_once(batch)
         self.schedule.planned()
         self._refresh_routers()
-        return self.schedule.plan(batch, device)
+        plan = self.schedule.plan(batch, device)
+        self.__dict__["_planned"] = plan
+        return plan
 
     @contextlib.contextmanager
     def swapped_tensors(self, replacements: dict[int, Tensor]) -> Iterator[None]:
@@ -471,7 +473,13 @@ class CGGRModel(WrappedModel):
         # Hugging Face's count covers every labelled token; CGGR's loss normalises by the selected
         # ones (pass loss_denominator= for a count across micro-batches or ranks).
         kwargs.pop("num_items_in_batch", None)
-        plan = self.plan_step(input_ids.shape[0], input_ids.device)
+        # Read the plan back as the module's attribute, not as plan_step's return value: Dynamo breaks
+        # the graph at plan_step, and a returned plan would enter the resumed frame as an input whose
+        # ints (k, a shape) automatic dynamic shapes make symbolic after their first change (one
+        # dynamic graph for every later level); a module attribute's are specialised, one static
+        # graph per level as the schedule promises.
+        self.plan_step(input_ids.shape[0], input_ids.device)
+        plan = self._planned
         out, metrics = self.routed_step(plan, input_ids, attention_mask, labels, kwargs)
         self.record_step(metrics)
         return self._user_output(out)
@@ -548,7 +556,8 @@ class CGGRModel(WrappedModel):
         """
         check_batch(input_ids, labels, attention_mask)
         b = input_ids.shape[0]
-        plan = self.plan_step(b, input_ids.device)
+        self.plan_step(b, input_ids.device)
+        plan = self._planned  # see forward: static k under compile
         reference_loss = kwargs.pop("reference_loss", None)
         r, selection, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
                                                       per_row_inputs(kwargs, b))
