@@ -15,8 +15,10 @@ without a warning: they must run exactly as without CGGR.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import types
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,12 +31,12 @@ from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module,
 from cggr_compile.passes.pass_context import PassContext
 from cggr_compile.passes.pipeline import run_passes
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
-from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors
+from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, routed_step_fn
 from cggr_compile.graph_text import graph_text
 from cggr_compile.router import model_call_for
 from cggr_compile.schedule import RoutedPlan
 from cggr_compile.metrics import step_metrics
-from cggr_compile.transform import CGGRModel
+from cggr_compile.transform import CGGRModel, check_reference_loss_is_read
 
 _warned: set[str] = set()
 # Each model's CGGR core (router, schedule, metrics) lives in the model's own __dict__ under this
@@ -109,7 +111,7 @@ def _captured_frame(example_inputs: Sequence[Any] = ()) -> tuple[Optional[torch.
     # the innermost module that owns them all (a wrapper module also owns its child's parameters)
     module = min(candidates, key=lambda m: sum(1 for _ in m.parameters()))
     try:
-        sig = inspect.signature(module.forward)
+        sig = inspect.signature(inner_forward(module))
     except (TypeError, ValueError):
         return module, dict(f_locals.get("kwargs") or {})
     params = sig.parameters
@@ -246,17 +248,20 @@ class RoutedGraph:
                               "options={'ddp_buckets': False} silences this.", stacklevel=2)
         return plain(gm, example_inputs)
 
+    def run(self, routed: RoutedPlan, args: Sequence[Any]) -> tuple:
+        """The rewritten step for ``routed`` on Dynamo's graph arguments ``args``: compiled once per plan."""
+        fn = self.compiled.get(routed)
+        if fn is None:
+            gm = self.graph_for(routed)
+            fn = self.compile(gm, list(args) + [routed.step_tensor] + self.references)
+            self.compiled[routed] = fn
+        return fn(*args, routed.step_tensor, *self.references)
+
     def __call__(self, *args: Any) -> tuple:
         core, plan = self.core, self.plan
         ids = args[plan.inputs["input_ids"]]
         routed = core.plan_step(plan.batch, ids.device)
-        step_tensor = routed.step_tensor
-        fn = self.compiled.get(routed)
-        if fn is None:
-            gm = self.graph_for(routed)
-            fn = self.compile(gm, list(args) + [step_tensor] + self.references)
-            self.compiled[routed] = fn
-        loss, logits, selection, *extras = fn(*args, step_tensor, *self.references)
+        loss, logits, selection, *extras = self.run(routed, args)
         # The graph computed the device statistics; the host values come from the plan.
         metrics = step_metrics(core.cggr_config, core.schedule, dict(zip(METRIC_KEYS, extras)), routed.ratio,
                                routed.k, selection)
@@ -266,6 +271,76 @@ class RoutedGraph:
         if plan.logits_output >= 0:
             outs[plan.logits_output] = logits
         return tuple(outs)
+
+
+# Where carry_reference_loss keeps the model's forward that its own forward wraps.
+_INNER_FORWARD_ATTR = "_cggr_inner_forward"
+
+
+def _keep_graph_input(tensor: torch.Tensor) -> None:
+    """Nothing at run time. Traced by Dynamo (allowed in the graph, marked side-effectful), it is a
+    use of ``tensor`` that dead-code elimination keeps, so ``tensor`` stays a graph input."""
+
+
+def _forward_keeping_reference_loss(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    reference_loss = kwargs.get("reference_loss")
+    if isinstance(reference_loss, torch.Tensor):
+        _keep_graph_input(reference_loss)
+    return self.__dict__[_INNER_FORWARD_ATTR](*args, **kwargs)
+
+
+def inner_forward(module: torch.nn.Module) -> Callable:
+    """``module``'s forward, under :func:`carry_reference_loss`'s wrapper if it has one."""
+    return module.__dict__.get(_INNER_FORWARD_ATTR, module.forward)
+
+
+def carry_reference_loss(module: torch.nn.Module) -> None:
+    """Make every later capture of ``module`` take the batch's ``reference_loss=`` as a graph input.
+
+    A model that ignores the keyword (every Hugging Face model: it lands in ``**kwargs``) leaves
+    the tensor unused, and Dynamo drops unused inputs, so the rewritten step could not score by it.
+    This wraps the module's forward (once) in one that hands the tensor to :func:`_keep_graph_input`
+    first. A forward pre-hook would not do: Dynamo starts its capture at the model's own forward
+    frame (torch's ``Module.__call__`` is not a frame it compiles), so a hook's use of the tensor lands
+    in a graph of its own. The wrapper is a new frame, so the next call is captured afresh, the model's
+    forward inlined. Bound as a method, it follows the module through ``copy.deepcopy``."""
+    if _INNER_FORWARD_ATTR in module.__dict__:
+        return
+    torch._dynamo.allow_in_graph(_keep_graph_input)
+    torch.fx.node.has_side_effect(_keep_graph_input)
+    module.__dict__[_INNER_FORWARD_ATTR] = module.forward
+    module.forward = types.MethodType(_forward_keeping_reference_loss, module)
+
+
+class FirstStepWithoutReferenceInput(RoutedGraph):
+    """The callable for the first capture of a model whose batch carries ``reference_loss`` that
+    its graph lacks (Dynamo dropped the unused input), for that one call.
+
+    Its call installs :func:`carry_reference_loss`'s wrapper, so that the next call is captured
+    again with the tensor as an input, and runs the routed step eagerly, once, on the tensor the compile saw: the same call's. Compiling
+    it would be wasted (it never runs again). A second call means Dynamo kept this graph: it has no
+    reference loss to score by, so it raises rather than train on a stale one."""
+
+    def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict,
+                 dynamo_gm: fx.GraphModule, reference_loss: torch.Tensor, module: torch.nn.Module):
+        plan = dataclasses.replace(plan, inputs={**plan.inputs, "reference_loss": len(example_inputs)})
+        super().__init__(core, plan, list(example_inputs) + [reference_loss], call_kwargs, dynamo_gm)
+        self.module = module
+        self.reference_loss: Optional[torch.Tensor] = reference_loss
+
+    def run(self, routed: RoutedPlan, args: Sequence[Any]) -> tuple:
+        if self.reference_loss is None:
+            raise RuntimeError(
+                "cggr backend: Dynamo ran again the graph it captured before the batch's reference_loss was "
+                "made a graph input, so this step has no reference loss; train cggr_compile.transform(model) "
+                "(torch.compile it if you like), which reads reference_loss= directly, or pass "
+                "options={'reference': reference_model}."
+            )
+        carry_reference_loss(self.module)
+        args = list(args) + [self.reference_loss]
+        self.reference_loss = None  # the next call's batch is another one
+        step = routed_step_fn(self.core, self.plan, routed, self.example_inputs, self.call_kwargs)
+        return step(*args, routed.step_tensor, *self.references)
 
 
 def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
@@ -317,15 +392,15 @@ def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: A
         return plain()
     if not torch.is_grad_enabled() or not module.training:
         return plain()
-    if isinstance(call_kwargs.get("reference_loss"), torch.Tensor) and "reference_loss" not in plan.inputs:
-        warn_once("the batch's reference_loss never reaches the captured graph (the model does not read "
-                  "it), so the backend cannot score by it; pass options={'reference': reference_model} "
-                  "(run in the step) or train cggr_compile.transform(model), which reads reference_loss=",
-                  strict)
-        return plain()
     # A bad option for this model (router_layers beyond its depth...) is the user's to fix: an
     # error, never a fallback that would train the whole batch.
     core = core_for(module, config_options)
+    given = call_kwargs.get("reference_loss")
+    if isinstance(given, torch.Tensor) and "reference_loss" not in plan.inputs:
+        check_reference_loss_is_read(config, given)
+        first = FirstStepWithoutReferenceInput(core, plan, example_inputs, call_kwargs, gm, given, module)
+        core.routed_graphs.append(first)
+        return first
     routed = RoutedGraph(core, plan, example_inputs, call_kwargs, gm, cudagraphs,
                          active_ddp_bucket_bytes() if ddp_buckets else None)
     core.routed_graphs.append(routed)

@@ -185,6 +185,15 @@ class WrappedModel(nn.Module):
             return getattr(self._modules["model"], name)
 
 
+def check_reference_loss_is_read(config: CGGRConfig, reference_loss: Optional[Tensor]) -> None:
+    """A batch's ``reference_loss`` under a scoring that ignores it is a mistake: say so."""
+    if reference_loss is not None and config.scoring != "reducible":
+        raise ValueError(
+            f"cggr: the batch carries reference_loss, which only scoring='reducible' reads "
+            f"(scoring={config.scoring!r}); set scoring='reducible' or drop the column."
+        )
+
+
 class CGGRModel(WrappedModel):
     """A model that trains with CGGR and otherwise behaves exactly like the model it wraps.
 
@@ -333,12 +342,8 @@ class CGGRModel(WrappedModel):
     def _reference(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
                    given: Optional[Tensor], rows: dict, plan: Optional[RoutedPlan] = None) -> Optional[Tensor]:
         """``scoring='reducible'``'s reference loss ``[B, T]``: the batch's, else the reference model's."""
+        check_reference_loss_is_read(self.cggr_config, given)
         if self.cggr_config.scoring != "reducible":
-            if given is not None:
-                raise ValueError(
-                    f"cggr: the batch carries reference_loss, which only scoring='reducible' reads "
-                    f"(scoring={self.cggr_config.scoring!r}); set scoring='reducible' or drop the column."
-                )
             return None
         if given is not None:
             return S.reference_per_position(given, input_ids.shape)

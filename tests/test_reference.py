@@ -85,12 +85,46 @@ def test_backend_with_a_reference_model_matches_the_transform(granularity):
     assert len(routed.references) == len(list(ref_model.parameters())) + len(list(ref_model.buffers()))
 
 
-def test_backend_refuses_a_batch_carried_reference_loss_loudly():
-    model = tiny_model("llama")
-    b = batch("llama")
-    compiled = torch.compile(model, backend="cggr", options=dict(OPTS, scoring="reducible"))
-    with pytest.raises(Exception, match="reference_loss never reaches the captured graph.*options=\\{'reference'"):
-        compiled(**b, reference_loss=torch.zeros(6))
+@pytest.mark.parametrize("granularity,positional", [("sequences", False), ("tokens", False), ("sequences", True)])
+def test_backend_scores_by_a_batch_carried_reference_loss_like_the_transform(granularity, positional):
+    """Dynamo drops the batch's reference_loss (the model never reads it): the first step runs once on
+    the tensor the compile saw, then the model is captured again with it as a graph input."""
+    opts = dict(OPTS, scoring="reducible", granularity=granularity)
+    model_t, model_b = tiny_model("llama"), tiny_model("llama")
+    transformed = cggr_compile.transform(model_t, **opts)
+    compiled = torch.compile(model_b, backend="cggr", options=opts)
+    key = "selected_indices" if granularity == "sequences" else "selected_mask"
+    for i in range(3):
+        b = batch("llama", seed=i)
+        # reference losses far apart (router losses of random tokens lie close): they decide the selection
+        reference_loss = torch.linspace(-3.0, 3.0, b["input_ids"].shape[0]).roll(i)
+        for m in (model_t, model_b):
+            m.zero_grad(set_to_none=True)
+        out_t = transformed(**b, reference_loss=reference_loss)
+        out_t.loss.backward()
+        if positional:  # the wrapper that carries reference_loss still names positional arguments
+            out_b = compiled(b["input_ids"], b["attention_mask"], labels=b["labels"], reference_loss=reference_loss)
+        else:
+            out_b = compiled(**b, reference_loss=reference_loss)
+        out_b.loss.backward()
+        assert torch.equal(cggr_compile.last_metrics(model_b)[key], out_t[key]), i
+        torch.testing.assert_close(out_b.loss, out_t.loss, rtol=1e-5, atol=1e-6)
+        for (n, p), q in zip(model_t.named_parameters(), model_b.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"step {i}: {n}")
+    first, *later = core_of(model_b).routed_graphs
+    assert type(first).__name__ == "FirstStepWithoutReferenceInput"
+    assert len(later) == 1 and "reference_loss" in later[0].plan.inputs  # captured again once, then reused
+    with pytest.raises(RuntimeError, match="ran again the graph it captured before the batch's reference_loss"):
+        first(*first.example_inputs[:-1])
+    model_b.eval()  # evaluation still runs the plain model, whatever the batch carries
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**b, reference_loss=reference_loss).logits, model_b(**b).logits)
+
+
+def test_backend_names_scoring_reducible_for_a_batch_carried_reference_loss():
+    compiled = torch.compile(tiny_model("llama"), backend="cggr", options=dict(OPTS, scoring="loss"))
+    with pytest.raises(Exception, match="carries reference_loss, which only scoring='reducible' reads"):
+        compiled(**batch("llama"), reference_loss=torch.zeros(6))
 
 
 def test_reducible_without_a_reference_names_both_ways_to_give_one():
