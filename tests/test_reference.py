@@ -85,19 +85,17 @@ def test_backend_with_a_reference_model_matches_the_transform(granularity):
     assert len(routed.references) == len(list(ref_model.parameters())) + len(list(ref_model.buffers()))
 
 
-@pytest.mark.parametrize("granularity,positional", [("sequences", False), ("tokens", False), ("sequences", True)])
-def test_backend_scores_by_a_batch_carried_reference_loss_like_the_transform(granularity, positional):
-    """Dynamo drops the batch's reference_loss (the model never reads it): the first step runs once on
-    the tensor the compile saw, then the model is captured again with it as a graph input."""
-    opts = dict(OPTS, scoring="reducible", granularity=granularity)
-    model_t, model_b = tiny_model("llama"), tiny_model("llama")
-    transformed = cggr_compile.transform(model_t, **opts)
+def _backend_against_transform(opts: dict, positional: bool = False, device: str = "cpu", steps: int = 3):
+    """Train a model with the backend and its twin with the transform on the same batches and
+    reference losses, checking loss, selection and gradients at every step; returns the backend's."""
+    model_t, model_b = tiny_model("llama").to(device), tiny_model("llama").to(device)
+    transformed = cggr_compile.transform(model_t, **{k: v for k, v in opts.items() if k != "cudagraphs"})
     compiled = torch.compile(model_b, backend="cggr", options=opts)
-    key = "selected_indices" if granularity == "sequences" else "selected_mask"
-    for i in range(3):
-        b = batch("llama", seed=i)
+    key = "selected_indices" if opts.get("granularity", "sequences") == "sequences" else "selected_mask"
+    for i in range(steps):
+        b = {k: v.to(device) for k, v in batch("llama", seed=i).items()}
         # reference losses far apart (router losses of random tokens lie close): they decide the selection
-        reference_loss = torch.linspace(-3.0, 3.0, b["input_ids"].shape[0]).roll(i)
+        reference_loss = torch.linspace(-3.0, 3.0, b["input_ids"].shape[0], device=device).roll(i)
         for m in (model_t, model_b):
             m.zero_grad(set_to_none=True)
         out_t = transformed(**b, reference_loss=reference_loss)
@@ -110,7 +108,16 @@ def test_backend_scores_by_a_batch_carried_reference_loss_like_the_transform(gra
         assert torch.equal(cggr_compile.last_metrics(model_b)[key], out_t[key]), i
         torch.testing.assert_close(out_b.loss, out_t.loss, rtol=1e-5, atol=1e-6)
         for (n, p), q in zip(model_t.named_parameters(), model_b.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"step {i}: {n}")
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=f"step {i}: {n}")
+    return model_b, compiled, b, reference_loss
+
+
+@pytest.mark.parametrize("granularity,positional", [("sequences", False), ("tokens", False), ("sequences", True)])
+def test_backend_scores_by_a_batch_carried_reference_loss_like_the_transform(granularity, positional):
+    """Dynamo drops the batch's reference_loss (the model never reads it): the first step runs once on
+    the tensor the compile saw, then the model is captured again with it as a graph input."""
+    model_b, compiled, b, reference_loss = _backend_against_transform(
+        dict(OPTS, scoring="reducible", granularity=granularity), positional)
     first, *later = core_of(model_b).routed_graphs
     assert type(first).__name__ == "FirstStepWithoutReferenceInput"
     assert len(later) == 1 and "reference_loss" in later[0].plan.inputs  # captured again once, then reused
@@ -119,6 +126,16 @@ def test_backend_scores_by_a_batch_carried_reference_loss_like_the_transform(gra
     model_b.eval()  # evaluation still runs the plain model, whatever the batch carries
     with torch.no_grad():
         torch.testing.assert_close(compiled(**b, reference_loss=reference_loss).logits, model_b(**b).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor's CUDA graphs)")
+def test_backend_with_cudagraphs_scores_by_a_batch_carried_reference_loss():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _backend_against_transform(dict(OPTS, scoring="reducible", cudagraphs=True), device="cuda", steps=4)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_backend_names_scoring_reducible_for_a_batch_carried_reference_loss():
