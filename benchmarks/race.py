@@ -1096,6 +1096,7 @@ def quality_entries(report: dict) -> list[dict]:
                 modes[m]["noise_share_trained"] = run["noise_share_trained"]
         out.append(dict(regime=report["regime"], seed=seed, device=report["device_name"],
                         preset=report["preset"], budget_s=report["args"]["budget_seconds"],
+                        batch_size=report["args"].get("batch_size"),
                         default_mode=report.get("default_mode"), initial=report["initial_heldout_loss"],
                         lr_values=report.get("lr_values"), source=report.get("json_name"), modes=modes))
     return out
@@ -1103,7 +1104,7 @@ def quality_entries(report: dict) -> list[dict]:
 
 def update_quality_summary(report: dict, path: Path) -> Path:
     """Merge the report's entries into ``path`` (``{"runs": [...]}``), replacing entries of the same
-    (regime, seed, device) and keeping every other."""
+    (regime, seed, device, batch size) and keeping every other."""
     data = {"runs": []}
     if path.exists():
         try:
@@ -1111,8 +1112,11 @@ def update_quality_summary(report: dict, path: Path) -> Path:
         except ValueError:
             raise SystemExit(f"{path}: not JSON; fix or remove it") from None
     new = quality_entries(report)
-    keys = {(e["regime"], e["seed"], e["device"]) for e in new}
-    runs = [e for e in data.get("runs", []) if (e.get("regime"), e.get("seed"), e.get("device")) not in keys]
+    def key(e: dict) -> tuple:
+        return e.get("regime"), e.get("seed"), e.get("device"), e.get("batch_size")
+
+    keys = {key(e) for e in new}
+    runs = [e for e in data.get("runs", []) if key(e) not in keys]
     runs.extend(new)
     runs.sort(key=lambda e: (str(e.get("regime")), str(e.get("device")), e.get("seed", 0)))
     data["runs"] = runs

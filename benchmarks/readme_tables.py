@@ -82,7 +82,7 @@ def quality_groups(summary: dict) -> list[dict]:
             if cell in g["finals"]:
                 raise SystemExit(f"{QUALITY_SOURCE.name}: mode {mode} at lr {r.get('lr')} seed {run['seed']} "
                                  f"appears twice in setting {dict(_setting(run))}; the summary keeps one run "
-                                 "per (regime, seed, device): merge the races with benchmarks/race.py --merge")
+                                 "per (regime, seed, device, batch size): merge the races with benchmarks/race.py --merge")
             g["finals"][cell] = float(r["final"])
             g["ms"][cell] = r.get("ms_per_step")
             g["extra"][cell] = r
@@ -119,14 +119,26 @@ def quality_groups(summary: dict) -> list[dict]:
                     row[f"beats_{ref}"] = (sum(finals[s] < best[ref][s] for s in both), len(both))
             rows.append(row)
         out.append(dict(setting=dict(key), rows=rows))
-    out.sort(key=lambda grp: tuple(str(v) for v in grp["setting"].values()))
+    # numbers as numbers (B=32 before B=128), the rest as text
+    out.sort(key=lambda grp: tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                                   for v in grp["setting"].values()))
     return out
 
 
-def _setting_label(setting: dict) -> str:
-    extra = [f"{k}={v}" for k, v in setting.items() if k not in _SETTING_ORDER]
-    label = f"{setting.get('regime')}" + (f" ({', '.join(extra)})" if extra else "")
-    return label
+# How a setting's key reads in the regime column.
+_SETTING_NAMES = {"batch_size": "B={}"}
+
+
+def _setting_label(setting: dict, show_budget: bool = False) -> str:
+    """The regime, then the settings that tell its groups apart (the budget where budgets differ)."""
+    extra = [_SETTING_NAMES.get(k, k + "={}").format(v) for k, v in setting.items() if k not in _SETTING_ORDER]
+    if show_budget and setting.get("budget_s") is not None:
+        extra.append(f"{setting['budget_s']:g} s")
+    return f"{setting.get('regime')}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _budgets_differ(groups: list[dict]) -> bool:
+    return len({g["setting"].get("budget_s") for g in groups}) > 1
 
 
 def _mode_label(row: dict) -> str:
@@ -153,8 +165,9 @@ def _group_header(groups: list[dict]) -> str:
     devs = sorted({str(g["setting"].get("device")) for g in groups})
     presets = sorted({str(g["setting"].get("preset")) for g in groups})
     budgets = sorted({g["setting"].get("budget_s") for g in groups}, key=str)
-    return (f"preset {', '.join(presets)} on {', '.join(devs)}, {', '.join(f'{b:g}' for b in budgets)} s of step "
-            "time per run; held-out loss of the full model, mean ± std over seeds at each mode's best lr; "
+    budget = ("the step time per run in the regime column" if _budgets_differ(groups)
+              else f"{', '.join(f'{b:g}' for b in budgets)} s of step time per run")
+    return (f"preset {', '.join(presets)} on {', '.join(devs)}, {budget}; held-out loss of the full model, mean ± std over seeds at each mode's best lr; "
             "beats = seeds where it ends below that baseline of the same seed")
 
 
@@ -182,7 +195,8 @@ def quality_table(summary: dict) -> str:
         best = r["mean"] == min(x["mean"] for x in g["rows"])
         return f"**{_mean_std(r)}**" if best else _mean_std(r)
 
-    columns = [("regime", lambda gr: _setting_label(gr[0]["setting"])), ("mode", lambda gr: _mode_label(gr[1])),
+    budgets = _budgets_differ(groups)
+    columns = [("regime", lambda gr: _setting_label(gr[0]["setting"], budgets)), ("mode", lambda gr: _mode_label(gr[1])),
                ("final loss", loss), ("seeds", lambda gr: str(len(gr[1]["seeds"]))),
                ("beats random", lambda gr: _beats(gr[1], "random")), ("beats full", lambda gr: _beats(gr[1], "full")),
                ("ms/step", lambda gr: _fmt_ms(gr[1]["ms"]))]
@@ -202,14 +216,16 @@ def _best_lr(r: dict) -> str:
 
 def quality_detail_table(summary: dict) -> str:
     """Every seed's final, the steps, the chosen lr and (noisy regimes) the share of noise trained on."""
+    groups = quality_groups(summary)
+    budgets = _budgets_differ(groups)
     columns = [
-        ("regime", lambda gr: _setting_label(gr[0]["setting"])), ("mode", lambda gr: _mode_label(gr[1])),
+        ("regime", lambda gr: _setting_label(gr[0]["setting"], budgets)), ("mode", lambda gr: _mode_label(gr[1])),
         ("final by seed", lambda gr: " / ".join(f"{s}: {v:.3f}" for s, v in zip(gr[1]["seeds"], gr[1]["finals"]))),
         ("mean ± std", lambda gr: _mean_std(gr[1])), ("best lr", lambda gr: _best_lr(gr[1])),
         ("steps", lambda gr: " / ".join("–" if s is None else str(s) for s in gr[1]["steps"])),
         ("ms/step", lambda gr: _fmt_ms(gr[1]["ms"])), ("noise share trained", lambda gr: _noise_share(gr[1])),
     ]
-    return "\n".join(markdown_table(columns, _group_rows(quality_groups(summary))))
+    return "\n".join(markdown_table(columns, _group_rows(groups)))
 
 
 # ----------------------------------------------------------------------------------------- speed

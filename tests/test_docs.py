@@ -187,7 +187,8 @@ def test_readme_tables_check_sees_a_stale_table():
 
 
 def test_quality_groups_best_lr_and_extra_settings():
-    """Several learning rates per mode, and a run key (batch size) the current summary lacks."""
+    """Several learning rates per mode, and a run key (batch size) that tells settings apart: sorted
+    as a number (32 before 128), named in the regime column, with the budget where budgets differ."""
     t = _load_tables()
 
     def run(seed, lr, batch, full, random, cggr):
@@ -201,10 +202,10 @@ def test_quality_groups_best_lr_and_extra_settings():
     for seed in (0, 1, 2):
         runs.append(run(seed, 1e-3, 32, 1.70, 1.80, 1.79 if seed < 2 else 1.81))  # best lr for all
         runs.append(run(seed, 3e-4, 32, 1.75, 1.85, 1.70))  # cggr's mean is lower here: its best lr
-        runs.append(run(seed, 1e-3, 64, 1.60, 1.90, 1.95))
+        runs.append(run(seed, 1e-3, 128, 1.60, 1.90, 1.95))
     # several learning rates of one seed as separate runs, and two batch sizes: two settings
     groups = t.quality_groups({"runs": runs})
-    assert [g["setting"]["batch_size"] for g in groups] == [32, 64]
+    assert [g["setting"]["batch_size"] for g in groups] == [32, 128]
     rows = {r["mode"]: r for r in groups[0]["rows"]}
     assert [r["mode"] for r in groups[0]["rows"]] == ["full", "random", "cggr-loss-importance"]
     assert rows["full"]["lr"] == 1e-3 and rows["full"]["mean"] == pytest.approx(1.70)
@@ -213,7 +214,11 @@ def test_quality_groups_best_lr_and_extra_settings():
     assert rows["cggr-loss-importance"]["beats_full"] == (0, 3)
     assert rows["random"]["std"] == pytest.approx(0.0)
     table = t.quality_table({"runs": runs})
-    assert "pretrained (batch_size=32)" in table and "pretrained (batch_size=64)" in table
+    assert "pretrained (B=32)" in table and "pretrained (B=128)" in table
+    other_budget = [dict(r, budget_s=10.0) if r["batch_size"] == 128 else r for r in runs]
+    table = t.quality_table({"runs": other_budget})
+    assert "pretrained (B=32, 8 s)" in table and "pretrained (B=128, 10 s)" in table
+    assert "the step time per run in the regime column" in table
     dup = copy.deepcopy(runs) + [copy.deepcopy(runs[0])]
     with pytest.raises(SystemExit, match="appears twice"):
         t.quality_groups({"runs": dup})

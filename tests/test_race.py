@@ -379,22 +379,25 @@ def test_mode_runner_resets_in_place():
     assert all(not s for s in runner.opt.state.values())  # a fresh optimizer
 
 
-def test_quality_summary_merges_by_regime_seed_device(tmp_path):
-    def report(regime, seeds, final):
+def test_quality_summary_merges_by_regime_seed_device_batch_size(tmp_path):
+    def report(regime, seeds, final, batch_size=8):
         run = lambda s: dict(final_heldout_loss=final + s, best_heldout_loss=final, steps=10, step_ms_median=1.0,
                              lr=1e-3, seed=s, checkpoint_std=0.01)
-        return dict(regime=regime, device_name="cpu", preset="ci", args=dict(budget_seconds=1.0, seed=seeds[0]),
+        return dict(regime=regime, device_name="cpu", preset="ci",
+                    args=dict(budget_seconds=1.0, seed=seeds[0], batch_size=batch_size),
                     seeds=seeds, default_mode="cggr-combined", initial_heldout_loss=9.0,
                     modes={"full": dict(run(seeds[0]), runs_by_seed={str(s): run(s) for s in seeds})})
     path = tmp_path / "quality_summary.json"
     race.update_quality_summary(report("pretrained", [0, 1], 2.0), path)
     race.update_quality_summary(report("scratch", [0], 5.0), path)
     race.update_quality_summary(report("pretrained", [1], 3.0), path)  # replaces seed 1 only
+    race.update_quality_summary(report("pretrained", [0], 7.0, batch_size=32), path)  # another setting: kept apart
     runs = json.loads(path.read_text())["runs"]
-    got = {(e["regime"], e["seed"]): e["modes"]["full"]["final"] for e in runs}
-    assert got == {("pretrained", 0): 2.0, ("pretrained", 1): 4.0, ("scratch", 0): 5.0}
+    got = {(e["regime"], e["seed"], e["batch_size"]): e["modes"]["full"]["final"] for e in runs}
+    assert got == {("pretrained", 0, 8): 2.0, ("pretrained", 1, 8): 4.0, ("scratch", 0, 8): 5.0,
+                   ("pretrained", 0, 32): 7.0}
     for e in runs:
-        assert {"regime", "seed", "device", "budget_s", "default_mode", "modes"} <= set(e)
+        assert {"regime", "seed", "device", "budget_s", "batch_size", "default_mode", "modes"} <= set(e)
         assert set(e["modes"]["full"]) >= {"final", "best", "steps", "ms_per_step", "lr"}
 
 
