@@ -227,6 +227,10 @@ class RoutedGraph:
         self.compiled: dict[RoutedPlan, Callable] = {}
         self.references = reference_tensors(core)  # scoring='reducible' with reference=: its weights
         self.graphs: dict[RoutedPlan, fx.GraphModule] = {}
+        # Dynamo shares one graph between instances of a class (their parameters are its inputs), but
+        # this one routes with its model's core (schedule, metrics): one of its parameters tells.
+        self.owner_param = next(((p, example_inputs[p]) for p in plan.others
+                                 if isinstance(example_inputs[p], torch.nn.Parameter)), None)
 
     def graph_for(self, routed: RoutedPlan) -> fx.GraphModule:
         """The rewritten graph for ``routed`` (built once per distinct plan)."""
@@ -257,8 +261,19 @@ class RoutedGraph:
             self.compiled[routed] = fn
         return fn(*args, routed.step_tensor, *self.references)
 
+    def check_owner(self, args: Sequence[Any]) -> None:
+        """Raise if ``args`` are another model's: its schedule would silently be this model's."""
+        if self.owner_param is not None and args[self.owner_param[0]] is not self.owner_param[1]:
+            raise RuntimeError(
+                f"cggr backend: Dynamo reused the training graph it compiled for another "
+                f"{type(self.core.model).__name__} (it shares graphs between instances of a class), so this "
+                "model would train with that one's CGGR schedule and metrics; call torch._dynamo.reset() "
+                "before compiling another model in the same process, or train cggr_compile.transform(model)."
+            )
+
     def __call__(self, *args: Any) -> tuple:
         core, plan = self.core, self.plan
+        self.check_owner(args)
         ids = args[plan.inputs["input_ids"]]
         routed = core.plan_step(plan.batch, ids.device)
         loss, logits, selection, *extras = self.run(routed, args)
@@ -317,9 +332,10 @@ class FirstStepWithoutReferenceInput(RoutedGraph):
     its graph lacks (Dynamo dropped the unused input), for that one call.
 
     Its call installs :func:`carry_reference_loss`'s wrapper, so that the next call is captured
-    again with the tensor as an input, and runs the routed step eagerly, once, on the tensor the compile saw: the same call's. Compiling
-    it would be wasted (it never runs again). A second call means Dynamo kept this graph: it has no
-    reference loss to score by, so it raises rather than train on a stale one."""
+    again with the tensor as an input, and runs the routed step eagerly, once, on the tensor the
+    compile saw: the same call's. Compiling it would be wasted (it never runs again). A second call
+    means Dynamo kept this graph: it has no reference loss to score by, so it raises rather than train
+    on a stale one."""
 
     def __init__(self, core: CGGRModel, plan: GraphPlan, example_inputs: Sequence[Any], call_kwargs: dict,
                  dynamo_gm: fx.GraphModule, reference_loss: torch.Tensor, module: torch.nn.Module):

@@ -249,6 +249,21 @@ def _wrapped_forward(forward):
     return wrapped_func
 
 
+def test_a_second_model_of_the_class_is_not_routed_with_the_first_ones_schedule():
+    """Dynamo serves a second instance of a class with the graph it compiled for the first (their
+    parameters are its inputs); that graph's CGGR core (schedule, metrics) is the first model's."""
+    b = batch("llama")
+    first = tiny_model("llama", seed=0)
+    torch.compile(first, backend="cggr", options=OPTS)(**b).loss.backward()
+    second = tiny_model("llama", seed=1)
+    with pytest.raises(Exception, match="reused the training graph it compiled for another LlamaForCausalLM.*"
+                                        "torch._dynamo.reset\(\)"):
+        torch.compile(second, backend="cggr", options=OPTS)(**b)
+    torch._dynamo.reset()  # as the message says: then the second model gets its own graph and core
+    torch.compile(second, backend="cggr", options=OPTS)(**b).loss.backward()
+    assert core_of(second) is not None and core_of(second) is not core_of(first)
+
+
 @pytest.mark.parametrize("call", ["keywords", "positional"])
 def test_module_is_found_inside_a_decorator_without_self(call):
     """The backend finds the model by the parameters its graph lifted, not by a local named ``self``."""
