@@ -1299,6 +1299,48 @@ def result_stem(args, device) -> str:
     return common.result_stem("race", tag, device_slug(device))
 
 
+def race_corpus(args, pre: dict | None, log=print) -> "corpus_mod.Corpus":
+    """The race's corpus (splits, tokenizer, packed sequences) for ``args``; ``pre`` is
+    :func:`load_pretrained`'s result in the pretrained regimes (its tokenizer is used), else None."""
+    pretrained_regime = args.regime in corpus_mod.PRETRAINED_REGIMES
+    source = args.corpus or ("stdlib+site" if args.include_site_packages else "stdlib")
+    corpus = corpus_mod.build_corpus(
+        source, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
+        heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None,
+        max_file_bytes=args.max_file_bytes, tokenizer_max_bytes=args.tokenizer_max_bytes or None,
+        regime=args.regime, cache_dir=Path(args.cache_dir), log=log,
+        race_packages=[x.strip() for x in args.race_packages.split(",")] if args.race_packages else None,
+        tokenizer=pre["tokenizer"] if pre else None,
+        reference_fraction=args.reference_fraction if pretrained_regime else 0.0)
+    log(f"corpus: {source}: {corpus.scan_description}")
+    if args.max_bytes:
+        log(f"corpus: capped to {args.max_bytes:,} bytes (a seeded random subset of the files)")
+    for s in corpus.splits.values():
+        log(f"  {s.name:8s}: {len(s.files):6d} files  {s.bytes:13,d} bytes  {s.tokens:12,d} tokens  "
+            f"{s.sequences.shape[0]:8d} sequences of {args.seq_len + 1}")
+    return corpus
+
+
+def mix_noise(args, corpus: "corpus_mod.Corpus", train: torch.Tensor, log=print) -> tuple[torch.Tensor, dict | None]:
+    """``train`` with ``--noise-fraction`` of unlearnable sequences appended (rows from
+    ``args.n_clean_train`` on are noise; None without noise), and what the noise is."""
+    args.n_clean_train = None
+    if args.noise_fraction <= 0:
+        return train, None
+    n_clean = train.shape[0]
+    n_noise = round(args.noise_fraction / (1 - args.noise_fraction) * n_clean)
+    t0 = time.perf_counter()
+    noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, seed=args.seed,
+                                              cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
+    args.n_clean_train = n_clean
+    noise_info = dict(noise_info, clean_train_sequences=n_clean, noise_train_sequences=n_noise,
+                      noise_share=round(n_noise / (n_noise + n_clean), 4), seconds=round(time.perf_counter() - t0, 2))
+    log(f"noise: {n_noise} unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, "
+        f"{noise_info['binary_dumps']} base64 / hex dumps of {noise_info['binary_files']} shared objects) mixed "
+        f"into {n_clean} clean ones ({noise_info['noise_share']:.0%} of the stream); held-out stays clean")
+    return torch.cat([train, noise]), noise_info
+
+
 def main(argv=None) -> dict:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw and raw[0] == "--merge":  # python benchmarks/race.py --merge a.json b.json [--results-dir D]
@@ -1331,7 +1373,6 @@ def main(argv=None) -> dict:
     log = print
 
     pretrained_regime = args.regime in corpus_mod.PRETRAINED_REGIMES
-    source = args.corpus or ("stdlib+site" if args.include_site_packages else "stdlib")
     log(f"== CGGR race: preset {args.preset}, regime {args.regime}, device {device_name(device)}, "
         f"torch {torch.__version__}, compile {args.compile}, cudagraphs {args.cudagraphs}, dtype {args.dtype}")
     pre = None
@@ -1341,20 +1382,7 @@ def main(argv=None) -> dict:
         args.hf_config = pre["config"]
         log(f"pretrained: {pre['id']} ({pre['info']['n_params'] / 1e6:.1f}M parameters, "
             f"{'cached' if pre['info'].get('cached') else 'made now'})")
-    corpus = corpus_mod.build_corpus(
-        source, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
-        heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None,
-        max_file_bytes=args.max_file_bytes, tokenizer_max_bytes=args.tokenizer_max_bytes or None,
-        regime=args.regime, cache_dir=Path(args.cache_dir), log=log,
-        race_packages=[x.strip() for x in args.race_packages.split(",")] if args.race_packages else None,
-        tokenizer=pre["tokenizer"] if pre else None,
-        reference_fraction=args.reference_fraction if pretrained_regime else 0.0)
-    log(f"corpus: {source}: {corpus.scan_description}")
-    if args.max_bytes:
-        log(f"corpus: capped to {args.max_bytes:,} bytes (a seeded random subset of the files)")
-    for s in corpus.splits.values():
-        log(f"  {s.name:8s}: {len(s.files):6d} files  {s.bytes:13,d} bytes  {s.tokens:12,d} tokens  "
-            f"{s.sequences.shape[0]:8d} sequences of {args.seq_len + 1}")
+    corpus = race_corpus(args, pre, log)
     if args.regime in ("finetune", "finetune-mixed"):
         log(f"  base packages ({len(corpus.base_packages)}): {corpus.base_packages[0]} .. {corpus.base_packages[-1]}; "
             f"race packages ({len(corpus.race_packages)}): {corpus.race_packages[0]} .. {corpus.race_packages[-1]}")
@@ -1397,21 +1425,7 @@ def main(argv=None) -> dict:
         log(f"finetune-mixed: race stream {n_b} new (B) + {n_a} replayed (A) sequences "
             f"({mix_info['replay_share']:.0%} replay), shuffled; eval {args.eval_n_new} new + "
             f"{eval_replay.shape[0]} replay held-out sequences")
-    args.n_clean_train = None
-    noise_info = None
-    if args.noise_fraction > 0:
-        n_clean = train.shape[0]
-        n_noise = round(args.noise_fraction / (1 - args.noise_fraction) * n_clean)
-        t0 = time.perf_counter()
-        noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, seed=args.seed,
-                                                  cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
-        train = torch.cat([train, noise])  # indices >= n_clean are noise
-        args.n_clean_train = n_clean
-        noise_info = dict(noise_info, clean_train_sequences=n_clean, noise_train_sequences=n_noise,
-                          noise_share=round(n_noise / (n_noise + n_clean), 4), seconds=round(time.perf_counter() - t0, 2))
-        log(f"noise: {n_noise} unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, "
-            f"{noise_info['binary_dumps']} base64 / hex dumps of {noise_info['binary_files']} shared objects) mixed "
-            f"into {n_clean} clean ones ({noise_info['noise_share']:.0%} of the stream); held-out stays clean")
+    train, noise_info = mix_noise(args, corpus, train, log)
     train_cpu = train
     if device.type == "cuda":
         train = train.to(device)

@@ -1,0 +1,148 @@
+"""What the router's selection picks from the race's training stream.
+
+    python benchmarks/selection_profile.py --preset smollm2-135m --regime pretrained-noisy --batches 16
+
+The race's corpus, tokenizer, noise mix, batch size and first batches (``race.py``'s options and its
+``BatchOrder`` for ``--seed``); the pretrained model's router (its first ``--router-layers`` layers,
+final norm and head, as ``scoring="loss"`` runs it) scores every row of each batch by its mean loss.
+Then, per batch, what each rule takes: top-k (the ``k`` highest rows), importance sampling (row ``i``
+is drawn ``k p_i`` times in expectation, ``cggr_compile.scoring.importance_probabilities`` with the
+default floor) and a random subset (``k / B`` each). Rows are told apart by where most of their
+tokens come from: the standard library's or the installed packages' Python sources, documentation,
+or (noisy regime) token-shuffled text or a hex / base64 dump of a binary file. The table gives each
+kind's share of the stream and of each rule's rows, and its rows' mean router loss: what top-k
+trains on instead of the stream. JSON goes to ``--results-dir`` (``benchmarks/runs`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import cggr_compile  # noqa: E402
+from cggr_compile.scoring import importance_probabilities  # noqa: E402
+from benchmarks import common, corpus as corpus_mod, pretrained as pretrained_mod, race  # noqa: E402
+
+NOISE_SHUFFLED, NOISE_BINARY = "noise: token-shuffled text", "noise: hex / base64 of a binary"
+
+
+def file_kind(key: str) -> str:
+    """A source file's kind from its corpus key (``<root label>/<relative path>``; the labels of
+    ``corpus.scan_files``: ``stdlib``, ``purelib``, then the documentation roots)."""
+    root = key.split("/", 1)[0]
+    if not key.endswith(".py"):
+        return "docs and other text"
+    return {"stdlib": "stdlib .py", "purelib": "site-packages .py"}.get(root, ".py elsewhere")
+
+
+def row_kinds(corpus, train: torch.Tensor, n_clean: int, noise_info: dict | None, cache_dir: Path) -> list[str]:
+    """The kind of each training row: that of the file most of its tokens come from, or its noise kind.
+
+    Rows are packed from one stream of the files' tokens, each file ended by the separator token, so
+    counting separators places every token in its file; where that count is not the number of files
+    (a file whose text holds the separator itself), the rows are all called ``clean``."""
+    split = corpus.splits["train"]
+    tok = corpus.tokenizer
+    sep = pretrained_mod.separator_id(tok) if hasattr(tok, "backend_tokenizer") else None
+    stream = corpus_mod.encode_files(tok, split.files, corpus.tokenizer_key, cache_dir, sep)
+    sep_id = int(stream[-1])  # every file ends with it
+    ends = stream == sep_id
+    kinds = ["clean"] * n_clean
+    if int(ends.sum()) == len(split.files):
+        file_of = torch.cumsum(ends.long(), 0) - ends.long()  # a separator belongs to the file it ends
+        width = train.shape[1]
+        by_file = [file_kind(f.key) for f in split.files]
+        owners = file_of[: n_clean * width].view(n_clean, width).mode(dim=1).values
+        kinds = [by_file[int(i)] for i in owners]
+    n_noise = train.shape[0] - n_clean
+    shuffled = int(noise_info["token_shuffled"]) if noise_info else 0
+    return kinds + [NOISE_SHUFFLED if j < shuffled else NOISE_BINARY for j in range(n_noise)]
+
+
+def profile(kinds: list[str], scores: list[torch.Tensor], batches: list[torch.Tensor], k: int, floor: float,
+            seq_len: int) -> dict:
+    """Per kind: its share of the rows scored, of top-k's, of importance sampling's (expected draws)
+    and of a random subset's, and its rows' mean router loss."""
+    stream, topk, importance = Counter(), Counter(), Counter()
+    loss_sum: Counter = Counter()
+    for idx, s in zip(batches, scores):
+        counts = torch.full_like(s, float(seq_len))  # every position of a packed row is valid
+        draws = importance_probabilities(s, counts, floor) * k
+        for j, row in enumerate(idx.tolist()):
+            kind = kinds[row]
+            stream[kind] += 1
+            loss_sum[kind] += float(s[j])
+            importance[kind] += float(draws[j])
+        for j in torch.topk(s, k).indices.tolist():
+            topk[kinds[int(idx[j])]] += 1
+    rows, picked = sum(stream.values()), k * len(batches)
+    out = {}
+    for kind in sorted(stream, key=lambda x: -stream[x]):
+        out[kind] = dict(stream_share=round(stream[kind] / rows, 4), random_share=round(stream[kind] / rows, 4),
+                         topk_share=round(topk[kind] / picked, 4),
+                         importance_share=round(importance[kind] / picked, 4),
+                         mean_router_loss=round(loss_sum[kind] / stream[kind], 4), rows=stream[kind])
+    return out
+
+
+def table(kinds: dict) -> str:
+    lines = ["| rows from | share of the stream (= random subset) | top-k | importance (default) | mean router loss |",
+             "|---|---|---|---|---|"]
+    for kind, r in kinds.items():
+        lines.append(f"| {kind} | {r['stream_share']:.3f} ({r['rows']} rows) | {r['topk_share']:.3f} | "
+                     f"{r['importance_share']:.3f} | {r['mean_router_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--batches", type=int, default=16, help="training batches to score (default 16)")
+    mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if mine.batches < 1:
+        raise SystemExit("--batches must be >= 1")
+    args = race.parse_args(rest)
+    device = common.pick_device(args.device)
+    args.dtype = args.dtype or (race.PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32")
+    t0 = time.perf_counter()
+    pre = race.load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
+    args.hf_config = pre["config"] if pre else None
+    corpus = race.race_corpus(args, pre)
+    train, noise_info = race.mix_noise(args, corpus, corpus.splits["train"].sequences)
+    n_clean = args.n_clean_train or train.shape[0]
+    kinds = row_kinds(corpus, train, n_clean, noise_info, Path(args.cache_dir))
+    model, _ = race.build_model(args, corpus.vocab_size)
+    if pre:
+        model.load_state_dict(pre["state"])
+    model.to(device).eval()
+    cg = cggr_compile.transform(model, router_layers=args.router_layers, scoring="loss", strict=True,
+                                warmup_steps=0, dynamic_threshold=False)
+    k = race.subset_k(args.ratio, args.batch_size)
+    order = race.BatchOrder(train.shape[0], args.batch_size, args.seed)
+    batches = [order.next() for _ in range(mine.batches)]
+    scores = [race.router_scores(cg, train[idx], args.batch_size, device, args.dtype) for idx in batches]
+    floor = cggr_compile.CGGRConfig().importance_floor
+    result = profile(kinds, scores, batches, k, floor, args.seq_len)
+    print(table(result))
+    report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
+                  versions=common.versions(), preset=args.preset, regime=args.regime,
+                  model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
+                  router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
+                  seconds=round(time.perf_counter() - t0, 1), noise=noise_info, kinds=result)
+    stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
+    path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""benchmarks/selection_profile.py: which rows each selection rule takes, by where they come from."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import corpus as C  # noqa: E402
+from benchmarks import selection_profile as SP  # noqa: E402
+
+
+def test_file_kinds_follow_the_scan_roots():
+    assert SP.file_kind("stdlib/os.py") == "stdlib .py"
+    assert SP.file_kind("purelib/torch/nn/functional.py") == "site-packages .py"
+    assert SP.file_kind("purelib-docs/numpy/README.md") == "docs and other text"
+    assert SP.file_kind("mycorpus/a.py") == ".py elsewhere"
+
+
+def test_rows_take_the_kind_of_the_file_most_of_their_tokens_come_from(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(8):  # files much longer than a row, .py and text alternating
+        body = "\n".join(f"value_{i}_{j} = {j} * {i}" for j in range(60 + 15 * i))
+        (src / (f"m{i}.py" if i % 2 else f"doc{i}.txt")).write_text(body if i % 2 else body.replace("=", "is"))
+    c = C.build_corpus(str(src), seq_len=32, vocab_size=300, max_bytes=None, cache_dir=tmp_path / "c",
+                       log=lambda *a: None)
+    train = c.splits["train"].sequences
+    kinds = SP.row_kinds(c, train, train.shape[0], None, tmp_path / "c")
+    # independently: each file's own token count (its text encoded alone, plus the separator)
+    files = c.splits["train"].files
+    sizes = torch.tensor([len(c.tokenizer.encode(C.read_text(f), add_special_tokens=False).ids) + 1 for f in files])
+    owner = torch.repeat_interleave(torch.arange(len(files)), sizes)[: train.numel()].view(train.shape)
+    want = [SP.file_kind(files[int(i)].key) for i in owner.mode(dim=1).values]
+    assert kinds == want
+    assert {"docs and other text", ".py elsewhere"} <= set(kinds)
+    noise = {"token_shuffled": 2}
+    kinds = SP.row_kinds(c, torch.cat([train, train[:3]]), train.shape[0], noise, tmp_path / "c")
+    assert kinds[-3:] == [SP.NOISE_SHUFFLED, SP.NOISE_SHUFFLED, SP.NOISE_BINARY]
+
+
+def test_profile_counts_topk_importance_and_the_stream():
+    kinds = ["a", "a", "b", "noise"]
+    batches = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])]
+    scores = [torch.tensor([1.0, 1.0, 2.0, 5.0]), torch.tensor([5.0, 2.0, 1.0, 1.0])]
+    out = SP.profile(kinds, scores, batches, k=1, floor=0.5, seq_len=8)
+    assert out["noise"]["topk_share"] == 1.0 and out["a"]["topk_share"] == 0.0  # the hardest row, each time
+    assert out["a"]["stream_share"] == 0.5 and out["a"]["rows"] == 4
+    # importance: p = 0.5 * s / sum(s) + 0.5 / 4 per row; k = 1 draws in expectation per batch
+    assert out["noise"]["importance_share"] == pytest.approx(0.5 * 5 / 9 + 0.125, abs=1e-4)
+    assert sum(r["importance_share"] for r in out.values()) == pytest.approx(1.0, abs=1e-3)
+    assert out["b"]["mean_router_loss"] == pytest.approx(2.0) and out["a"]["mean_router_loss"] == pytest.approx(1.0)
+
+
+def test_the_script_runs_and_writes_its_report(tmp_path):
+    report = SP.main(["--preset", "tiny", "--batches", "1", "--max-bytes", "300000", "--device", "cpu",
+                      "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path)])
+    assert report["k"] >= 1 and report["kinds"]
+    assert sum(r["topk_share"] for r in report["kinds"].values()) == pytest.approx(1.0)
+    assert list(tmp_path.glob("selection_profile_tiny-scratch_cpu.json"))
