@@ -11,7 +11,9 @@ default floor) and a random subset (``k / B`` each). Rows are told apart by wher
 tokens come from: the standard library's or the installed packages' Python sources, documentation,
 or (noisy regime) token-shuffled text or a hex / base64 dump of a binary file. The table gives each
 kind's share of the stream and of each rule's rows, and its rows' mean router loss: what top-k
-trains on instead of the stream. JSON goes to ``--results-dir`` (``benchmarks/runs`` by default).
+trains on instead of the stream, and how the router's score ranks the rows against the whole
+model's own loss (``--model-loss-batches`` of the batches). JSON goes to ``--results-dir``
+(``benchmarks/runs`` by default).
 """
 
 from __future__ import annotations
@@ -45,36 +47,42 @@ def file_kind(key: str) -> str:
     return {"stdlib": "stdlib .py", "purelib": "site-packages .py"}.get(root, ".py elsewhere")
 
 
-def row_kinds(corpus, train: torch.Tensor, n_clean: int, noise_info: dict | None, cache_dir: Path) -> list[str]:
+def row_kinds(corpus, train: torch.Tensor, n_clean: int, noise_info: dict | None) -> list[str]:
     """The kind of each training row: that of the file most of its tokens come from, or its noise kind.
 
-    Rows are packed from one stream of the files' tokens, each file ended by the separator token, so
-    counting separators places every token in its file; where that count is not the number of files
-    (a file whose text holds the separator itself), the rows are all called ``clean``."""
+    Rows are packed from one stream of the files' tokens, each file followed by a separator, so each
+    file's own token count places every token in its file (counting separators would not: a file's
+    text may hold the separator token itself). Where the counts do not add up to the stream that was
+    packed, the rows are all called ``clean``."""
     split = corpus.splits["train"]
-    tok = corpus.tokenizer
-    sep = pretrained_mod.separator_id(tok) if hasattr(tok, "backend_tokenizer") else None
-    stream = corpus_mod.encode_files(tok, split.files, corpus.tokenizer_key, cache_dir, sep)
-    sep_id = int(stream[-1])  # every file ends with it
-    ends = stream == sep_id
+    tok = getattr(corpus.tokenizer, "backend_tokenizer", corpus.tokenizer)
+    sizes = []
+    for i in range(0, len(split.files), 256):
+        chunk = [corpus_mod.read_text(f) for f in split.files[i:i + 256]]
+        sizes.extend(len(enc.ids) + 1 for enc in tok.encode_batch(chunk, add_special_tokens=False))
     kinds = ["clean"] * n_clean
-    if int(ends.sum()) == len(split.files):
-        file_of = torch.cumsum(ends.long(), 0) - ends.long()  # a separator belongs to the file it ends
-        width = train.shape[1]
+    width = train.shape[1]
+    if sum(sizes) == split.tokens and sum(sizes) >= n_clean * width:
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         by_file = [file_kind(f.key) for f in split.files]
-        owners = file_of[: n_clean * width].view(n_clean, width).mode(dim=1).values
-        kinds = [by_file[int(i)] for i in owners]
+        kinds = [by_file[int(i)] for i in owner[: n_clean * width].view(n_clean, width).mode(dim=1).values]
     n_noise = train.shape[0] - n_clean
     shuffled = int(noise_info["token_shuffled"]) if noise_info else 0
     return kinds + [NOISE_SHUFFLED if j < shuffled else NOISE_BINARY for j in range(n_noise)]
 
 
 def profile(kinds: list[str], scores: list[torch.Tensor], batches: list[torch.Tensor], k: int, floor: float,
-            seq_len: int) -> dict:
+            seq_len: int, full: list[torch.Tensor] | None = None) -> dict:
     """Per kind: its share of the rows scored, of top-k's, of importance sampling's (expected draws)
-    and of a random subset's, and its rows' mean router loss."""
+    and of a random subset's, its rows' mean router loss and (``full``: the whole model's loss of the
+    first batches' rows) their mean loss under the whole model."""
     stream, topk, importance = Counter(), Counter(), Counter()
     loss_sum: Counter = Counter()
+    full_sum, full_n = Counter(), Counter()
+    for idx, f in zip(batches, full or []):
+        for j, row in enumerate(idx.tolist()):
+            full_sum[kinds[row]] += float(f[j])
+            full_n[kinds[row]] += 1
     for idx, s in zip(batches, scores):
         counts = torch.full_like(s, float(seq_len))  # every position of a packed row is valid
         draws = importance_probabilities(s, counts, floor) * k
@@ -92,21 +100,39 @@ def profile(kinds: list[str], scores: list[torch.Tensor], batches: list[torch.Te
                          topk_share=round(topk[kind] / picked, 4),
                          importance_share=round(importance[kind] / picked, 4),
                          mean_router_loss=round(loss_sum[kind] / stream[kind], 4), rows=stream[kind])
+        if full_n[kind]:
+            out[kind]["mean_model_loss"] = round(full_sum[kind] / full_n[kind], 4)
+    return out
+
+
+def score_agreement(scores: list[torch.Tensor], full: list[torch.Tensor], kinds: list[str],
+                    batches: list[torch.Tensor]) -> dict:
+    """Spearman correlation of the router's row scores with the whole model's row losses (the rows of
+    the batches ``full`` covers), over all of them and over the clean rows alone."""
+    n = len(full)
+    s, f = torch.cat(scores[:n]), torch.cat(full)
+    clean = torch.tensor([not kinds[int(r)].startswith("noise") for idx in batches[:n] for r in idx])
+    out = dict(rows=int(s.numel()), spearman_all=round(race.spearman(s.numpy(), f.numpy()), 4))
+    if int(clean.sum()) > 2:
+        out["spearman_clean"] = round(race.spearman(s[clean].numpy(), f[clean].numpy()), 4)
     return out
 
 
 def table(kinds: dict) -> str:
-    lines = ["| rows from | share of the stream (= random subset) | top-k | importance (default) | mean router loss |",
-             "|---|---|---|---|---|"]
+    lines = ["| rows from | share of the stream (= random subset) | top-k | importance (default) | mean router loss "
+             "| mean loss of the whole model |", "|---|---|---|---|---|---|"]
     for kind, r in kinds.items():
+        model = f"{r['mean_model_loss']:.3f}" if "mean_model_loss" in r else "–"
         lines.append(f"| {kind} | {r['stream_share']:.3f} ({r['rows']} rows) | {r['topk_share']:.3f} | "
-                     f"{r['importance_share']:.3f} | {r['mean_router_loss']:.3f} |")
+                     f"{r['importance_share']:.3f} | {r['mean_router_loss']:.3f} | {model} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--batches", type=int, default=16, help="training batches to score (default 16)")
+    own.add_argument("--model-loss-batches", type=int, default=4,
+                     help="of those, how many the whole model also scores (its loss per row; default 4)")
     mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if mine.batches < 1:
         raise SystemExit("--batches must be >= 1")
@@ -119,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = race.race_corpus(args, pre)
     train, noise_info = race.mix_noise(args, corpus, corpus.splits["train"].sequences)
     n_clean = args.n_clean_train or train.shape[0]
-    kinds = row_kinds(corpus, train, n_clean, noise_info, Path(args.cache_dir))
+    kinds = row_kinds(corpus, train, n_clean, noise_info)
     model, _ = race.build_model(args, corpus.vocab_size)
     if pre:
         model.load_state_dict(pre["state"])
@@ -130,14 +156,21 @@ def main(argv: list[str] | None = None) -> dict:
     order = race.BatchOrder(train.shape[0], args.batch_size, args.seed)
     batches = [order.next() for _ in range(mine.batches)]
     scores = [race.router_scores(cg, train[idx], args.batch_size, device, args.dtype) for idx in batches]
+    full = [race.heldout_losses(model, train[idx], args.batch_size, device, args.dtype)
+            for idx in batches[:max(0, mine.model_loss_batches)]]
     floor = cggr_compile.CGGRConfig().importance_floor
-    result = profile(kinds, scores, batches, k, floor, args.seq_len)
+    result = profile(kinds, scores, batches, k, floor, args.seq_len, full)
+    agreement = score_agreement(scores, full, kinds, batches) if full else None
     print(table(result))
+    if agreement:
+        print(f"router score vs the whole model's loss, Spearman over {agreement['rows']} rows: "
+              f"{agreement['spearman_all']} (clean rows: {agreement.get('spearman_clean')})")
     report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
                   versions=common.versions(), preset=args.preset, regime=args.regime,
                   model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
                   router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
-                  seconds=round(time.perf_counter() - t0, 1), noise=noise_info, kinds=result)
+                  model_loss_batches=len(full), seconds=round(time.perf_counter() - t0, 1), noise=noise_info,
+                  router_vs_model_loss=agreement, kinds=result)
     stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
     path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
     print(f"wrote {path}")

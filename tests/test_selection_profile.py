@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,22 +27,26 @@ def test_file_kinds_follow_the_scan_roots():
 def test_rows_take_the_kind_of_the_file_most_of_their_tokens_come_from(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
-    for i in range(8):  # files much longer than a row, .py and text alternating
-        body = "\n".join(f"value_{i}_{j} = {j} * {i}" for j in range(60 + 15 * i))
-        (src / (f"m{i}.py" if i % 2 else f"doc{i}.txt")).write_text(body if i % 2 else body.replace("=", "is"))
+    for i in range(8):  # files much longer than a row, .py and text alternating, each line naming its file
+        lines = [f"m{i}q_{j} {'=' if i % 2 else 'is'} {j}" for j in range(60 + 15 * i)]
+        if i == 2:  # the separator token inside a file's text: counting separators would misplace files
+            lines.insert(5, "<|endoftext|>")
+        (src / (f"m{i}.py" if i % 2 else f"doc{i}.txt")).write_text("\n".join(lines))
     c = C.build_corpus(str(src), seq_len=32, vocab_size=300, max_bytes=None, cache_dir=tmp_path / "c",
                        log=lambda *a: None)
     train = c.splits["train"].sequences
-    kinds = SP.row_kinds(c, train, train.shape[0], None, tmp_path / "c")
-    # independently: each file's own token count (its text encoded alone, plus the separator)
-    files = c.splits["train"].files
-    sizes = torch.tensor([len(c.tokenizer.encode(C.read_text(f), add_special_tokens=False).ids) + 1 for f in files])
-    owner = torch.repeat_interleave(torch.arange(len(files)), sizes)[: train.numel()].view(train.shape)
-    want = [SP.file_kind(files[int(i)].key) for i in owner.mode(dim=1).values]
-    assert kinds == want
+    kinds = SP.row_kinds(c, train, train.shape[0], None)
+    # independently: the file a row's text names most often
+    files = {int(re.search(r"(\d+)", Path(f.path).stem).group(1)): f for f in c.splits["train"].files}
+    want = []
+    for row in train:
+        named = Counter(int(m) for m in re.findall(r"m(\d+)q", c.tokenizer.decode(row.tolist())))
+        want.append(SP.file_kind(files[named.most_common(1)[0][0]].key))
+    agree = sum(k == w for k, w in zip(kinds, want)) / len(kinds)
+    assert agree >= 0.95, agree  # rows across a file boundary may name the other file as often
     assert {"docs and other text", ".py elsewhere"} <= set(kinds)
     noise = {"token_shuffled": 2}
-    kinds = SP.row_kinds(c, torch.cat([train, train[:3]]), train.shape[0], noise, tmp_path / "c")
+    kinds = SP.row_kinds(c, torch.cat([train, train[:3]]), train.shape[0], noise)
     assert kinds[-3:] == [SP.NOISE_SHUFFLED, SP.NOISE_SHUFFLED, SP.NOISE_BINARY]
 
 
@@ -54,12 +60,17 @@ def test_profile_counts_topk_importance_and_the_stream():
     # importance: p = 0.5 * s / sum(s) + 0.5 / 4 per row; k = 1 draws in expectation per batch
     assert out["noise"]["importance_share"] == pytest.approx(0.5 * 5 / 9 + 0.125, abs=1e-4)
     assert sum(r["importance_share"] for r in out.values()) == pytest.approx(1.0, abs=1e-3)
+    full = [torch.tensor([2.0, 2.0, 3.0, 9.0])]  # the whole model's losses of the first batch's rows
+    with_full = SP.profile(kinds, scores, batches, k=1, floor=0.5, seq_len=8, full=full)
+    assert with_full["noise"]["mean_model_loss"] == 9.0 and with_full["a"]["mean_model_loss"] == 2.0
+    agree = SP.score_agreement(scores, full, kinds, batches)
+    assert agree["rows"] == 4 and agree["spearman_all"] == pytest.approx(1.0)
     assert out["b"]["mean_router_loss"] == pytest.approx(2.0) and out["a"]["mean_router_loss"] == pytest.approx(1.0)
 
 
 def test_the_script_runs_and_writes_its_report(tmp_path):
-    report = SP.main(["--preset", "tiny", "--batches", "1", "--max-bytes", "300000", "--device", "cpu",
+    report = SP.main(["--preset", "tiny", "--batches", "2", "--model-loss-batches", "1", "--max-bytes", "300000", "--device", "cpu",
                       "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path)])
-    assert report["k"] >= 1 and report["kinds"]
+    assert report["k"] >= 1 and report["kinds"] and report["router_vs_model_loss"]["rows"] == report["batch_size"]
     assert sum(r["topk_share"] for r in report["kinds"].values()) == pytest.approx(1.0)
     assert list(tmp_path.glob("selection_profile_tiny-scratch_cpu.json"))
