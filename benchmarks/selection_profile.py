@@ -118,6 +118,17 @@ def score_agreement(scores: list[torch.Tensor], full: list[torch.Tensor], kinds:
     return out
 
 
+def router_top1(cg, x: torch.Tensor) -> dict:
+    """How often the router's most likely token at position ``t`` is the next token (what its loss
+    asks for) and how often it is the token at ``t`` itself (the input copied through: an early
+    layer's hidden state still looks like its token's embedding, which a tied head maps back to it)."""
+    with torch.no_grad():
+        top = cg.router(x).argmax(dim=-1)[:, :-1]
+    return dict(rows=int(x.shape[0]), next_token=round(float((top == x[:, 1:]).float().mean()), 4),
+                current_token=round(float((top == x[:, :-1]).float().mean()), 4),
+                next_equals_current=round(float((x[:, 1:] == x[:, :-1]).float().mean()), 4))
+
+
 def table(kinds: dict) -> str:
     lines = ["| rows from | share of the stream (= random subset) | top-k | importance (default) | mean router loss "
              "| mean loss of the whole model |", "|---|---|---|---|---|---|"]
@@ -161,16 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
     floor = cggr_compile.CGGRConfig().importance_floor
     result = profile(kinds, scores, batches, k, floor, args.seq_len, full)
     agreement = score_agreement(scores, full, kinds, batches) if full else None
+    clean_rows = [r for r in batches[0].tolist() if not kinds[r].startswith("noise")][:8]
+    top1 = router_top1(cg, train[clean_rows].to(device)) if clean_rows else None
     print(table(result))
     if agreement:
         print(f"router score vs the whole model's loss, Spearman over {agreement['rows']} rows: "
               f"{agreement['spearman_all']} (clean rows: {agreement.get('spearman_clean')})")
+    if top1:
+        print(f"router's top-1 token on {top1['rows']} clean rows: the next token {top1['next_token']:.1%} of "
+              f"positions, the current token {top1['current_token']:.1%} (next = current: "
+              f"{top1['next_equals_current']:.1%})")
     report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
                   versions=common.versions(), preset=args.preset, regime=args.regime,
                   model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
                   router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
                   model_loss_batches=len(full), seconds=round(time.perf_counter() - t0, 1), noise=noise_info,
-                  router_vs_model_loss=agreement, kinds=result)
+                  router_vs_model_loss=agreement, router_top1_clean=top1, kinds=result)
     stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
     path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
     print(f"wrote {path}")

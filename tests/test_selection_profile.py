@@ -73,4 +73,6 @@ def test_the_script_runs_and_writes_its_report(tmp_path):
                       "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path)])
     assert report["k"] >= 1 and report["kinds"] and report["router_vs_model_loss"]["rows"] == report["batch_size"]
     assert sum(r["topk_share"] for r in report["kinds"].values()) == pytest.approx(1.0)
+    top1 = report["router_top1_clean"]
+    assert top1["rows"] >= 1 and 0 <= top1["next_token"] <= 1 and 0 <= top1["current_token"] <= 1
     assert list(tmp_path.glob("selection_profile_tiny-scratch_cpu.json"))
