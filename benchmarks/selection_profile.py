@@ -118,15 +118,28 @@ def score_agreement(scores: list[torch.Tensor], full: list[torch.Tensor], kinds:
     return out
 
 
-def router_top1(cg, x: torch.Tensor) -> dict:
-    """How often the router's most likely token at position ``t`` is the next token (what its loss
-    asks for) and how often it is the token at ``t`` itself (the input copied through: an early
-    layer's hidden state still looks like its token's embedding, which a tied head maps back to it)."""
-    with torch.no_grad():
-        top = cg.router(x).argmax(dim=-1)[:, :-1]
-    return dict(rows=int(x.shape[0]), next_token=round(float((top == x[:, 1:]).float().mean()), 4),
-                current_token=round(float((top == x[:, :-1]).float().mean()), 4),
-                next_equals_current=round(float((x[:, 1:] == x[:, :-1]).float().mean()), 4))
+def router_depths(model, x: torch.Tensor, depths: list[int]) -> list[dict]:
+    """The truncated router at each depth (its first ``d`` layers, then the model's final norm and
+    head, as CGGR builds it) against the whole model, on rows ``x``: mean loss per token, how often its
+    most likely token is the next one, and the share of positions its five most frequent top-1 tokens
+    take (a router that says the same few tokens everywhere measures little of the text)."""
+    out = []
+    n_layers = model.config.num_hidden_layers
+    for d in depths + [n_layers]:
+        with torch.no_grad():
+            if d < n_layers:
+                logits = cggr_compile.transform(model, router_layers=d, scoring="loss", strict=True, warmup_steps=0,
+                                                dynamic_threshold=False).router(x)
+            else:
+                logits = model(input_ids=x).logits
+        logits, target = logits[:, :-1].float(), x[:, 1:]
+        top = logits.argmax(dim=-1)
+        counts = top.flatten().unique(return_counts=True)[1].sort(descending=True).values
+        out.append(dict(layers=d, whole_model=d == n_layers, rows=int(x.shape[0]),
+                        loss=round(float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)), 4),
+                        top1_is_next=round(float((top == target).float().mean()), 4),
+                        top5_tokens_share=round(float(counts[:5].sum() / top.numel()), 4)))
+    return out
 
 
 def table(kinds: dict) -> str:
@@ -142,6 +155,9 @@ def table(kinds: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--batches", type=int, default=16, help="training batches to score (default 16)")
+    own.add_argument("--depths", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[],
+                     help="comma list of other router depths to compare on a few clean rows (with --router-layers "
+                     "and the whole model)")
     own.add_argument("--model-loss-batches", type=int, default=4,
                      help="of those, how many the whole model also scores (its loss per row; default 4)")
     mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else list(argv))
@@ -173,21 +189,23 @@ def main(argv: list[str] | None = None) -> dict:
     result = profile(kinds, scores, batches, k, floor, args.seq_len, full)
     agreement = score_agreement(scores, full, kinds, batches) if full else None
     clean_rows = [r for r in batches[0].tolist() if not kinds[r].startswith("noise")][:8]
-    top1 = router_top1(cg, train[clean_rows].to(device)) if clean_rows else None
+    depths = sorted({args.router_layers, *mine.depths} - {0})
+    depth_check = router_depths(model, train[clean_rows].to(device), [d for d in depths if d < model.config.num_hidden_layers]) \
+        if clean_rows else None
     print(table(result))
     if agreement:
         print(f"router score vs the whole model's loss, Spearman over {agreement['rows']} rows: "
               f"{agreement['spearman_all']} (clean rows: {agreement.get('spearman_clean')})")
-    if top1:
-        print(f"router's top-1 token on {top1['rows']} clean rows: the next token {top1['next_token']:.1%} of "
-              f"positions, the current token {top1['current_token']:.1%} (next = current: "
-              f"{top1['next_equals_current']:.1%})")
+    for r in depth_check or []:
+        print(f"{'whole model' if r['whole_model'] else 'router of %d layers' % r['layers']} on {r['rows']} clean rows: "
+              f"loss {r['loss']:.3f}, top-1 = next token {r['top1_is_next']:.1%}, its 5 most frequent top-1 tokens "
+              f"{r['top5_tokens_share']:.1%} of positions")
     report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
                   versions=common.versions(), preset=args.preset, regime=args.regime,
                   model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
                   router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
                   model_loss_batches=len(full), seconds=round(time.perf_counter() - t0, 1), noise=noise_info,
-                  router_vs_model_loss=agreement, router_top1_clean=top1, kinds=result)
+                  router_vs_model_loss=agreement, router_depths_clean=depth_check, kinds=result)
     stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
     path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
     print(f"wrote {path}")
