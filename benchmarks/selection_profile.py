@@ -142,6 +142,37 @@ def router_depths(model, x: torch.Tensor, depths: list[int]) -> list[dict]:
     return out
 
 
+def rows_loss(head, hidden: torch.Tensor, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Each row's mean next-token loss of ``head(hidden)`` (``hidden``: ``[B, T, H]`` for tokens ``x``)."""
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        logits = head(hidden[i:i + chunk, :-1]).float()
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[i:i + chunk, 1:],
+                                                     reduction="none").mean(dim=1))
+    return torch.cat(out)
+
+
+def linear_exit(model, cg, fit_x: torch.Tensor, eval_x: torch.Tensor, eval_model_loss: torch.Tensor) -> dict:
+    """A linear map from the router's (final-normed) hidden state to the whole model's, fitted by
+    least squares on the rows ``fit_x`` (a tuned lens, Belrose et al. 2023, in its simplest form),
+    then the router's row loss through it on other rows: does a trained exit make the truncated
+    router's score the model's difficulty? Spearman with the whole model's loss of ``eval_x``."""
+    with torch.no_grad():
+        hk = cg.router.hidden(fit_x)[:, :-1].flatten(0, 1).double()
+        hf = model.model(input_ids=fit_x).last_hidden_state[:, :-1].reshape(hk.shape).double()
+        ones = torch.ones(hk.shape[0], 1, dtype=hk.dtype)
+        w = torch.linalg.lstsq(torch.cat([hk, ones], 1), hf).solution.float()
+        hidden = cg.router.hidden(eval_x)
+        raw = rows_loss(cg.router.head, hidden, eval_x)
+        lens = rows_loss(cg.router.head, hidden @ w[:-1] + w[-1], eval_x)
+    m = eval_model_loss.numpy()
+    return dict(fit_rows=int(fit_x.shape[0]), eval_rows=int(eval_x.shape[0]),
+                router_loss=round(float(raw.mean()), 4), exit_loss=round(float(lens.mean()), 4),
+                model_loss=round(float(eval_model_loss.mean()), 4),
+                spearman_router=round(race.spearman(raw.numpy(), m), 4),
+                spearman_exit=round(race.spearman(lens.numpy(), m), 4))
+
+
 def table(kinds: dict) -> str:
     lines = ["| rows from | share of the stream (= random subset) | top-k | importance (default) | mean router loss "
              "| mean loss of the whole model |", "|---|---|---|---|---|---|"]
@@ -158,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--depths", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[],
                      help="comma list of other router depths to compare on a few clean rows (with --router-layers "
                      "and the whole model)")
+    own.add_argument("--exit-fit-batches", type=int, default=0,
+                     help="fit a linear exit for the router (a tuned lens) on the clean rows of this many batches "
+                     "after the scored ones, and rank the model-loss batches' clean rows by it (default 0: off)")
     own.add_argument("--model-loss-batches", type=int, default=4,
                      help="of those, how many the whole model also scores (its loss per row; default 4)")
     mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else list(argv))
@@ -196,6 +230,18 @@ def main(argv: list[str] | None = None) -> dict:
     if agreement:
         print(f"router score vs the whole model's loss, Spearman over {agreement['rows']} rows: "
               f"{agreement['spearman_all']} (clean rows: {agreement.get('spearman_clean')})")
+    exit_check = None
+    if mine.exit_fit_batches > 0 and full:
+        fit_rows = [r for _ in range(mine.exit_fit_batches) for r in order.next().tolist()
+                    if not kinds[r].startswith("noise")]
+        eval_rows = [(r, float(f[j])) for idx, f in zip(batches, full) for j, r in enumerate(idx.tolist())
+                     if not kinds[r].startswith("noise")]
+        exit_check = linear_exit(model, cg, train[fit_rows].to(device), train[[r for r, _ in eval_rows]].to(device),
+                                 torch.tensor([f for _, f in eval_rows]))
+        print(f"linear exit fitted on {exit_check['fit_rows']} clean rows, on {exit_check['eval_rows']} others: "
+              f"router loss {exit_check['router_loss']:.3f} -> {exit_check['exit_loss']:.3f} (model "
+              f"{exit_check['model_loss']:.3f}); Spearman with the model's loss {exit_check['spearman_router']} -> "
+              f"{exit_check['spearman_exit']}")
     for r in depth_check or []:
         print(f"{'whole model' if r['whole_model'] else 'router of %d layers' % r['layers']} on {r['rows']} clean rows: "
               f"loss {r['loss']:.3f}, top-1 = next token {r['top1_is_next']:.1%}, its 5 most frequent top-1 tokens "
@@ -205,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
                   model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
                   router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
                   model_loss_batches=len(full), seconds=round(time.perf_counter() - t0, 1), noise=noise_info,
-                  router_vs_model_loss=agreement, router_depths_clean=depth_check, kinds=result)
+                  router_vs_model_loss=agreement, router_depths_clean=depth_check, linear_exit_clean=exit_check,
+                  kinds=result)
     stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
     path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
     print(f"wrote {path}")

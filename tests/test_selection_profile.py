@@ -69,10 +69,13 @@ def test_profile_counts_topk_importance_and_the_stream():
 
 
 def test_the_script_runs_and_writes_its_report(tmp_path):
-    report = SP.main(["--preset", "tiny", "--batches", "2", "--model-loss-batches", "1", "--depths", "1", "--max-bytes", "300000", "--device", "cpu",
+    report = SP.main(["--preset", "tiny", "--batches", "2", "--model-loss-batches", "1", "--depths", "1", "--exit-fit-batches", "1", "--max-bytes", "300000", "--device", "cpu",
                       "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path)])
     assert report["k"] >= 1 and report["kinds"] and report["router_vs_model_loss"]["rows"] == report["batch_size"]
     assert sum(r["topk_share"] for r in report["kinds"].values()) == pytest.approx(1.0)
+    ex = report["linear_exit_clean"]
+    assert ex["fit_rows"] == ex["eval_rows"] == report["batch_size"] and ex["exit_loss"] > 0
+    assert -1 <= ex["spearman_exit"] <= 1 and ex["model_loss"] > 0
     depths = report["router_depths_clean"]
     assert [r["layers"] for r in depths] == [1, 2, 4] and depths[-1]["whole_model"]  # tiny: 4 layers, router 2
     assert all(r["loss"] > 0 and 0 <= r["top1_is_next"] <= 1 and 0 < r["top5_tokens_share"] <= 1 for r in depths)
