@@ -12,14 +12,15 @@ tokens come from: the standard library's or the installed packages' Python sourc
 or (noisy regime) token-shuffled text or a hex / base64 dump of a binary file. The table gives each
 kind's share of the stream and of each rule's rows, and its rows' mean router loss: what top-k
 trains on instead of the stream, and how the router's score ranks the rows against the whole
-model's own loss (``--model-loss-batches`` of the batches). JSON goes to ``--results-dir``
-(``benchmarks/runs`` by default).
+model's own loss (``--model-loss-batches`` of the batches). ``--depths`` compares routers of other
+depths with the whole model on a few clean rows; ``--exit-fit-batches`` fits a linear exit for the
+router (a tuned lens) and ranks rows by it. JSON goes to ``--results-dir`` (``benchmarks/runs`` by
+default).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
