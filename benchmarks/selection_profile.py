@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 import cggr_compile  # noqa: E402
 from cggr_compile.scoring import importance_probabilities  # noqa: E402
-from benchmarks import common, corpus as corpus_mod, pretrained as pretrained_mod, race  # noqa: E402
+from benchmarks import common, corpus as corpus_mod, race  # noqa: E402
 
 NOISE_SHUFFLED, NOISE_BINARY = "noise: token-shuffled text", "noise: hex / base64 of a binary"
 
@@ -133,11 +133,10 @@ def router_depths(model, x: torch.Tensor, depths: list[int]) -> list[dict]:
                                                 dynamic_threshold=False).router(x)
             else:
                 logits = model(input_ids=x).logits
-        logits, target = logits[:, :-1].float(), x[:, 1:]
-        top = logits.argmax(dim=-1)
+        top, target = logits[:, :-1].argmax(dim=-1), x[:, 1:]
         counts = top.flatten().unique(return_counts=True)[1].sort(descending=True).values
         out.append(dict(layers=d, whole_model=d == n_layers, rows=int(x.shape[0]),
-                        loss=round(float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)), 4),
+                        loss=round(float(race.token_nll(logits, x)[:, :-1].mean()), 4),
                         top1_is_next=round(float((top == target).float().mean()), 4),
                         top5_tokens_share=round(float(counts[:5].sum() / top.numel()), 4)))
     return out
@@ -147,9 +146,7 @@ def rows_loss(head, hidden: torch.Tensor, x: torch.Tensor, chunk: int = 8) -> to
     """Each row's mean next-token loss of ``head(hidden)`` (``hidden``: ``[B, T, H]`` for tokens ``x``)."""
     out = []
     for i in range(0, x.shape[0], chunk):
-        logits = head(hidden[i:i + chunk, :-1]).float()
-        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[i:i + chunk, 1:],
-                                                     reduction="none").mean(dim=1))
+        out.append(race.token_nll(head(hidden[i:i + chunk]), x[i:i + chunk])[:, :-1].mean(dim=1))
     return torch.cat(out)
 
 
