@@ -26,19 +26,37 @@ from torch import Tensor, nn
 from . import scoring as S
 from .config import CGGRConfig
 from .metrics import step_metrics, token_counts
-from .router import TruncatedRouter, build_router
+from .router import TruncatedRouter, TruncatedRouterModule, build_router
 from .schedule import Schedule
 from .transform import CGGRModel as _TransformModel, check_batch, score_positions
 
 __all__ = ["CGGRLoss", "CGGRScorer", "CGGRModel", "create_truncated_router"]
 
 
-def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedRouter:
-    """A router running the model's first ``num_layers`` layers, final norm and head (no copy)."""
-    router, _ = build_router(model, num_layers)
+def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedRouterModule:
+    """The original's router: an ``nn.Module`` running the model's first ``num_layers`` layers,
+    final norm and head, sharing every tensor with the model (nothing is copied).
+
+    ``router(input_ids, attention_mask=None, **row_inputs)`` returns the logits ``[B, T, V]``
+    under no-grad, always in eval mode (no dropout; ``router.train()`` changes neither that nor the
+    model's mode). ``router.parameters()`` / ``state_dict()`` are the model's own tensors that the
+    router runs (embeddings, the first K layers, the final norm, the head: ``is``-identical, under
+    the model's keys); the router owns none, and ``model.parameters()`` / ``state_dict()`` do not
+    change. ``router.to(device)`` / ``.cuda()`` move the **whole model** (moving only the shared
+    part would split it across devices); a dtype change of the shared weights (``router.half()``)
+    raises ``TypeError``, since it would convert the model's trained weights. See
+    :class:`~cggr_compile.router.TruncatedRouterModule`.
+
+    ``num_layers`` must satisfy ``1 <= num_layers < `` the model's depth (``ValueError``
+    otherwise); the model must have a Hugging Face layout (a base model, its layer list, a head).
+    """
+    try:
+        router, _ = build_router(model, num_layers)
+    except ValueError as err:  # build_router names its option router_layers; here it is num_layers
+        raise ValueError(f"create_truncated_router: {str(err).replace('router_layers', 'num_layers')}") from err
     if not isinstance(router, TruncatedRouter):
         raise ValueError(f"create_truncated_router: {type(model).__name__} has no recognisable layer list")
-    return router
+    return TruncatedRouterModule(router, model)
 
 
 def _token_config(arguments: dict[str, Any]) -> CGGRConfig:

@@ -628,3 +628,186 @@ def build_router(
             stacklevel=3,
         )
     return TruncatedRouter(model, num_layers, arch), arch.causal
+
+
+class TruncatedRouterModule(nn.Module):
+    """:func:`cggr_compile.create_truncated_router`'s router: an ``nn.Module`` view of a
+    :class:`TruncatedRouter`, for code written against the original library's router module.
+
+    It owns no parameter, buffer or submodule and copies nothing; the model is not told about it
+    (``model.parameters()`` and ``model.state_dict()`` are unchanged). What it exposes are the
+    model's own tensors that the router runs: the base model without its layers past the first
+    ``num_layers`` (token and position embeddings, the first K layers, the final norm, rotary
+    tables) and the output head, named as in the model's ``state_dict`` (``model.layers.0...``,
+    ``lm_head.weight``), each tensor once (a tied head is the embedding's weight).
+
+    * ``router(input_ids, attention_mask=None, **row_inputs)``: the logits ``[B, T, V]`` of the
+      first K layers, under no-grad; ``hidden(...)``, ``head``, ``linear_head``, ``softcap``,
+      ``num_layers``, ``arch`` and ``base`` are the wrapped :class:`TruncatedRouter`'s.
+    * ``parameters()`` / ``named_parameters()`` / ``buffers()`` / ``named_buffers()``: the model's
+      tensor objects themselves (``is``-identical), so an optimizer over ``router.parameters()``
+      steps the model's weights, and ``router.requires_grad_(False)`` or ``zero_grad()`` act on
+      the model's tensors too. ``recurse=False`` yields nothing: none of them is the router's own.
+    * ``state_dict()``: those tensors under the model's own keys (a subset of
+      ``model.state_dict()``); ``load_state_dict()`` loads them into the model. As a submodule of
+      another module (``destination=`` given by the parent's ``state_dict``) it adds nothing, since
+      the tensors belong to the model and are saved with it, and the parent's ``parameters()``
+      gets none of them either: nothing is registered twice.
+    * ``.to(device)``, ``.cuda()``, ``.cpu()``: the tensors are the model's, and moving only the
+      router's share of them would split the model across devices, so a move applies to the
+      **whole model** (as ``model.to(...)`` with the same arguments would); already there, it is a
+      no-op. A dtype change of the shared parameters (``.half()``, ``.to(torch.bfloat16)`` on a
+      float32 model) raises ``TypeError``: it would convert the model's own weights, which the user
+      trains; convert the model itself, or run the router under ``torch.autocast``. A dtype the
+      parameters already have is accepted (``router.to(model.dtype)``).
+    * ``eval()`` / ``train()`` set this module's ``training`` flag and nothing else: the model's
+      mode is left alone, and the router always scores in eval mode (no dropout), whatever the
+      flag, as the router of ``cggr_compile.transform`` does.
+    """
+
+    def __init__(self, router: TruncatedRouter, model: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        # Plain attributes, not submodules: nothing of the model is registered here.
+        self.__dict__["_cggr_router"] = router
+        self.__dict__["_cggr_model"] = model if model is not None else router._model
+
+    # -- the router ---------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        """The router's logits ``[B, T, V]`` (no grad, eval mode)."""
+        with torch.no_grad():
+            return self._cggr_router(input_ids, attention_mask, **rows)
+
+    def hidden(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **rows: Any) -> Tensor:
+        """The final-normed hidden state after K layers, ``[B, T, H]`` (no grad)."""
+        return self._cggr_router.hidden(input_ids, attention_mask, **rows)
+
+    def refresh(self) -> None:
+        """Follow the model's live state (see :meth:`TruncatedRouter.refresh`)."""
+        self._cggr_router.refresh()
+
+    @property
+    def router(self) -> TruncatedRouter:
+        """The wrapped :class:`TruncatedRouter`."""
+        return self._cggr_router
+
+    @property
+    def head(self) -> nn.Module:
+        return self._cggr_router.head
+
+    @property
+    def linear_head(self) -> Optional[nn.Linear]:
+        return self._cggr_router.linear_head
+
+    @property
+    def softcap(self) -> Optional[float]:
+        return self._cggr_router.softcap
+
+    @property
+    def num_layers(self) -> int:
+        return self._cggr_router.num_layers
+
+    @property
+    def arch(self) -> Architecture:
+        return self._cggr_router.arch
+
+    @property
+    def base(self) -> nn.Module:
+        return self._cggr_router.base
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_cggr_router")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return (f"{self.arch.model_type}, num_layers={self.num_layers}, shared parameters={n} "
+                "(the model's own)")
+
+    # -- the model's tensors that the router runs ---------------------------------------------
+    def _roots(self) -> list[tuple[str, nn.Module]]:
+        """``(name in the model, module)``: the truncated base model (shallow clones whose
+        parameter and buffer dicts are the model's) and the model's head."""
+        r = self._cggr_router
+        return [(r.arch.base_name, r.base), (r.arch.head_name, r.head)]
+
+    def _named(self, kind: str, prefix: str, recurse: bool, remove_duplicate: bool) -> Any:
+        if not recurse:
+            return
+        seen: set[int] = set()
+        p = f"{prefix}." if prefix else ""
+        for root_name, root in self._roots():
+            for name, t in getattr(root, kind)(prefix=p + root_name, remove_duplicate=remove_duplicate):
+                if remove_duplicate:
+                    if id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                yield name, t
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Any:
+        return self._named("named_parameters", prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Any:
+        return self._named("named_buffers", prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        if args or destination is not None:
+            # A parent module's state_dict recursing into this one (or the old positional form):
+            # the tensors are the model's and saved with it, so none is added a second time.
+            return destination
+        from collections import OrderedDict
+
+        out: Any = OrderedDict()
+        out._metadata = OrderedDict()
+        for root_name, root in self._roots():
+            root.state_dict(destination=out, prefix=f"{prefix}{root_name}.", keep_vars=keep_vars)
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load the router's entries (the model's keys, as :meth:`state_dict` gives them) into the
+        model's tensors."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        own = list(self.state_dict(keep_vars=True))
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in set(own)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected} (the router's keys are the model's own, e.g. {own[:2]})"
+            )
+        sub = {k: v for k, v in state_dict.items() if k not in unexpected}
+        for root_name, root in self._roots():
+            p = f"{root_name}."
+            root.load_state_dict({k[len(p):]: v for k, v in sub.items() if k.startswith(p)},
+                                 strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "TruncatedRouterModule":
+        """``to`` / ``cuda`` / ``cpu`` / ``half``...: see the class docstring. Probes ``fn`` on an
+        empty tensor of each (dtype, device) of the shared tensors to see what it would change."""
+        params = {id(p) for p in self.parameters()}
+        kinds: dict[tuple[torch.dtype, torch.device], bool] = {}
+        for t in list(self.parameters()) + list(self.buffers()):
+            key = (t.dtype, t.device)
+            kinds[key] = kinds.get(key, False) or id(t) in params
+        moves = False
+        for (dtype, device), is_param in kinds.items():
+            with torch.no_grad():
+                probe = fn(torch.empty(0, dtype=dtype, device=device))
+            if is_param and probe.dtype != dtype:
+                raise TypeError(
+                    f"create_truncated_router: this router shares the model's own parameters, so "
+                    f"converting it from {dtype} to {probe.dtype} would convert the model's weights "
+                    "(which it trains) as well. Convert the model itself (model.to(dtype)) if that is "
+                    "meant, or run the router under torch.autocast to score in lower precision."
+                )
+            moves = moves or probe.device != device
+        if moves:  # the whole model, never a part of it: a model split across devices cannot run
+            self._cggr_model._apply(fn)
+        return self

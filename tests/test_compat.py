@@ -203,3 +203,153 @@ def test_cggr_loss_base_loss_that_is_not_per_token_is_named():
 
     with pytest.raises(ValueError, match="must return one loss per token"):
         CGGRLoss(base_loss=Scalar())(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)))
+
+
+# -- create_truncated_router is an nn.Module over the model's own tensors ------------------------
+
+def _shared_expected(model, k):
+    """The Llama tensors the router runs, in order and each once: embedding, layers[:k], norm, head."""
+    mods = [model.model.embed_tokens, *model.model.layers[:k], model.model.norm, model.lm_head]
+    out, seen = [], set()
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def test_create_truncated_router_is_a_module_over_the_models_own_tensors():
+    model = tiny_model("llama")
+    router = create_truncated_router(model, num_layers=2)
+    assert isinstance(router, torch.nn.Module)
+    assert not router._parameters and not router._buffers and not router._modules  # owns nothing
+    params = list(router.parameters())
+    expected = _shared_expected(model, 2)
+    assert len(params) == len(expected) and all(p is q for p, q in zip(params, expected))
+    assert not any(p is q for p in params for q in model.model.layers[2].parameters())
+    # named as in the model, the very same objects
+    own = dict(model.named_parameters())
+    assert all(own[n] is p for n, p in router.named_parameters())
+    own_buffers = {id(b) for b in model.buffers()}
+    assert list(router.buffers()) and all(id(b) in own_buffers for b in router.buffers())
+    assert list(router.parameters(recurse=False)) == []
+    # state_dict: the model's keys and tensors, a subset of the model's state_dict
+    sd, msd = router.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+    assert list(sd) and all(sd[k] is msd[k] for k in sd)
+    assert "lm_head.weight" in sd and "model.norm.weight" in sd and "model.layers.1.mlp.up_proj.weight" in sd
+    assert not any(k.startswith("model.layers.2.") for k in sd)
+    assert str(router.load_state_dict(router.state_dict())) == "<All keys matched successfully>"
+
+
+def test_create_truncated_router_dedups_a_tied_head():
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    router = create_truncated_router(model, num_layers=1)
+    params = list(router.parameters())
+    assert len({id(p) for p in params}) == len(params)
+    assert sum(p is model.lm_head.weight for p in params) == 1
+    mods = [model.transformer.wte, model.transformer.wpe, model.transformer.h[0], model.transformer.ln_f]
+    assert {id(p) for p in params} == {id(p) for m in mods for p in m.parameters()}
+    assert len(list(router.named_parameters(remove_duplicate=False))) == len(params) + 1
+
+
+def test_create_truncated_router_leaves_the_model_unchanged():
+    model = tiny_model("llama")
+    names, ids = [n for n, _ in model.named_parameters()], [id(p) for p in model.parameters()]
+    keys, modules = list(model.state_dict()), [id(m) for m in model.modules()]
+    router = create_truncated_router(model, num_layers=2)
+    router.train()
+    router(batch("llama")["input_ids"])
+    assert [n for n, _ in model.named_parameters()] == names and [id(p) for p in model.parameters()] == ids
+    assert list(model.state_dict()) == keys and [id(m) for m in model.modules()] == modules
+    # held by a user's module beside the model, nothing is registered twice
+    holder = torch.nn.Module()
+    holder.model, holder.router = model, router
+    assert [id(p) for p in holder.parameters()] == ids
+    assert list(holder.state_dict()) == [f"model.{k}" for k in keys]
+    holder.load_state_dict(holder.state_dict())  # strict: no unexpected router keys
+
+
+def test_create_truncated_router_call_is_the_truncated_routers_logits():
+    from cggr_compile.router import build_router
+
+    model = tiny_model("llama")
+    b = batch("llama")
+    router = create_truncated_router(model, num_layers=2)
+    reference, _ = build_router(model, 2)
+    with torch.enable_grad():
+        out = router(b["input_ids"], b["attention_mask"])
+    assert out.shape == (*b["input_ids"].shape, model.config.vocab_size) and not out.requires_grad
+    torch.testing.assert_close(out, reference(b["input_ids"], b["attention_mask"]), rtol=0, atol=0)
+    torch.testing.assert_close(router(b["input_ids"]), reference(b["input_ids"]), rtol=0, atol=0)
+    torch.testing.assert_close(router.hidden(b["input_ids"]), reference.hidden(b["input_ids"]), rtol=0, atol=0)
+    assert router.linear_head is model.lm_head and router.head is model.lm_head
+    assert router.softcap is None and router.num_layers == 2 and router.arch.model_type == "llama"
+
+
+def test_create_truncated_router_scores_without_dropout_whatever_its_mode():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=64, n_positions=64,
+                                           resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)).train()
+    ids = batch("gpt2")["input_ids"]
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # the model itself does drop out
+    router = create_truncated_router(model, num_layers=2)
+    for mode in ("eval", "train"):
+        assert getattr(router, mode)() is router
+        assert router.training == (mode == "train") and model.training  # the model's mode is its own
+        torch.testing.assert_close(router(ids), router(ids), rtol=0, atol=0)
+    model.eval()
+    router.train()
+    assert not model.training
+    torch.testing.assert_close(router(ids), router(ids), rtol=0, atol=0)
+
+
+def test_an_optimizer_over_router_parameters_steps_the_models_weights():
+    model = tiny_model("llama")
+    b = batch("llama")
+    router = create_truncated_router(model, num_layers=1)
+    opt = torch.optim.SGD(router.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(**b).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "model.layers.0.mlp.up_proj.weight" in changed and "lm_head.weight" in changed
+    assert not any(n.startswith("model.layers.1.") or n.startswith("model.layers.2.") for n in changed)
+
+
+def test_create_truncated_router_to_moves_the_whole_model_and_refuses_dtype_changes():
+    model = tiny_model("llama")
+    router = create_truncated_router(model, num_layers=1)
+    assert router.to("cpu") is router and router.cpu() is router
+    assert router.to(torch.float32) is router and router.float() is router  # already so: no-op
+    with pytest.raises(TypeError, match="shares the model's own parameters"):
+        router.half()
+    with pytest.raises(TypeError, match="model.to"):
+        router.to("cpu", torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    router.to("meta")  # another device: the whole model moves, never only its router part
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert all(b.device.type == "meta" for b in model.buffers())
+    own = dict(model.named_parameters())
+    assert all(own[n] is p for n, p in router.named_parameters())
+
+
+def test_create_truncated_router_is_refreshed_by_cggr_model():
+    model = tiny_model("llama")
+    b = batch("llama")
+    router = create_truncated_router(model, num_layers=1)
+    calls = []
+    inner_refresh = router.router.refresh
+    router.router.refresh = lambda: calls.append(1) or inner_refresh()
+    cm = CGGRModel(model, router=router, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
+    cm(b["input_ids"], labels=b["labels"]).backward()
+    assert calls
+
+
+@pytest.mark.parametrize("num_layers", [0, 3, 7])
+def test_create_truncated_router_bad_num_layers_is_named(num_layers):
+    with pytest.raises(ValueError, match=r"num_layers=\d+ is out of range.*1 <= num_layers < 3"):
+        create_truncated_router(tiny_model("llama"), num_layers=num_layers)
