@@ -373,8 +373,9 @@ def _stratified_token_mask(
 
 
 def selective_cross_entropy(
-    logits: Tensor, target: Tensor, weight: Tensor, denominator: Optional[Tensor | int | float] = None
-) -> Tensor:
+    logits: Tensor, target: Tensor, weight: Tensor, denominator: Optional[Tensor | int | float] = None,
+    return_token_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Mean next-token cross-entropy over the positions where ``weight`` is true.
 
     ``target`` is aligned with the positions (see :func:`aligned_labels`). No position gives a
@@ -383,8 +384,32 @@ def selective_cross_entropy(
     micro-batch and rank, so that each selected token weighs the same). A floating ``weight``
     (``selection='importance'``) weighs each position's loss: ``sum(weight * loss) / denominator``,
     the denominator defaulting to ``weight.sum()``.
+
+    ``return_token_loss=True`` returns ``(loss, token_loss)``: ``token_loss`` shaped like ``target``,
+    detached, the cross-entropy at every position with a label (selected or not), 0 at -100;
+    float32, or float64 (the loss too) for float64 logits.
     """
     v = logits.shape[-1]
+    if return_token_loss:
+        # One cross-entropy over every labelled position: the selected ones are summed, and all
+        # of them come back detached.
+        flat = logits.reshape(-1, v)
+        flat = flat if flat.dtype == torch.float64 else flat.float()
+        per = torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                reduction="none")
+        w = weight.reshape(-1)
+        # where, not multiply: the unselected positions' losses are computed now (0 * inf is NaN)
+        if weight.is_floating_point():
+            total = torch.where(w != 0, per * w.to(per.dtype), torch.zeros_like(per)).sum()
+            if denominator is None:
+                loss = total / weight.sum().to(total.dtype).clamp(min=1e-12)
+            else:
+                loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1).to(total.dtype)
+        else:
+            total = torch.where(w, per, torch.zeros_like(per)).sum()
+            count = weight.sum() if denominator is None else torch.as_tensor(denominator, device=total.device)
+            loss = total / count.clamp(min=1).to(total.dtype)
+        return loss, per.detach().reshape(target.shape)
     flat = logits.reshape(-1, v).float()
     if weight.is_floating_point():
         tgt = torch.where(weight != 0, target, torch.full_like(target, IGNORE_INDEX)).reshape(-1)

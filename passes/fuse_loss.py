@@ -159,16 +159,19 @@ def fused_main_pass(choice: FusedLoss, input_ids: Tensor, attention_mask: Option
     return out
 
 
-def selective_loss(choice: FusedLoss, out: Any, target: Tensor, weight: Tensor, denominator: Any = None) -> Tensor:
+def selective_loss(choice: FusedLoss, out: Any, target: Tensor, weight: Tensor, denominator: Any = None,
+                   return_token_loss: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The main pass's loss: fused from ``out``'s hidden states where the pass chose so, else
-    ``scoring.selective_cross_entropy`` of its logits."""
+    ``scoring.selective_cross_entropy`` of its logits. ``return_token_loss=True`` returns
+    ``(loss, token_loss)``, the detached per-position loss of whichever of the two ran."""
     if not choice or out.get("logits") is not None:
-        return S.selective_cross_entropy(out.logits, target, weight, denominator)
+        return S.selective_cross_entropy(out.logits, target, weight, denominator,
+                                         return_token_loss=return_token_loss)
     head, hidden = choice.head, out["last_hidden_state"]
     if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(head.weight.dtype)  # as Mamba's forward casts its float32 residual stream
     return selective_linear_cross_entropy(hidden, head.weight, head.bias, target, weight, denominator,
-                                          choice.softcap)
+                                          choice.softcap, return_token_loss=return_token_loss)
 
 
 def fused_loss_nodes(gm: fx.GraphModule) -> list[fx.Node]:

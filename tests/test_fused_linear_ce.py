@@ -242,3 +242,162 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
         for name, r in case["paths"].items():
             assert "error" not in r, (name, r)
             assert r["loss_abs_diff"] < 1e-2 and r["grad_hidden_rel_l2"] < 2e-2 and r["grad_weight_rel_l2"] < 2e-2
+
+
+# -- return_token_loss: the detached per-token loss, for an online fit of the model's own loss ----
+def _reference_token_loss(hid, w, b, y, softcap=None):
+    """Every labelled position's cross-entropy in float64 from the full logits (0 at -100)."""
+    bias = None if b is None else b.detach().double()
+    z = torch.nn.functional.linear(hid.detach().double(), w.detach().double(), bias)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.nn.functional.cross_entropy(z, y, ignore_index=-100, reduction="none")
+
+
+@pytest.mark.parametrize("float_weight", [False, True], ids=["bool", "importance"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("n,chunk", [(37, 8), (5, 16), (61, None)])
+def test_token_loss_matches_float64_and_leaves_the_loss_alone(float_weight, bias, softcap, n, chunk):
+    hid, w, b, y, tw = _inputs(n, 8, 29, bias=bias, seed=n, float_weight=float_weight, ignore=0.3, select=0.5)
+    y[0], tw[0] = 3, 0  # a labelled position the selection leaves out: it still gets its loss
+    y[-1] = -100
+    kw = dict(softcap=softcap, chunk_tokens=chunk)
+    loss, tok = selective_linear_cross_entropy(hid, w, b, y, tw, return_token_loss=True, **kw)
+    assert tok.shape == y.shape and tok.dtype == torch.float32 and not tok.requires_grad
+    want = _reference_token_loss(hid, w, b, y, softcap)
+    torch.testing.assert_close(tok.double(), want, rtol=1e-4, atol=1e-5)
+    assert tok[0] > 0 and torch.equal(tok[y == -100], torch.zeros_like(tok[y == -100]))
+    # the loss: the same number and the same gradients as without the flag
+    leaves = (hid, w) + ((b,) if b is not None else ())
+    plain = _fused(hid, w, b, y, tw, **kw)
+    _close((loss.detach().double(), [g.double() for g in torch.autograd.grad(loss, leaves)]),
+           (plain[0].double(), [g.double() for g in plain[1]]), 0, 0)
+
+
+def test_token_loss_keeps_the_target_shape_and_float64():
+    hid, w, b, y, tw = _inputs(3 * 7, 8, 13, dtype=torch.float64)
+    loss, tok = selective_linear_cross_entropy(hid.reshape(3, 7, 8), w, b, y.reshape(3, 7), tw.reshape(3, 7),
+                                               chunk_tokens=4, return_token_loss=True)
+    assert tok.shape == (3, 7) and tok.dtype == torch.float64 == loss.dtype and not tok.requires_grad
+    torch.testing.assert_close(tok.reshape(-1), _reference_token_loss(hid, w, b, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_loss_of_half_inputs_is_float32(dtype):
+    hid, w, b, y, tw = _inputs(50, 16, 40, dtype=dtype)
+    _, tok = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=16, return_token_loss=True)
+    assert tok.dtype == torch.float32
+    logits = torch.nn.functional.linear(hid, w, b).float()  # the head in half precision, as the op runs it
+    want = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(tok, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_token_loss_is_fully_written_in_poisoned_buffers(monkeypatch):
+    hid, w, b, y, tw = _inputs(37, 8, 29)
+    _, clean = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=8, return_token_loss=True)
+    monkeypatch.setattr(flce, "_new_buffer", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype))
+    for grad in (True, False):  # the forward-only path writes it too
+        with torch.set_grad_enabled(grad):
+            _, tok = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=8, return_token_loss=True)
+        assert torch.isfinite(tok).all()
+        torch.testing.assert_close(tok, clean, rtol=0, atol=0)
+
+
+def test_token_loss_of_an_out_of_range_label_is_nan_there_only():
+    hid, w, b, y, tw = _inputs(10, 8, 13, ignore=0.0, select=1.0)
+    y[4], y[6], tw[6] = 13, -1, False  # out of range, selected or not
+    y[2] = -100
+    loss, tok = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=4, return_token_loss=True)
+    assert math.isnan(loss.item())
+    assert torch.isnan(tok[[4, 6]]).all() and tok[2] == 0
+    rest = torch.tensor([i not in (2, 4, 6) for i in range(10)])
+    torch.testing.assert_close(tok[rest].double(), _reference_token_loss(hid, w, b, torch.where(rest, y, 0))[rest],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["none_selected", "no_tokens", "no_grad"])
+def test_token_loss_without_a_loss_to_learn(case):
+    hid, w, b, y, tw = _inputs(0 if case == "no_tokens" else 12, 8, 9)
+    if case == "none_selected":
+        tw = torch.zeros_like(tw)
+    with torch.set_grad_enabled(case != "no_grad"):
+        loss, tok = selective_linear_cross_entropy(hid, w, b, y, tw, return_token_loss=True)
+    assert tok.shape == y.shape and not tok.requires_grad
+    torch.testing.assert_close(tok.double(), _reference_token_loss(hid, w, b, y), rtol=1e-4, atol=1e-5)
+    if case == "none_selected":
+        assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_token_loss_compiles_fullgraph_with_inductor_on_cpu():
+    hid, w, b, y, tw = _inputs(2 * 24, 16, 37, float_weight=True)
+
+    def step(hid, w, b, y, tw):
+        loss, tok = selective_linear_cross_entropy(torch.tanh(hid) * 2, w, b, y, tw, chunk_tokens=16,
+                                                   return_token_loss=True)
+        return loss * 3, tok
+
+    got, tok = torch.compile(step, fullgraph=True)(hid, w, b, y, tw)
+    assert not tok.requires_grad
+    g = torch.autograd.grad(got, (hid, w, b))
+    want, want_tok = step(hid, w, b, y, tw)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(tok, want_tok)
+    for a, r in zip(g, torch.autograd.grad(want, (hid, w, b))):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("return_token_loss", [False, True])
+def test_the_op_is_one_node_with_or_without_the_token_loss(return_token_loss):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    hid, w, b, y, tw = _inputs(16, 8, 11)
+
+    def f(hid, w, b, y, tw):
+        out = selective_linear_cross_entropy(hid, w, b, y, tw, return_token_loss=return_token_loss)
+        return out[0] if return_token_loss else out
+
+    torch.compile(f, fullgraph=True, backend=backend)(hid, w, b, y, tw).backward()
+    ops = [n for n in graphs[0].graph.nodes
+           if n.op == "call_function" and "fused_linear_cross_entropy" in str(n.target)]
+    assert len(ops) == 1
+
+
+def test_compiled_chunk_epilogue_gives_the_eager_token_loss(monkeypatch):
+    hid, w, b, y, tw = _inputs(40, 8, 19)
+    y[3] = 19  # out of range: NaN in the compiled epilogue too
+    _, eager = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=16, return_token_loss=True)
+    monkeypatch.setenv("CGGR_FUSED_LOSS_COMPILE_CHUNKS", "1")
+    monkeypatch.setattr(flce, "_COMPILED", {})
+    _, tok = selective_linear_cross_entropy(hid, w, b, y, tw, chunk_tokens=16, return_token_loss=True)
+    assert "epilogue" in flce._COMPILED
+    torch.testing.assert_close(tok, eager, equal_nan=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_selective_loss_passes_the_flag_to_the_loss_it_calls(fused):
+    """passes/fuse_loss.selective_loss: the fused op from hidden states, or the logits' loss."""
+    from cggr_compile.passes.fuse_loss import FusedLoss, selective_loss
+
+    hid, w, b, y, tw = _inputs(2 * 9, 8, 17)
+    head = torch.nn.Linear(8, 17)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    hid, y, tw = hid.reshape(2, 9, 8), y.reshape(2, 9), tw.reshape(2, 9)
+    if fused:
+        choice, out = FusedLoss("fused", None, head), {"logits": None, "last_hidden_state": hid}
+    else:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        choice, out = FusedLoss("not fused"), CausalLMOutput(logits=head(hid))
+    plain = selective_loss(choice, out, y, tw)
+    loss, tok = selective_loss(choice, out, y, tw, return_token_loss=True)
+    torch.testing.assert_close(loss, plain)
+    assert tok.shape == (2, 9) and not tok.requires_grad
+    torch.testing.assert_close(tok.double(), _reference_token_loss(hid.reshape(-1, 8), w, b, y.reshape(-1)).view(2, 9),
+                               rtol=1e-4, atol=1e-5)

@@ -281,3 +281,54 @@ def test_selective_cross_entropy_float_weights():
     torch.testing.assert_close(S.selective_cross_entropy(z, y, w).double(), (per * w.double()).sum() / w.sum())
     empty = S.selective_cross_entropy(z, y, torch.zeros(3, 5))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+# -- return_token_loss ---------------------------------------------------------------------------
+@pytest.mark.parametrize("float_weight", [False, True], ids=["bool", "importance"])
+@pytest.mark.parametrize("denominator", [None, 7])
+def test_selective_cross_entropy_token_loss(float_weight, denominator):
+    """Every labelled position's loss (the unselected ones too), 0 at -100, detached; the loss and
+    its gradient are those without the flag."""
+    g = torch.Generator().manual_seed(1)
+    z = _logits(3, 7, 11).requires_grad_()
+    y = torch.randint(0, 11, (3, 7), generator=g)
+    y[0, 3] = y[2, 6] = -100
+    sel = torch.rand(3, 7, generator=g) < 0.5
+    sel[1, 2], sel[0, 3] = False, True  # a labelled position left out; a selected one without a label
+    w = torch.where(sel, torch.rand(3, 7, generator=g) * 3, torch.zeros(3, 7)) if float_weight else sel
+    loss, tok = S.selective_cross_entropy(z, y, w, denominator, return_token_loss=True)
+    assert tok.shape == (3, 7) and tok.dtype == torch.float32 and not tok.requires_grad
+    ref = torch.nn.functional.cross_entropy(z.detach().double().reshape(-1, 11), y.reshape(-1), ignore_index=-100,
+                                            reduction="none").view(3, 7)
+    torch.testing.assert_close(tok.double(), ref)
+    assert tok[1, 2] > 0 and tok[0, 3] == 0 and tok[2, 6] == 0
+    plain = S.selective_cross_entropy(z, y, w, denominator)
+    torch.testing.assert_close(loss, plain)
+    (g_tok,) = torch.autograd.grad(loss, z)
+    (g_plain,) = torch.autograd.grad(plain, z)
+    torch.testing.assert_close(g_tok, g_plain)
+
+
+def test_selective_cross_entropy_token_loss_empty_selection_and_float64():
+    z = _logits().double().requires_grad_()
+    y = torch.randint(0, 11, (3, 5))
+    loss, tok = S.selective_cross_entropy(z, y, torch.zeros(3, 5, dtype=torch.bool), return_token_loss=True)
+    assert loss.item() == 0.0 and loss.requires_grad and loss.dtype == torch.float64 == tok.dtype
+    torch.testing.assert_close(tok, torch.nn.functional.cross_entropy(z.detach().reshape(-1, 11), y.reshape(-1),
+                                                                      reduction="none").view(3, 5))
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z.grad))
+
+
+def test_selective_cross_entropy_token_loss_compiles_fullgraph():
+    z = _logits().requires_grad_()
+    y = torch.randint(0, 11, (3, 5))
+    y[1, 1] = -100
+    w = torch.rand(3, 5) > 0.5
+    f = torch.compile(lambda z, y, w: S.selective_cross_entropy(z, y, w, return_token_loss=True), fullgraph=True,
+                      backend="aot_eager")
+    loss, tok = f(z, y, w)
+    want, want_tok = S.selective_cross_entropy(z, y, w, return_token_loss=True)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(tok, want_tok)
+    assert not tok.requires_grad

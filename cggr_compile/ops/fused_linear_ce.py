@@ -8,7 +8,8 @@ For ``N`` tokens with hidden states ``h`` (``[N, H]``), the head ``W`` (``[V, H]
     total  = sum_n w_n * (logsumexp(z_n) - z_n[y_n])   over the rows with y_n != -100 and w_n != 0
 
 and the loss is ``total / denominator`` with exactly the normaliser rules of
-:func:`cggr_compile.scoring.selective_cross_entropy` (which materialises the logits).
+:func:`cggr_compile.scoring.selective_cross_entropy` (which materialises the logits). The op also
+writes every row's unweighted ``logsumexp(z_n) - z_n[y_n]`` (detached; ``return_token_loss``).
 
 Design (the layout of Liger-Kernel's fused linear cross-entropy: kernel, autograd op, wrapper):
 
@@ -86,17 +87,20 @@ def _new_buffer(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device
 def _chunk_epilogue(
     z: Tensor, y: Tensor, w: Tensor, softcap: Optional[float], need_grad: bool, out_dtype: torch.dtype,
     need_bias: bool = False,
-) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """From a chunk's raw logits ``z`` ``[C, V]`` (the head's output dtype): the chunk's weighted
-    loss sum (float32 scalar) and, if ``need_grad``, ``dL/dz`` in ``out_dtype`` ``[C, V]`` and, if
-    ``need_bias``, its float32 column sums ``[V]`` (the bias gradient)."""
+    loss sum (float32 scalar), each row's unweighted loss ``lse - z[y]`` (float32 ``[C]``; 0 where
+    ``y`` is -100, NaN where it is outside ``[0, V)``, whatever the weight), and, if ``need_grad``,
+    ``dL/dz`` in ``out_dtype`` ``[C, V]`` and, if ``need_bias``, its float32 column sums ``[V]`` (the
+    bias gradient). Float64 logits keep float64 throughout."""
     v = z.shape[1]
     zf = z if z.dtype == torch.float64 else z.float()  # float32 math, float64 kept (references)
     t = None
     if softcap is not None:
         t = torch.tanh(zf / softcap)
         zf = t * softcap
-    valid = (y != IGNORE_INDEX) & (w != 0)
+    labelled = y != IGNORE_INDEX
+    valid = labelled & (w != 0)
     in_range = (y >= 0) & (y < v)
     yc = torch.where(in_range, y, torch.zeros_like(y))
     lse = torch.logsumexp(zf, dim=1)
@@ -105,16 +109,18 @@ def _chunk_epilogue(
     # NaN for a label outside [0, V): poisons the loss and the gradient instead of a device assert.
     scale = torch.where(valid, torch.where(in_range, wf, torch.full_like(wf, math.nan)), torch.zeros_like(wf))
     # where, not multiply: an ignored row's loss is 0 even when its logits overflow
-    total = torch.where(valid, scale * (lse - zy), torch.zeros_like(scale)).sum()
+    nll = lse - zy
+    total = torch.where(valid, scale * nll, torch.zeros_like(scale)).sum()
+    token = torch.where(labelled, torch.where(in_range, nll, torch.full_like(nll, math.nan)), torch.zeros_like(nll))
     if not need_grad:
-        return total, None, None
+        return total, token, None, None
     # dL/dz = w * (softmax(z) - onehot(y)); the exp is recomputed here from z and lse
     g = torch.exp(zf - lse[:, None]) * scale[:, None]
     onehot = torch.arange(v, device=z.device)[None, :] == yc[:, None]
     g = torch.where(onehot, g - scale[:, None], g)
     if t is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
         g = g * (1.0 - t * t)
-    return total, g.to(out_dtype), (g.sum(0) if need_bias else None)
+    return total, token, g.to(out_dtype), (g.sum(0) if need_bias else None)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -145,9 +151,10 @@ def _chunked_forward_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, token_weight: Tensor,
     softcap: Optional[float], chunk_tokens: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
     accum_dtype: Optional[torch.dtype],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The loss sum and (where asked) its gradients w.r.t. hidden, weight and bias, one chunk of
-    tokens at a time. Gradients not asked for come back as empty tensors."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss sum, (where asked) its gradients w.r.t. hidden, weight and bias, and every row's
+    unweighted loss ``[N]`` (see :func:`_chunk_epilogue`), one chunk of tokens at a time. Gradients
+    not asked for come back as empty tensors."""
     n, h_dim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -158,13 +165,15 @@ def _chunked_forward_backward(
     dw_acc = _new_buffer((v, h_dim), acc_dt, dev).zero_() if grad_weight else None
     db_acc = torch.zeros((v,), dtype=_loss_dtype(hidden), device=dev) if grad_bias else None
     total = torch.zeros((), dtype=_loss_dtype(hidden), device=dev)
+    token_loss = _new_buffer((n,), _loss_dtype(hidden), dev)
     c = max(1, chunk_tokens)
     for s in range(0, n, c):
         e = min(n, s + c)
         h = hidden[s:e]
         z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-        part, g, gsum = epilogue(z, target[s:e], token_weight[s:e], softcap, need, hidden.dtype, grad_bias)
+        part, tok, g, gsum = epilogue(z, target[s:e], token_weight[s:e], softcap, need, hidden.dtype, grad_bias)
         total = total + part
+        token_loss[s:e] = tok
         if g is None:
             continue
         if grad_hidden:
@@ -178,7 +187,7 @@ def _chunked_forward_backward(
             db_acc += gsum
     dw = dw_acc.to(weight.dtype) if dw_acc is not None else weight.new_empty(0)
     db = db_acc.to(bias.dtype) if db_acc is not None else weight.new_empty(0)
-    return total, dh, dw, db
+    return total, dh, dw, db, token_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +198,7 @@ def _fused_linear_ce_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, token_weight: Tensor,
     softcap: Optional[float], chunk_tokens: int, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
     accum_float32: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _chunked_forward_backward(
         hidden, weight, bias, target, token_weight, softcap, chunk_tokens, grad_hidden, grad_weight,
         grad_bias, torch.float32 if accum_float32 else None,
@@ -204,15 +213,16 @@ def _fake(hidden, weight, bias, target, token_weight, softcap, chunk_tokens, gra
     dw = weight.new_empty(tuple(weight.shape)) if grad_weight else weight.new_empty(0)
     db = weight.new_empty((weight.shape[0],), dtype=bias.dtype) if (grad_bias and bias is not None) \
         else weight.new_empty(0)
-    return total, dh, dw, db
+    token_loss = hidden.new_empty((hidden.shape[0],), dtype=_loss_dtype(hidden))
+    return total, dh, dw, db, token_loss
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     _, _, bias, _, _, _, _, gh, gw, gb, _ = inputs
-    _, dh, dw, db = output
+    _, dh, dw, db, token_loss = output
     ctx.flags = (gh, gw, gb and bias is not None)
     ctx.save_for_backward(dh, dw, db)
-    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db, token_loss)
 
 
 def _scaled(g: Tensor, grad: Tensor) -> Tensor:
@@ -264,7 +274,8 @@ def selective_linear_cross_entropy(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, token_weight: Tensor,
     denominator: Optional[Tensor | int | float] = None, softcap: Optional[float] = None,
     chunk_tokens: Optional[int] = None, accum_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    return_token_loss: bool = False,
+) -> Tensor | Tuple[Tensor, Tensor]:
     """``selective_cross_entropy(linear(hidden, weight, bias), target, token_weight, denominator)``
     (soft-capped first if ``softcap``) without the ``[..., V]`` logits.
 
@@ -278,8 +289,12 @@ def selective_linear_cross_entropy(
         softcap: Gemma 2's ``final_logit_softcapping`` (``z = c * tanh(z / c)``).
         chunk_tokens: tokens per chunk (default :func:`default_chunk_tokens`).
         accum_dtype: dtype of the ``dW``/``db`` accumulation (default: the weight's; fp16: float32).
+        return_token_loss: also return the per-token loss (below).
 
     Returns a float32 scalar (float64 for float64 inputs); no selected or valid position gives a zero connected to the graph.
+    With ``return_token_loss``, ``(loss, token_loss)``: ``token_loss`` shaped like ``target``, in the
+    loss's dtype and detached, the cross-entropy at every position with a label whatever its weight,
+    0 at -100 and NaN for a label outside ``[0, V)`` (the op writes it in the same pass).
     Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would.
     """
     _check(hidden, weight, bias, target, token_weight, softcap)
@@ -309,13 +324,19 @@ def selective_linear_cross_entropy(
     if accum_dtype is not None and accum_dtype not in (torch.float32, weight.dtype):
         raise ValueError(f"selective_linear_cross_entropy: accum_dtype must be float32 or the weight's "
                          f"dtype {weight.dtype}, got {accum_dtype}")
-    total = torch.ops.cggr.fused_linear_cross_entropy(
+    outs = torch.ops.cggr.fused_linear_cross_entropy(
         h2, weight, bias, y, tw, None if softcap is None else float(softcap), chunk, gh, gw, gb, accum32,
-    )[0]
+    )
+    total = outs[0]
     # The normaliser, exactly as scoring.selective_cross_entropy divides.
     if token_weight.is_floating_point():
         if denominator is None:
-            return total / token_weight.sum().to(total.dtype).clamp(min=1e-12)
-        return total / torch.as_tensor(denominator, device=total.device).clamp(min=1).to(total.dtype)
-    count = token_weight.sum() if denominator is None else torch.as_tensor(denominator, device=total.device)
-    return total / count.clamp(min=1).to(total.dtype)
+            loss = total / token_weight.sum().to(total.dtype).clamp(min=1e-12)
+        else:
+            loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1).to(total.dtype)
+    else:
+        count = token_weight.sum() if denominator is None else torch.as_tensor(denominator, device=total.device)
+        loss = total / count.clamp(min=1).to(total.dtype)
+    if return_token_loss:
+        return loss, outs[4].reshape(target.shape)
+    return loss
