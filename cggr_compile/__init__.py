@@ -19,7 +19,7 @@ __all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "ModelCall", "Ro
            "transform"]
 __version__ = "0.1.0"
 
-from .backend import explain, last_metrics, register as _register_backend, step
+from .backend import cggr_state_dict, explain, last_metrics, load_cggr_state_dict, register as _register_backend, step
 
 _register_backend()
-__all__ += ["explain", "last_metrics", "step"]
+__all__ += ["cggr_state_dict", "explain", "last_metrics", "load_cggr_state_dict", "step"]

@@ -31,7 +31,7 @@ from cggr_compile.distributed import active_ddp_bucket_bytes, active_ddp_module,
 from cggr_compile.passes.pass_context import PassContext
 from cggr_compile.passes.pipeline import run_passes
 from cggr_compile.passes.recognise_training_graph import GraphPlan, NotRewritable, recognise
-from cggr_compile.passes.trace_routed_step import METRIC_KEYS, reference_tensors, routed_step_fn
+from cggr_compile.passes.trace_routed_step import metric_keys, reference_tensors, routed_step_fn, step_inputs
 from cggr_compile.graph_text import graph_text
 from cggr_compile.router import model_call_for
 from cggr_compile.schedule import RoutedPlan
@@ -43,6 +43,8 @@ _warned: set[str] = set()
 # name (not a submodule: parameters() and state_dict() are unchanged), so every graph of one model
 # shares one schedule and the core is freed with the model.
 _CORE_ATTR = "_cggr_core"
+# load_cggr_state_dict before the backend built the core: applied by core_for.
+_PENDING_STATE_ATTR = "_cggr_pending_state"
 
 
 def core_of(model: torch.nn.Module) -> Optional[CGGRModel]:
@@ -148,6 +150,9 @@ def core_for(model: torch.nn.Module, options: Optional[dict] = None) -> CGGRMode
     if core is None or core.cggr_config != config:  # first compile, or compiled again with new options
         core = CGGRModel(model, config)
         model.__dict__[_CORE_ATTR] = core
+        pending = model.__dict__.pop(_PENDING_STATE_ATTR, None)
+        if pending is not None:
+            core.load_cggr_state_dict(pending)
     return core
 
 
@@ -176,6 +181,34 @@ def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
     model; ``{}`` before its first training step."""
     core = _any_core(model)
     return core.metrics() if core is not None else {}
+
+
+def _core_or_error(model: torch.nn.Module, what: str) -> CGGRModel:
+    core = _any_core(model)
+    if core is None:
+        raise ValueError(
+            f"cggr_compile.{what}: {type(model).__name__} is no CGGR model (compile it with backend='cggr' and run a "
+            "training step first, or wrap it with cggr_compile.transform)."
+        )
+    return core
+
+
+def cggr_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """CGGR's own state of any kind of CGGR model (the schedule's step, the learned exit's
+    statistics), apart from ``model.state_dict()``, which stays the model's: save both on a
+    checkpoint (the Trainer integration does). See :meth:`CGGRModel.cggr_state_dict`."""
+    return _core_or_error(model, "cggr_state_dict").cggr_state_dict()
+
+
+def load_cggr_state_dict(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Restore :func:`cggr_state_dict` into any kind of CGGR model. A model to be compiled with
+    ``backend="cggr"`` gets its CGGR core at its first training step: loaded before that (on the
+    model or the compiled module), the state is kept and applied when the core is built."""
+    core = _any_core(model)
+    if core is not None:
+        core.load_cggr_state_dict(state)
+        return
+    getattr(model, "_orig_mod", model).__dict__[_PENDING_STATE_ATTR] = dict(state)
 
 
 def routed_graph(
@@ -255,11 +288,12 @@ class RoutedGraph:
     def run(self, routed: RoutedPlan, args: Sequence[Any]) -> tuple:
         """The rewritten step for ``routed`` on Dynamo's graph arguments ``args``: compiled once per plan."""
         fn = self.compiled.get(routed)
+        extra = step_inputs(self.core, routed, self.references)
         if fn is None:
             gm = self.graph_for(routed)
-            fn = self.compile(gm, list(args) + [routed.step_tensor] + self.references)
+            fn = self.compile(gm, list(args) + extra)
             self.compiled[routed] = fn
-        return fn(*args, routed.step_tensor, *self.references)
+        return fn(*args, *extra)
 
     def check_owner(self, args: Sequence[Any]) -> None:
         """Raise if ``args`` are another model's: its schedule would silently be this model's."""
@@ -277,10 +311,12 @@ class RoutedGraph:
         ids = args[plan.inputs["input_ids"]]
         routed = core.plan_step(plan.batch, ids.device)
         loss, logits, selection, *extras = self.run(routed, args)
+        keys = metric_keys(core)
+        exit_state = extras[len(keys)] if core.exit is not None else None
         # The graph computed the device statistics; the host values come from the plan.
-        metrics = step_metrics(core.cggr_config, core.schedule, dict(zip(METRIC_KEYS, extras)), routed.ratio,
+        metrics = step_metrics(core.cggr_config, core.schedule, dict(zip(keys, extras)), routed.ratio,
                                routed.k, selection)
-        core.record_step(metrics)
+        core.record_step(metrics, exit_state)
         outs: list[Any] = [loss.new_empty(0)] * plan.num_outputs  # caches: a training step has none
         outs[plan.loss_output] = loss
         if plan.logits_output >= 0:
@@ -356,7 +392,7 @@ class FirstStepWithoutReferenceInput(RoutedGraph):
         args = list(args) + [self.reference_loss]
         self.reference_loss = None  # the next call's batch is another one
         step = routed_step_fn(self.core, self.plan, routed, self.example_inputs, self.call_kwargs)
-        return step(*args, routed.step_tensor, *self.references)
+        return step(*args, *step_inputs(self.core, routed, self.references))
 
 
 def cggr_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:

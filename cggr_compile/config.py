@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-SCORINGS = ("entropy", "margin", "loss", "combined", "reducible")
+SCORINGS = ("entropy", "margin", "loss", "combined", "reducible", "predicted")
 SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota", "importance")
 GRANULARITIES = ("sequences", "tokens")
 # Scorings that read the next-token label: without labels they cannot run.
@@ -88,10 +88,14 @@ class CGGRConfig:
             once warmup is over, in (0, 1]: exactly that share with the defaults (rounded up to
             one of ``num_levels`` levels); the dynamic threshold, when on, keeps more.
         router_layers: decoder layers the router runs (the model's own first K layers, then its
-            final norm and head); ``1 <= router_layers < num_layers``.
-        scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md), or
+            final norm and head, or the learned exit); ``1 <= router_layers < num_layers``.
+        scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md),
             ``reducible``: the router's loss minus a reference loss (RHO-LOSS / JEST learnability),
-            from ``reference_loss=`` in the batch or from the ``reference`` model.
+            from ``reference_loss=`` in the batch or from the ``reference`` model; or ``predicted``:
+            the learned exit's prediction of the whole model's own loss from the router's hidden
+            state (``cggr_compile.exit``), fitted online from the main pass's losses, with no
+            vocabulary projection in the router. Until the exit is fitted (``exit_min_fits``) the
+            selection is uniform.
         selection: default ``importance`` for ``granularity='sequences'``, ``topk`` for tokens;
             ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
             ``importance`` (sequences only: draws ``k`` rows with probability rising with their
@@ -118,7 +122,15 @@ class CGGRConfig:
             over the rows by their token count rather than by difficulty, in [0, 1]
             (``p_i = (1 - floor) * n_i s_i / sum n s + floor * n_i / N``). 1 is a plain random
             subset; 0 is pure difficulty-proportional sampling (rows of score 0 are never drawn).
-        seed: seeds the stratified and importance draws.
+        exit_decay: ``scoring='predicted'``: the factor, in (0, 1], by which the exit's statistics
+            decay at each fit (one per training forward, or per micro-batch under the Trainer): they
+            weigh about the last ``1 / (1 - exit_decay)`` fits (33 at 0.97, the measured lead).
+        exit_ridge: ``scoring='predicted'``: the ridge penalty, > 0, on the exit's weights over
+            features scaled to unit second moment (so it does not depend on the hidden state's scale).
+        exit_min_fits: ``scoring='predicted'``: fits before the exit ranks rows, >= 1; until then
+            (a cold start, a resume without the exit's state) the selection is uniform and the
+            metrics' ``exit_ready`` is 0.
+        seed: seeds the stratified and importance draws (and the uniform draws of a cold exit).
         fused_scorer: score straight from the router's hidden states with the fused head+scoring
             op (``cggr_compile.ops.fused_scorer``: a Triton kernel on CUDA, chunked torch elsewhere)
             when the head is one linear layer, so the ``B x T x V`` logits are never written.
@@ -166,6 +178,9 @@ class CGGRConfig:
     min_tokens_per_sequence: int = 1
     num_levels: int = 8
     importance_floor: float = 0.5
+    exit_decay: float = 0.97
+    exit_ridge: float = 1e-3
+    exit_min_fits: int = 4
     seed: int = 0
     fused_scorer: bool = True
     fused_loss: Any = False  # False, True or "auto"
@@ -240,6 +255,21 @@ class CGGRConfig:
             raise ValueError(
                 f"fused_loss must be False, True or 'auto', got {self.fused_loss!r}: True fuses the main "
                 "pass's head with its loss (no logits), 'auto' does so where the model allows it."
+            )
+        d = self.exit_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < float(d) <= 1.0):
+            raise ValueError(f"exit_decay must be a number in (0, 1], got {d!r}: the exit's statistics weigh "
+                             "about the last 1 / (1 - exit_decay) fits (1 keeps them all).")
+        if isinstance(self.exit_ridge, bool) or not isinstance(self.exit_ridge, (int, float)) \
+                or not float(self.exit_ridge) > 0:
+            raise ValueError(f"exit_ridge must be a number > 0, got {self.exit_ridge!r}: without a penalty the "
+                             "exit's system can be singular.")
+        _check_int("exit_min_fits", self.exit_min_fits, 1)
+        if self.scoring == "predicted" and self.dynamic_threshold:
+            raise ValueError(
+                "dynamic_threshold reads the router's confidence (its top-1 probability), and "
+                "scoring='predicted' runs no vocabulary head: set dynamic_threshold=False or choose a "
+                "head-based scoring."
             )
         if self.reference is not None and self.scoring != "reducible":
             raise ValueError(

@@ -131,12 +131,13 @@ def _pearson(a: Tensor, b: Tensor, keep: Tensor) -> Tensor:
     return torch.where(den > 0, (da * db).sum() / den.clamp(min=1e-30), torch.zeros_like(den))
 
 
-def agreement(predicted: Tensor, loss: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def agreement(predicted: Tensor, loss: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """How well ``predicted`` ``[R, T]`` knew ``loss`` before the fit saw it (out of sample).
 
-    Returns ``(rank, r2, defined)``: the Spearman correlation between the predicted and the true
-    row losses (weighted means over each row's positions), over rows with weight; the weighted R^2
-    of the per-token prediction; and whether both are defined (3 rows and some spread)."""
+    Returns ``(rank, r2, rank_defined, r2_defined)``: the Spearman correlation between the
+    predicted and the true row losses (weighted means over each row's positions), over rows with
+    weight (defined from 3 such rows); the weighted R^2 of the per-token prediction (defined when
+    the losses spread)."""
     w = weight.float()
     row_w = w.sum(-1)
     has = row_w > 0
@@ -148,8 +149,7 @@ def agreement(predicted: Tensor, loss: Tensor, weight: Tensor) -> tuple[Tensor, 
     ss_tot = ((loss - mean) ** 2 * w).sum()
     ss_res = ((loss - predicted) ** 2 * w).sum()
     r2 = 1.0 - ss_res / ss_tot.clamp(min=1e-12)
-    defined = (has.sum() >= 3) & (ss_tot > 0)
-    return rank, r2, defined
+    return rank, r2, has.sum() >= 3, ss_tot > 0
 
 
 def _solve(gram: Tensor, moment: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
@@ -173,7 +173,7 @@ def fit(
 
     Metrics (device scalars): ``exit_ready`` (1.0 when the selection used the exit, 0.0 while it
     was uniform), ``exit_fits``, ``exit_rank_agreement`` and ``exit_r2`` (running, bias-corrected
-    means of :func:`agreement` over the fits made while ready; 0 before)."""
+    means of :func:`agreement` over the fits made while ready; NaN until one was measured)."""
     with torch.no_grad():
         was_ready = ready(layout, state, min_fits)
         # A corrupted state (not finite) starts cold rather than poison every later step.
@@ -206,20 +206,20 @@ def fit(
         moment = torch.where(solved, moment, m_batch)
         weight_sum = torch.where(solved, weight_sum, wsum)
 
-        rank, r2, defined = agreement(
+        rank, r2, rank_defined, r2_defined = agreement(
             inputs.predicted.float(), torch.where(ok, y, torch.zeros_like(y)).view_as(inputs.predicted),
             w.view_as(inputs.predicted))
-        counts = was_ready & defined
+        count_rank, count_r2 = was_ready & rank_defined, was_ready & r2_defined
         a = AGREEMENT_DECAY
         s = {n: layout.scalar(state, n) for n in _SCALARS}
         scalars = {
             "fits": s["fits"] + (wsum > 0).float(),
             "weight_sum": weight_sum,
             "solved": torch.maximum(s["solved"], solved.float()),
-            "rank_num": torch.where(counts, a * s["rank_num"] + rank, s["rank_num"]),
-            "rank_den": torch.where(counts, a * s["rank_den"] + 1.0, s["rank_den"]),
-            "r2_num": torch.where(counts, a * s["r2_num"] + r2, s["r2_num"]),
-            "r2_den": torch.where(counts, a * s["r2_den"] + 1.0, s["r2_den"]),
+            "rank_num": torch.where(count_rank, a * s["rank_num"] + rank, s["rank_num"]),
+            "rank_den": torch.where(count_rank, a * s["rank_den"] + 1.0, s["rank_den"]),
+            "r2_num": torch.where(count_r2, a * s["r2_num"] + r2, s["r2_num"]),
+            "r2_den": torch.where(count_r2, a * s["r2_den"] + 1.0, s["r2_den"]),
             "failed_solves": s["failed_solves"] + (~solved).float(),
         }
         new_state = layout.pack(gram, moment, weights, scalars)
@@ -231,11 +231,12 @@ def metrics_of(layout: ExitLayout, state: Tensor, was_ready: Optional[Tensor] = 
     rank_den = layout.scalar(state, "rank_den")
     r2_den = layout.scalar(state, "r2_den")
     ready_now = was_ready if was_ready is not None else layout.scalar(state, "solved") > 0
+    nan = torch.full_like(rank_den, float("nan"))  # not measured yet, which is not 0 agreement
     return {
         "exit_ready": ready_now.float(),
         "exit_fits": layout.scalar(state, "fits"),
-        "exit_rank_agreement": layout.scalar(state, "rank_num") / rank_den.clamp(min=1e-12),
-        "exit_r2": layout.scalar(state, "r2_num") / r2_den.clamp(min=1e-12),
+        "exit_rank_agreement": torch.where(rank_den > 0, layout.scalar(state, "rank_num") / rank_den.clamp(min=1e-12), nan),
+        "exit_r2": torch.where(r2_den > 0, layout.scalar(state, "r2_num") / r2_den.clamp(min=1e-12), nan),
     }
 
 

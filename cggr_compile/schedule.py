@@ -82,6 +82,9 @@ class RoutedPlan:
     # head). The backend traces with it off and lets passes/fuse_scorer.py put the op in the graph.
     fuse_scorer: bool = True
     step_tensor: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    # scoring='predicted': the learned exit's state (cggr_compile.exit) as the step starts; like the
+    # step counter a device tensor the step reads (a graph input), not part of the key.
+    exit_state: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def replace(self, **changes: Any) -> "RoutedPlan":
         """A copy with ``changes`` (the plan itself never changes)."""

@@ -151,7 +151,7 @@ def sequence_difficulty(difficulty: Tensor, valid: Tensor) -> Tensor:
     return torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
 
 
-def _hash_uniform(index: Tensor, seed: int, step: Tensor) -> Tensor:
+def hash_uniform(index: Tensor, seed: int, step: Tensor) -> Tensor:
     """Counter-based uniform numbers in [0, 1): the same on every device and inside graphs.
 
     A seeded ``torch.Generator`` cannot live inside a compiled graph; this integer hash of
@@ -235,7 +235,7 @@ def select_sequences(
             if quota == 0:
                 continue
             members = order[start : start + size]
-            keys = _hash_uniform(members, seed, step_t)
+            keys = hash_uniform(members, seed, step_t)
             within = torch.sort(keys, stable=True).indices[:quota]
             picks.append(members[within])
         drawn = torch.cat(picks)
@@ -255,7 +255,7 @@ def select_sequences(
     return torch.sort(chosen).values
 
 
-def importance_probabilities(seq_difficulty: Tensor, counts: Tensor, floor: float) -> Tensor:
+def importance_probabilities(seq_difficulty: Tensor, counts: Tensor, floor: float | Tensor) -> Tensor:
     """Sampling probability of each row (float32 ``[B]``, summing to 1) for ``selection='importance'``.
 
     ``p_i = (1 - floor) * n_i s_i / sum_j n_j s_j + floor * n_i / N``: the row's share of the batch's
@@ -276,7 +276,8 @@ def importance_probabilities(seq_difficulty: Tensor, counts: Tensor, floor: floa
     total_mass = mass.sum()
     share = n / total_n.clamp(min=1.0)
     rel = torch.where(total_mass > 0, mass / total_mass.clamp(min=1e-30), share)
-    p = (1.0 - float(floor)) * rel + float(floor) * share
+    f = floor if isinstance(floor, Tensor) else float(floor)  # a tensor: a cold exit's 1.0 (selection.py)
+    p = (1.0 - f) * rel + f * share
     uniform = torch.full_like(p, 1.0 / p.shape[0])
     return torch.where(total_n > 0, p, uniform)
 
@@ -293,7 +294,7 @@ def sample_importance(probs: Tensor, k: int, seed: int = 0, step: Optional[Tenso
     b = probs.shape[0]
     dev = probs.device
     step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
-    u = _hash_uniform(torch.zeros(1, dtype=torch.int64, device=dev), seed, step_t)
+    u = hash_uniform(torch.zeros(1, dtype=torch.int64, device=dev), seed, step_t)
     cdf = torch.cumsum(probs.float(), 0)
     points = (torch.arange(k, device=dev, dtype=torch.float32) + u) / k * cdf[-1]
     idx = torch.searchsorted(cdf, points, right=True)
@@ -360,7 +361,7 @@ def _stratified_token_mask(
     for i in range(1, s):
         stratum = stratum + (rank >= bounds[i]).to(torch.int64)
     step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
-    keys = _hash_uniform(torch.arange(rank.shape[0], device=dev), seed, step_t)
+    keys = hash_uniform(torch.arange(rank.shape[0], device=dev), seed, step_t)
     # Rank within the stratum by random key: sort by (stratum, key).
     composite = stratum.to(torch.float64) * 2.0 + keys.to(torch.float64)
     composite = torch.where(rank < nf, composite, torch.full_like(composite, math.inf))

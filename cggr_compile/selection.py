@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from . import scoring as S
@@ -26,6 +27,10 @@ class Routing:
     valid: Tensor  # [B, T] bool
     difficulty: Tensor  # [B, T] float32
     metrics: dict[str, Tensor]
+    # scoring='predicted': the router's hidden states [B, T, H] (the exit's fit reads the trained
+    # rows' ones after the main pass) and whether the exit ranks yet (bool device scalar).
+    hidden: Optional[Tensor] = None
+    ready: Optional[Tensor] = None
 
 
 def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Tensor]:
@@ -37,19 +42,39 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Te
     ``[B, T]``, which is also the weight.
     """
     cfg = config
+    difficulty = _uniform_until_ready(r, plan, cfg)
     if cfg.granularity != "sequences":
         mask = S.select_tokens(
-            r.difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
+            difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
             cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
         )
         return mask, mask
-    seq = S.sequence_difficulty(r.difficulty, r.valid)
+    seq = S.sequence_difficulty(difficulty, r.valid)
     if cfg.selection == "importance":
-        probs = S.importance_probabilities(seq, r.valid.sum(-1), cfg.importance_floor)
+        # A cold exit: the floor alone (p by token count, i.e. a plain random subset).
+        floor = cfg.importance_floor if r.ready is None else \
+            torch.where(r.ready, torch.tensor(float(cfg.importance_floor), device=seq.device), 1.0)
+        probs = S.importance_probabilities(seq, r.valid.sum(-1), floor)
         idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
         return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
     idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
     return idx, r.valid.index_select(0, idx)
+
+
+def _uniform_until_ready(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Tensor:
+    """The difficulty the selection ranks by: the router's, or while a learned exit is not fitted
+    yet (``r.ready`` false) seeded uniform numbers, so that every rule then picks a uniform random
+    subset (SPEC.md, Router). No host sync: a ``where`` on the device flag."""
+    if r.ready is None:
+        return r.difficulty
+    b, t = r.difficulty.shape
+    dev = r.difficulty.device
+    step = plan.step_tensor if plan.step_tensor is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    if config.granularity == "sequences":
+        noise = S.hash_uniform(torch.arange(b, device=dev), config.seed + 1, step)[:, None].expand(b, t)
+    else:
+        noise = S.hash_uniform(torch.arange(b * t, device=dev), config.seed + 1, step).view(b, t)
+    return torch.where(r.ready, r.difficulty, torch.where(r.valid, noise, torch.zeros_like(noise)))
 
 
 def loss_count(r: Routing, config: CGGRConfig) -> Optional[Tensor]:

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig, ModelCall
+from .exit import FitInputs, LearnedExit, hidden_size
 from .metrics import selected_difficulty, selection_key, step_metrics, token_counts
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
@@ -107,6 +108,22 @@ def score_positions(
     stats = S.token_stats(router_out, target)
     difficulty = S.token_difficulty(stats, valid, scoring, labels is not None, reference)
     return Routing(target, valid, difficulty, S.batch_metrics(stats, difficulty, valid))
+
+
+def score_by_exit(
+    exit_: LearnedExit, state: Tensor, hidden: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+    causal: bool,
+) -> Routing:
+    """``scoring='predicted'``: every position's difficulty is the learned exit's prediction of the
+    whole model's loss there, from the router's hidden states ``[B, T, H]`` (no vocabulary head)."""
+    target = S.aligned_labels(labels, causal) if labels is not None else None
+    valid = S.valid_positions(attention_mask, target, hidden.shape[:2], causal, hidden.device)
+    with torch.no_grad():
+        predicted = exit_.predict(state, hidden)
+    difficulty = torch.where(valid, predicted, torch.zeros_like(predicted))
+    w = valid.float()
+    metrics = {"avg_difficulty": (difficulty * w).sum() / w.sum().clamp(min=1.0)}
+    return Routing(target, valid, difficulty, metrics, hidden=hidden, ready=exit_.ready(state))
 
 
 def _check_router_output(out: Any, like: Optional[Tensor]) -> None:
@@ -240,6 +257,8 @@ class CGGRModel(WrappedModel):
         self.__dict__["routed_graphs"] = []
         # The main pass's loss: the model's logits, or the fused head + loss (passes/fuse_loss.py).
         self.__dict__["fused_loss"] = choose_fused_loss(model, config.fused_loss, config.strict)
+        # scoring='predicted': the learned exit (its state is no parameter: a plain attribute).
+        self.__dict__["exit"] = _learned_exit(model, router, config)
 
     # -- schedule -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -266,6 +285,8 @@ class CGGRModel(WrappedModel):
         self.schedule.planned()
         self._refresh_routers()
         plan = self.schedule.plan(batch, device)
+        if self.exit is not None:
+            plan = plan.replace(exit_state=self.exit.state_on(device))
         self.__dict__["_planned"] = plan
         return plan
 
@@ -302,10 +323,13 @@ class CGGRModel(WrappedModel):
         refresh_router(self.__dict__["reference_router"])
 
     @torch.compiler.disable
-    def record_step(self, metrics: dict[str, Any]) -> None:
-        """Keep a finished step's metrics (:meth:`metrics`) and start the non-blocking trip of its
-        mean confidence to the host, for the dynamic threshold of a later step."""
+    def record_step(self, metrics: dict[str, Any], exit_state: Optional[Tensor] = None) -> None:
+        """Keep a finished step's metrics (:meth:`metrics`) and the learned exit's new state (a device
+        copy), and start the non-blocking trip of its mean confidence to the host, for the dynamic
+        threshold of a later step."""
         self.__dict__["_last_metrics"] = metrics
+        if exit_state is not None:
+            self.exit.commit(exit_state)
         if "avg_confidence" in metrics:
             self.schedule.confidence.push(metrics["avg_confidence"])
 
@@ -360,6 +384,12 @@ class CGGRModel(WrappedModel):
         whether the fused scorer op runs here (default: the config's ``fused_scorer``)."""
         cfg = self.cggr_config
         labels = self._cggr_labels(labels)
+        if self.exit is not None:
+            with torch.no_grad(), _unsharded(self.model):
+                hidden = self.router.hidden(input_ids, attention_mask, **rows)
+            state = plan.exit_state if plan is not None and plan.exit_state is not None \
+                else self.exit.state_on(input_ids.device)
+            return score_by_exit(self.exit, state, hidden, attention_mask, labels, self.causal)
         with torch.no_grad(), _unsharded(self.model):
             reference = self._reference(input_ids, attention_mask, labels, reference_loss, rows, plan)
             head = self._fused_head(self.router, plan)
@@ -485,17 +515,18 @@ class CGGRModel(WrappedModel):
         # graph per level as the schedule promises.
         self.plan_step(input_ids.shape[0], input_ids.device)
         plan = self._planned
-        out, metrics = self.routed_step(plan, input_ids, attention_mask, labels, kwargs)
-        self.record_step(metrics)
+        out, metrics, exit_state = self.routed_step(plan, input_ids, attention_mask, labels, kwargs)
+        self.record_step(metrics, exit_state)
         return self._user_output(out)
 
     def routed_step(
         self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, kwargs: dict
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[Any, dict[str, Any], Optional[Tensor]]:
         """One routed training step as ``plan`` says: router, selection, main pass on the
-        selection, selective loss. Returns the output (with ``loss``, the selection and
-        ``cggr_metrics``) and the metrics. A function of ``plan`` and the batch only (the backend
-        traces it, with the plan's step counter a graph input)."""
+        selection, selective loss, and (``scoring='predicted'``) the learned exit's fit. Returns the
+        output (with ``loss``, the selection and ``cggr_metrics``), the metrics and the exit's new
+        state (None without an exit; :meth:`record_step` keeps it). A function of ``plan`` and the
+        batch only (the backend traces it, with the plan's step counter and exit state graph inputs)."""
         cfg = self.cggr_config
         b = input_ids.shape[0]
         kwargs = dict(kwargs)
@@ -503,6 +534,7 @@ class CGGRModel(WrappedModel):
         reference_loss = kwargs.pop("reference_loss", None)
         r, idx, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
                                                 per_row_inputs(kwargs, b))
+        fits = self.exit is not None
         if cfg.granularity == "sequences":
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
             mask_k = attention_mask.index_select(0, idx) if attention_mask is not None else None
@@ -510,17 +542,23 @@ class CGGRModel(WrappedModel):
             out = self._main_pass(input_ids.index_select(0, idx), mask_k, labels_k, **sliced)
             denominator = loss_denominator(weight, denominator, cfg, loss_count(r, cfg))
             loss = selective_loss(self.__dict__["fused_loss"], out, r.target.index_select(0, idx), weight,
-                                  denominator)
+                                  denominator, return_token_loss=fits)
             out["selected_indices"] = idx
         else:  # the token mask is both the selection and the weight
             out = self._main_pass(input_ids, attention_mask, labels, **kwargs)
             denominator = loss_denominator(weight, denominator, cfg)
-            loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator)
+            loss = selective_loss(self.__dict__["fused_loss"], out, r.target, weight, denominator,
+                                  return_token_loss=fits)
             out["selected_mask"] = weight
+        exit_state, exit_metrics = None, {}
+        if fits:
+            loss, token_loss = loss
+            exit_state, exit_metrics = self.exit.fit(plan.exit_state, exit_fit_inputs(r, idx, weight, cfg),
+                                                     token_loss)
         out["loss"] = loss
-        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)], plan)
+        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)], plan, exit_metrics)
         out["cggr_metrics"] = metrics
-        return out, metrics
+        return out, metrics, exit_state
 
     def _route_and_choose(
         self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
@@ -532,18 +570,19 @@ class CGGRModel(WrappedModel):
         selection, weight = choose(r, plan, self.cggr_config)
         return r, selection, weight
 
-    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan) -> dict[str, Any]:
+    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan,
+                      exit_metrics: Optional[dict[str, Tensor]] = None) -> dict[str, Any]:
         cfg = self.cggr_config
         return step_metrics(
             cfg, self.schedule, r.metrics, plan.ratio, plan.k, selection,
             selected_difficulty=selected_difficulty(r.difficulty, weight, selection, cfg.granularity),
-            **token_counts(weight, r.valid),
+            **token_counts(weight, r.valid), **(exit_metrics or {}),
         )
 
     def select(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-        record: bool = True, **kwargs: Any,
-    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        record: bool = True, return_fit_inputs: bool = False, **kwargs: Any,
+    ) -> tuple[Any, ...]:
         """Router and selection only (no grad, no main pass): what a training ``forward`` would
         select now, with the schedule's current level.
 
@@ -558,6 +597,9 @@ class CGGRModel(WrappedModel):
         that instead.
         ``record=False`` leaves the schedule's lagged confidence alone (push it later with
         :meth:`record_step`), so every micro-batch of a step is planned from the same state.
+        ``return_fit_inputs=True`` appends what the learned exit fits on once the selection has
+        trained (``scoring='predicted'``; None otherwise): pass it, with the main pass's per-token
+        loss, to :meth:`fit_exit`.
         """
         check_batch(input_ids, labels, attention_mask)
         b = input_ids.shape[0]
@@ -569,7 +611,67 @@ class CGGRModel(WrappedModel):
         metrics = self._step_metrics(r, weight, selection, plan)
         if record:
             self.record_step(metrics)
-        return selection, weight, metrics
+        if not return_fit_inputs:
+            return selection, weight, metrics
+        fit = exit_fit_inputs(r, selection, weight, self.cggr_config) if self.exit is not None else None
+        return selection, weight, metrics, fit
+
+    def fit_exit(self, fit: FitInputs, token_loss: Tensor) -> dict[str, Tensor]:
+        """Fit the learned exit on a trained selection (:meth:`select`'s ``fit`` and the main pass's
+        per-token loss at the same positions, ``[rows, T]``; detached here), for loops that run the
+        main pass themselves (the Trainer integration, :func:`~cggr_compile.integrations.route_step`).
+        Returns the exit's metrics (device tensors); no host sync."""
+        if self.exit is None:
+            raise ValueError(f"cggr: fit_exit needs scoring='predicted' (scoring={self.cggr_config.scoring!r}).")
+        state = self.exit.state_on(token_loss.device)
+        new_state, metrics = self.exit.fit(state, fit, token_loss.detach())
+        self.exit.commit(new_state)
+        return metrics
+
+    def cggr_state_dict(self) -> dict[str, Any]:
+        """CGGR's own state, apart from the model's (``state_dict()`` stays the model's): the
+        schedule's step and the learned exit's statistics. Save it beside a checkpoint and give it to
+        :meth:`load_cggr_state_dict` on resume; without it the exit starts cold (uniform selection)
+        and ranks again after ``exit_min_fits`` fits."""
+        state: dict[str, Any] = {"step": self.schedule.step}
+        if self.exit is not None:
+            state["exit"] = self.exit.state_dict()
+        return state
+
+    def load_cggr_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`cggr_state_dict`'s state (the schedule's step and the learned exit's)."""
+        if "step" in state:
+            self.schedule.set_step(int(state["step"]))
+        if self.exit is not None and state.get("exit") is not None:
+            self.exit.load_state_dict(state["exit"])
+
+
+def exit_fit_inputs(r: Routing, selection: Tensor, weight: Tensor, config: CGGRConfig) -> FitInputs:
+    """What the learned exit fits on after the main pass (``cggr_compile.exit``): the trained
+    positions' hidden states and predictions, and each one's fit weight.
+
+    Sequences: the selected rows, each position weighted by its loss weight (``1 / (k p)`` under
+    ``selection='importance'``, which makes the fit the whole batch's regression; 1 otherwise).
+    Tokens: the main pass computed every position's loss, so every valid position fits, with weight 1
+    (no selection bias at all)."""
+    if config.granularity == "sequences":
+        return FitInputs(r.hidden.index_select(0, selection), r.difficulty.index_select(0, selection),
+                         weight.float())
+    return FitInputs(r.hidden, r.difficulty, r.valid.float())
+
+
+def _learned_exit(model: nn.Module, router: Any, config: CGGRConfig) -> Optional[LearnedExit]:
+    """``scoring='predicted'``'s exit over the router's hidden state, or None for other scorings."""
+    if config.scoring != "predicted":
+        return None
+    if not callable(getattr(router, "hidden", None)):
+        what = "your router=" if config.router is not None else f"the router CGGR built for {type(model).__name__}"
+        raise ValueError(
+            f"scoring='predicted' fits its exit on the router's hidden states, and {what} gives none "
+            "(only logits or difficulties); drop router= (use the model's own first layers, or "
+            "router_spec= for a custom layout), or choose a head-based scoring."
+        )
+    return LearnedExit(hidden_size(router, model), config.exit_decay, config.exit_ridge, config.exit_min_fits)
 
 
 def _reference_router(config: CGGRConfig) -> Optional[Callable[..., Tensor]]:

@@ -22,12 +22,30 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from cggr_compile.exit import EXIT_METRIC_KEYS
 from cggr_compile.passes.pass_context import PassContext, record_pass
 from cggr_compile.passes.recognise_training_graph import GraphPlan
 from cggr_compile.schedule import RoutedPlan
 
 METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "selected_difficulty", "tokens_selected",
                "tokens_total")
+# scoring='predicted' runs no vocabulary head (no confidence or entropy) and reports its exit instead.
+EXIT_STEP_METRIC_KEYS = ("avg_difficulty", "selected_difficulty", "tokens_selected", "tokens_total") + EXIT_METRIC_KEYS
+
+
+def metric_keys(core: Any) -> tuple[str, ...]:
+    """The metrics the rewritten graph returns after ``(loss, logits, selection)``, in order; a graph
+    of a core with a learned exit returns the exit's new state after them."""
+    return EXIT_STEP_METRIC_KEYS if core.exit is not None else METRIC_KEYS
+
+
+def step_inputs(core: Any, routed: RoutedPlan, references: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """The rewritten graph's inputs after Dynamo's: the step counter, the reference model's tensors
+    (``references``, when the caller keeps them, else looked up) and the learned exit's state
+    (``scoring='predicted'``)."""
+    exit_state = [routed.exit_state] if core.exit is not None else []
+    refs = reference_tensors(core) if references is None else references
+    return [routed.step_tensor] + refs + exit_state
 
 
 def reference_tensors(core: Any) -> list[torch.Tensor]:
@@ -44,14 +62,19 @@ def reference_tensors(core: Any) -> list[torch.Tensor]:
 
 def routed_step_fn(core: Any, plan: GraphPlan, routed: RoutedPlan, example_inputs: Sequence[Any],
                    call_kwargs: dict) -> Any:
-    """The function of Dynamo's graph arguments (then the step counter, then the reference model's
-    tensors) that the rewritten graph computes: ``core.routed_step`` under ``routed``."""
+    """The function of Dynamo's graph arguments, then :func:`step_inputs` (the step counter, the
+    reference model's tensors, the exit's state), that the rewritten graph computes:
+    ``core.routed_step`` under ``routed``. It returns ``(loss, logits, selection, *metrics)`` in
+    :func:`metric_keys` order, then the exit's new state where there is an exit."""
     originals = [example_inputs[p] for p in plan.others]
     references = reference_tensors(core)
     n = len(example_inputs)
+    keys = metric_keys(core)
 
     def step(*args: Any) -> tuple:
-        graph_args, step_tensor, reference_args = args[:n], args[n], args[n + 1:]
+        graph_args, step_tensor = args[:n], args[n]
+        reference_args = args[n + 1: n + 1 + len(references)]
+        exit_state = args[n + 1 + len(references)] if core.exit is not None else None
         inputs = {name: graph_args[p] for name, p in plan.inputs.items()}
         swaps = {id(o): graph_args[p] for o, p in zip(originals, plan.others) if isinstance(o, torch.Tensor)}
         swaps.update({id(o): a for o, a in zip(references, reference_args)})
@@ -61,13 +84,14 @@ def routed_step_fn(core: Any, plan: GraphPlan, routed: RoutedPlan, example_input
         kwargs = {k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor) and k not in own}
         kwargs.update({k: v for k, v in inputs.items() if k not in own})
         with core.swapped_tensors(swaps):
-            out, metrics = core.routed_step(
-                routed.replace(step_tensor=step_tensor), inputs["input_ids"], inputs.get("attention_mask"),
-                inputs["labels"], kwargs,
+            out, metrics, new_exit_state = core.routed_step(
+                routed.replace(step_tensor=step_tensor, exit_state=exit_state), inputs["input_ids"],
+                inputs.get("attention_mask"), inputs["labels"], kwargs,
             )
         selection = out["selected_indices"] if "selected_indices" in out else out["selected_mask"]
-        extras = [metrics[k] if k in metrics else torch.zeros(()) for k in METRIC_KEYS]
-        return (out["loss"], out["logits"], selection, *extras)
+        extras = [metrics[k] if k in metrics else torch.zeros(()) for k in keys]
+        tail = (new_exit_state,) if new_exit_state is not None else ()
+        return (out["loss"], out["logits"], selection, *extras, *tail)
 
     return step
 
@@ -110,7 +134,7 @@ def trace_routed_step(
     """Trace the rewritten step for ``routed`` (its ``k``, ratio, fusion choice) into an FX graph
     (fake tensors); ``routed.step_tensor`` is the example value of the step counter's input."""
     fn = routed_step_fn(core, plan, routed, example_inputs, call_kwargs)
-    args = list(example_inputs) + [routed.step_tensor] + reference_tensors(core)
+    args = list(example_inputs) + step_inputs(core, routed)
     gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*args)
     gm.graph.eliminate_dead_code()
     gm.recompile()
