@@ -18,10 +18,11 @@ Modes (each on a freshly built, randomly initialised model from a config, seeded
 * ``random_subset``: ``torch.compile(model)`` run on ``k = clamp(ceil(ratio * B), 1, B)`` rows picked by
   ``index_select`` with a device ``randperm``: the ceiling of a sequence-level CGGR without a router.
 * ``router_only``: the router alone: ``torch.compile`` of ``cg.sequence_difficulty`` (K layers + norm +
-  lm_head + scoring) followed by ``topk(k)``, under ``torch.no_grad()``; no backward, no optimizer.
+  the learned exit, or lm_head + scoring for the head-based scorings) followed by ``topk(k)``, under ``torch.no_grad()``; no backward, no optimizer.
 * ``cggr_backend``: ``torch.compile(model, backend="cggr", options=...)``; ``cggr_compile.step(model)``.
 * ``cggr_transform``: ``torch.compile(cggr_compile.transform(model, ...))``; ``cg.step()``.
-  Both CGGR modes use ``warmup_steps=0, dynamic_threshold=False, scoring="entropy"`` (``--scoring``)
+  Both CGGR modes use ``warmup_steps=0, dynamic_threshold=False`` and ``scoring="predicted"`` (the
+  learned exit: no vocabulary head in the router; ``--scoring``), with the library's default selection,
   so that every timed step trains exactly ``k`` rows, like ``random_subset``.
 
 Figures per mode (JSON has them all, the markdown table the main ones):
@@ -905,7 +906,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="warm-up steps per mode (the first one is the cold compile)")
     p.add_argument("--batch", type=int, help="override every shape's batch size")
     p.add_argument("--seq", type=int, help="override every shape's sequence length")
-    p.add_argument("--scoring", default="entropy")
+    p.add_argument("--scoring", default="predicted")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile-backend", default=None,
                    help="backend of the non-cggr compiled modes (default: inductor on CUDA, eager on CPU)")

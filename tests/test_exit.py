@@ -404,3 +404,43 @@ def test_learned_exit_recovers_a_linear_loss():
     assert float(metrics["exit_r2"]) > 0.99 and float(metrics["exit_rank_agreement"]) > 0.9
     w = exit_.layout.weights(exit_.state)
     torch.testing.assert_close(w[:-1] * scales, true_w, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_backend_under_cuda_graphs_fits_like_the_transform_without_skips_or_syncs():
+    """On the GPU: Inductor with CUDA graphs runs the exit's fit in the step (no cudagraph skip, no
+    host synchronisation) and gives the transform's losses, selections and exit state over 5 steps."""
+    from torch._dynamo.utils import counters
+
+    b = {k: v.cuda() for k, v in batch("llama", b=8).items()}
+    options = dict(OPTIONS, exit_min_fits=2)
+    runs = []
+    for entry in ("transform", "backend"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model("llama").cuda()
+        run = cggr_compile.transform(model, **options) if entry == "transform" else \
+            torch.compile(model, backend="cggr", options=dict(options, cudagraphs=True))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = []
+        for i in range(5):
+            if i == 4:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = run(**b)
+                out.loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            opt.step()
+            opt.zero_grad()
+            seen.append((out.loss.detach().clone(), out["selected_indices"].clone()))
+        core = run if entry == "transform" else core_of(model)
+        runs.append((seen, core.exit.state.clone(), float(core.metrics()["exit_ready"])))
+        if entry == "backend":
+            assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    (a, state_a, ready_a), (b_, state_b, ready_b) = runs
+    for (la, sa), (lb, sb) in zip(a, b_):
+        assert torch.equal(sa, sb)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state_a, state_b, rtol=1e-3, atol=1e-3)
+    assert ready_a == ready_b == 1.0
