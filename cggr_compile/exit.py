@@ -102,7 +102,11 @@ def predict(layout: ExitLayout, state: Tensor, hidden: Tensor) -> Tensor:
     """The predicted per-token loss ``[B, T]`` (float32) from hidden states ``[B, T, H]``; a
     prediction that is not finite (an overflowing hidden state) is 0."""
     w = layout.weights(state)
-    pred = torch.matmul(hidden.float(), w[:-1]) + w[-1]
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+    # A matrix product with a [H, 1] weight (not a matrix-vector product, which Inductor rewrites as a
+    # reduction that it then fuses with the selection's integer hashing into a kernel Triton 3.6
+    # failed to compile); the same cuBLAS call eagerly.
+    pred = torch.addmm(w[-1:], flat, w[:-1, None]).view(hidden.shape[:-1])
     return torch.where(torch.isfinite(pred), pred, torch.zeros_like(pred))
 
 
@@ -272,8 +276,10 @@ class LearnedExit:
         self.decay, self.ridge, self.min_fits = float(decay), float(ridge), int(min_fits)
         self.state: Optional[Tensor] = None
 
+    @torch.compiler.disable
     def state_on(self, device: torch.device) -> Tensor:
-        """The state on ``device`` (a cold one the first time; moved once if the model moved)."""
+        """The state on ``device`` (a cold one the first time; moved once if the model moved). Never
+        traced: a state made inside a CUDA-graphed region would live in memory its next replay reuses."""
         if self.state is None:
             self.state = self.layout.new_state(device)
         elif self.state.device != device:

@@ -42,18 +42,19 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Te
     ``[B, T]``, which is also the weight.
     """
     cfg = config
-    difficulty = _uniform_until_ready(r, plan, cfg)
     if cfg.granularity != "sequences":
+        difficulty = _uniform_until_ready(r.difficulty, r.valid, r.ready, plan.step_tensor, cfg.seed)
         mask = S.select_tokens(
             difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
             cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
         )
         return mask, mask
-    seq = S.sequence_difficulty(difficulty, r.valid)
+    seq = _uniform_until_ready(S.sequence_difficulty(r.difficulty, r.valid), r.valid.any(-1), r.ready,
+                               plan.step_tensor, cfg.seed)
     if cfg.selection == "importance":
         # A cold exit: the floor alone (p by token count, i.e. a plain random subset).
         floor = cfg.importance_floor if r.ready is None else \
-            torch.where(r.ready, torch.tensor(float(cfg.importance_floor), device=seq.device), 1.0)
+            torch.where(r.ready, float(cfg.importance_floor), 1.0)
         probs = S.importance_probabilities(seq, r.valid.sum(-1), floor)
         idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
         return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
@@ -61,20 +62,19 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Te
     return idx, r.valid.index_select(0, idx)
 
 
-def _uniform_until_ready(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Tensor:
-    """The difficulty the selection ranks by: the router's, or while a learned exit is not fitted
-    yet (``r.ready`` false) seeded uniform numbers, so that every rule then picks a uniform random
-    subset (SPEC.md, Router). No host sync: a ``where`` on the device flag."""
-    if r.ready is None:
-        return r.difficulty
-    b, t = r.difficulty.shape
-    dev = r.difficulty.device
-    step = plan.step_tensor if plan.step_tensor is not None else torch.zeros((), dtype=torch.int64, device=dev)
-    if config.granularity == "sequences":
-        noise = S.hash_uniform(torch.arange(b, device=dev), config.seed + 1, step)[:, None].expand(b, t)
-    else:
-        noise = S.hash_uniform(torch.arange(b * t, device=dev), config.seed + 1, step).view(b, t)
-    return torch.where(r.ready, r.difficulty, torch.where(r.valid, noise, torch.zeros_like(noise)))
+def _uniform_until_ready(difficulty: Tensor, valid: Tensor, ready: Optional[Tensor], step: Optional[Tensor],
+                         seed: int) -> Tensor:
+    """What the selection ranks by: ``difficulty`` (per row ``[B]`` or per token ``[B, T]``), or,
+    while a learned exit is not fitted yet (``ready`` false), seeded uniform numbers in its place, so
+    that every rule then picks a uniform random subset (SPEC.md, Router). Entries without a valid
+    position keep their value (``-inf`` rows are never chosen). No host sync: a ``where`` on the
+    device flag."""
+    if ready is None:
+        return difficulty
+    dev = difficulty.device
+    step = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    noise = S.hash_uniform(torch.arange(difficulty.numel(), device=dev), seed + 1, step).view(difficulty.shape)
+    return torch.where(~ready & valid, noise, difficulty)
 
 
 def loss_count(r: Routing, config: CGGRConfig) -> Optional[Tensor]:
