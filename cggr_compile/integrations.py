@@ -20,18 +20,49 @@
    compilation per ``k`` level), accelerate's autocast, gradient checkpointing.
 3. ``on_step_end`` (once per optimizer step, never per micro-batch): the schedule advances; its
    counter follows ``trainer.state.global_step``, also after resuming from a checkpoint.
+   ``on_save`` writes CGGR's own state beside each checkpoint (``cggr_state.pt``).
 4. ``log``: the training logs get ``cggr/*`` entries, means over the logging window, kept as
    device tensors and read once per log (so they reach TensorBoard, W&B, ... like the loss).
 
 Evaluation and prediction (eval mode, no grad) run the trainer's code unchanged: the plain model
 on the whole batch.
 
-For a plain loop, :func:`route_step` does step 1 and 2 for a list of micro-batches.
+``scoring="predicted"`` (the learned exit, ``cggr_compile.exit``): neither the Trainer path nor
+:func:`route_step` runs CGGR's routed step, so the exit is fitted here, once per micro-batch, right
+after its main pass: :meth:`CGGRModel.select` also returns the fit's inputs (the router's hidden
+states of the positions that fit, their weights), and the detached per-token cross-entropy of the
+model's own logits at those positions (float32, no grad, autocast off, no host sync) goes to
+:meth:`CGGRModel.fit_exit`. The main pass's output is seen through a forward hook on the model the
+trainer calls, so its ``compute_loss`` runs exactly as before (asking it for ``return_outputs=True``
+would not: TRL then recomputes the logits with an extra forward). Under ``sequences`` the fit
+covers the trained rows; under ``tokens`` every valid position of the micro-batch (the main pass
+computed all of them), scored against the *original* labels, not the relabelled ones (-100 outside
+the selection).
+
+Gradient accumulation: one fit per micro-batch, not one per optimizer step. The exit's statistics
+are sums (``G = sum w x x^T``, ``m = sum w x y``), so fitting a step's micro-batches one after another
+adds up the same evidence as one fit of their union would (up to ``exit_decay``, applied per fit:
+its window, the fit counter and ``exit_min_fits`` count micro-batches here), and every micro-batch
+of the step was selected from the same exit state before any of them trained (step 1), so no fit
+feeds back into its own step's selection.
+
+TRL's fused LM head returns no logits: under ``sequences`` its per-token log-probabilities serve
+instead (they score the same labels at every fitted position). Where neither is there (``tokens``
+with the fused head, ``logits_to_keep``, a tuple output) the integration warns once and the exit
+stays cold (uniform selection); it never crashes. The logs carry ``cggr/exit_*`` too
+(:data:`EXIT_METRIC_LOG_KEYS`), and every checkpoint carries CGGR's own state
+(``<checkpoint>/cggr_state.pt``: the schedule's step and the exit's statistics, no model
+parameter), loaded back by ``trainer.train(resume_from_checkpoint=...)`` before the first step.
+
+For a plain loop, :func:`route_step` does step 1 and 2 for a list of micro-batches (and, with
+``scoring="predicted"``, fits the exit after each of their forwards, through a forward hook).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import warnings
 from collections import deque
 from collections.abc import Mapping
@@ -43,10 +74,13 @@ from torch import Tensor, nn
 from . import scoring as S
 from .config import CGGRConfig
 from .distributed import data_parallel_world, rank_normaliser
+from .exit import FitInputs
 from .scoring import IGNORE_INDEX
 from .transform import CGGRModel, slice_rows
 
-__all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS"]
+__all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS", "EXIT_METRIC_LOG_KEYS", "CGGR_STATE_NAME"]
+
+logger = logging.getLogger("cggr_compile")
 
 # enable_cggr's selection when none is given (the library's default, importance, needs its own loss)
 TRAINER_DEFAULT_SELECTION = "stratified"
@@ -68,6 +102,16 @@ METRIC_LOG_KEYS = (
     "cggr/selected_fraction", "cggr/avg_confidence", "cggr/avg_entropy", "cggr/avg_difficulty",
     "cggr/selected_difficulty",
 )
+# scoring='predicted' only, beside METRIC_LOG_KEYS (cggr_compile.exit.metrics_of):
+# exit_ready is the mean over the window's micro-batches of whether their selection used the exit
+# (0 while it is cold: uniform selection); exit_fits, exit_rank_agreement and exit_r2 are the exit's
+# own running values at the window's end (the last two are already running means over fits, and
+# are left out of a log while they are NaN, i.e. not measured yet: a cold exit, or no fit while ready).
+EXIT_METRIC_LOG_KEYS = ("cggr/exit_ready", "cggr/exit_fits", "cggr/exit_rank_agreement", "cggr/exit_r2")
+# CGGR's own state in each Trainer checkpoint folder (CGGRModel.cggr_state_dict: no model parameter).
+CGGR_STATE_NAME = "cggr_state.pt"
+# The per-token loss of the exit's fit is computed in float32 over chunks of at most this many logits.
+_TOKEN_LOSS_CHUNK = 1 << 25
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,20 +172,137 @@ def _relabel(labels: Tensor, weight: Tensor, causal: bool) -> Tensor:
 
 
 class _Selected:
-    """One micro-batch's selection: what the router chose and the metrics of that choice."""
+    """One micro-batch's selection: what the router chose and the metrics of that choice; with
+    ``scoring='predicted'`` also what the exit's fit needs once the selection has trained: ``fit``
+    (:class:`~cggr_compile.exit.FitInputs`), ``target`` (the original labels of the fitted positions,
+    aligned like the router's targets, -100 where the fit weight is 0) and ``ready`` (whether this
+    selection used the exit: a bool device scalar)."""
 
-    __slots__ = ("shape", "selection", "weight", "metrics")
+    __slots__ = ("shape", "selection", "weight", "metrics", "fit", "target", "ready")
 
-    def __init__(self, shape: torch.Size, selection: Tensor, weight: Tensor, metrics: dict) -> None:
+    def __init__(self, shape: torch.Size, selection: Tensor, weight: Tensor, metrics: dict,
+                 fit: Optional[FitInputs] = None, target: Optional[Tensor] = None,
+                 ready: Optional[Tensor] = None) -> None:
         self.shape, self.selection, self.weight, self.metrics = shape, selection, weight, metrics
+        self.fit, self.target, self.ready = fit, target, ready
 
 
 def _select(cg: CGGRModel, inputs: dict, record: bool) -> _Selected:
     ids = inputs["input_ids"]
     rest = {k: v for k, v in inputs.items()
             if k not in _NOT_FOR_ROUTER and k not in ("input_ids", "attention_mask")}
-    selection, weight, metrics = cg.select(ids, inputs.get("attention_mask"), inputs["labels"], record=record, **rest)
-    return _Selected(ids.shape, selection, weight, metrics)
+    if cg.exit is None:
+        selection, weight, metrics = cg.select(ids, inputs.get("attention_mask"), inputs["labels"], record=record,
+                                               **rest)
+        return _Selected(ids.shape, selection, weight, metrics)
+    # The exit's state does not change in select: whether it is ready now is what the selection used.
+    ready = cg.exit.ready(cg.exit.state_on(ids.device))
+    selection, weight, metrics, fit = cg.select(ids, inputs.get("attention_mask"), inputs["labels"], record=record,
+                                                return_fit_inputs=True, **rest)
+    metrics["exit_ready"] = ready.float()
+    return _Selected(ids.shape, selection, weight, metrics, fit, _fit_target(cg, inputs["labels"], selection, fit),
+                     ready)
+
+
+def _fit_target(cg: CGGRModel, labels: Tensor, selection: Tensor, fit: FitInputs) -> Tensor:
+    """The label each fitted position is scored against: the micro-batch's *original* labels (not the
+    relabelled ones, -100 outside a token selection), aligned like the router's targets (a causal LM's
+    position ``t`` against ``labels[t+1]``), of the trained rows (``sequences``) or of every row
+    (``tokens``); -100 wherever the fit weight is 0 (padding, prompt tokens, the last position)."""
+    target = S.aligned_labels(cg._cggr_labels(labels), cg.causal)
+    if cg.cggr_config.granularity == "sequences":
+        target = target.index_select(0, selection)
+    return torch.where(fit.weight > 0, target, torch.full_like(target, IGNORE_INDEX))
+
+
+def _logits_token_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """The detached per-token cross-entropy ``[rows, T]`` of ``logits`` ``[rows, T, V]`` against
+    ``target`` (0 at -100), in float32, over chunks of positions (the float32 copy of the logits
+    never exceeds :data:`_TOKEN_LOSS_CHUNK` values). No grad, no host sync."""
+    with torch.no_grad():
+        v = logits.shape[-1]
+        flat, t = logits.detach().reshape(-1, v), target.reshape(-1)
+        step = max(1, _TOKEN_LOSS_CHUNK // max(v, 1))
+        parts = [
+            nn.functional.cross_entropy(flat[i:i + step].float(), t[i:i + step], ignore_index=IGNORE_INDEX,
+                                        reduction="none")
+            for i in range(0, flat.shape[0], step)
+        ]
+        return torch.cat(parts).view(target.shape)
+
+
+def _output_field(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return getattr(outputs, name, None) if not isinstance(outputs, (tuple, list)) else None
+
+
+def _token_loss(cg: CGGRModel, sel: _Selected, outputs: Any) -> tuple[Optional[Tensor], str]:
+    """The main pass's detached per-token loss at the exit's fitted positions (``[rows, T]``, aligned
+    like ``sel.target``), from the output's logits; else, under ``sequences``, from TRL's fused head's
+    per-token log-probabilities (the same labels at every fitted position: the relabelling only
+    drops positions of fit weight 0). Returns ``(None, why)`` where neither is there."""
+    target = sel.target
+    logits = outputs if isinstance(outputs, Tensor) else _output_field(outputs, "logits")
+    if isinstance(logits, Tensor):
+        if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(target.shape):
+            return _logits_token_loss(logits, target), ""
+        return None, (f"its logits have shape {tuple(logits.shape)}, not one row per position of the "
+                      f"trained rows {tuple(target.shape)} (logits_to_keep?)")
+    log_probs = _output_field(outputs, "log_probs")
+    if isinstance(log_probs, Tensor) and log_probs.dim() == 2:
+        if cg.cggr_config.granularity != "sequences":
+            return None, ("it has no logits, only per-token log-probabilities of the relabelled tokens (TRL's "
+                          "fused head), which granularity='tokens' leaves at -100 outside the selection")
+        rows, t = target.shape
+        with torch.no_grad():
+            loss = -log_probs.detach().float()
+            if cg.causal and tuple(loss.shape) == (rows, t - 1):  # position t scored against label t+1
+                loss = torch.cat([loss, torch.zeros_like(loss[:, :1])], dim=1)
+            if tuple(loss.shape) == (rows, t):
+                return torch.where(target != IGNORE_INDEX, loss, torch.zeros_like(loss)), ""
+        return None, f"its per-token log-probabilities have shape {tuple(log_probs.shape)}, not {(rows, t)}"
+    what = type(outputs).__name__
+    return None, f"the training forward returned a {what} without logits"
+
+
+def _fit_exit(cg: CGGRModel, sel: _Selected, outputs: list, warn: Any) -> Optional[dict]:
+    """Fit the learned exit on a micro-batch that has just trained (``outputs``: the outputs, or
+    logits, of the model's forwards in its main pass; the first that gives the per-token loss
+    serves): one fit per micro-batch. Autocast off: the exit's statistics are float32 sums and its
+    solve a float32 Cholesky; under a bf16 region the fit's matmuls would round to bf16. Returns
+    the exit's metrics (device tensors), or None (and ``warn(key, message)`` once) where no output
+    carries the per-token loss."""
+    if sel.fit is None:
+        return None
+    token_loss, why = None, "the model was not called"
+    for out in outputs:
+        token_loss, why = _token_loss(cg, sel, out)
+        if token_loss is not None:
+            break
+    if token_loss is None:
+        warn("exit-no-logits", (
+            f"cggr: scoring='predicted' cannot fit its learned exit in this setup: {why}. The exit stays cold, so "
+            "the selection stays uniform (cggr/exit_ready 0). Let the training forward return the full logits "
+            "(no logits_to_keep), or with TRL's fused LM head use granularity='sequences' (its per-token "
+            "log-probabilities then serve), or choose a head-based scoring (e.g. scoring='loss')."
+        ))
+        return None
+    with torch.autocast(token_loss.device.type, enabled=False):
+        fit = sel.fit
+        if cg.exit.state is not None:
+            # The agreement metrics compare the exit's prediction, before this fit, with these losses,
+            # counted when that exit was ready. Under accumulation an earlier micro-batch of this step
+            # has fitted since the selection predicted: predict again from the state this fit updates,
+            # so that prediction and readiness are the same exit's (still out of sample). No sync.
+            with torch.no_grad():
+                predicted = cg.exit.predict(cg.exit.state_on(token_loss.device), fit.hidden)
+            fit = fit._replace(predicted=torch.where(fit.weight > 0, predicted, torch.zeros_like(predicted)))
+        metrics = cg.fit_exit(fit, token_loss)
+    # The step's own metrics (cg.metrics() after its last micro-batch): the fit's running values;
+    # exit_ready stays the selection's (whether it used the exit).
+    sel.metrics.update({k: v for k, v in metrics.items() if k != "exit_ready"})
+    return metrics
 
 
 def _cut(cg: CGGRModel, inputs: dict, sel: _Selected) -> dict:
@@ -203,12 +364,89 @@ def route_step(cg: CGGRModel, micro_batches: Iterable[dict], num_items_key: str 
     cross-entropy over that count). Under an initialised process group the count is CGGR's
     data-parallel one (``cggr_compile.distributed``). Call ``cg.step()`` after each optimizer step.
     In eval, or for a batch without labels, use the model as usual.
+
+    ``scoring='predicted'``: every micro-batch is selected from the same exit state, then the exit
+    fits once per micro-batch, right after the model's training forward on the dict returned here (a
+    forward hook on ``cg.model`` recognises its ``input_ids``; the per-token loss comes from the
+    output's logits, under ``tokens`` against the original labels). Call the model on the returned
+    dicts as they are; a micro-batch whose forward was never seen warns at the next ``route_step``.
     """
     _check_selection(cg)
     batches = [dict(b) for b in micro_batches]
     sels, total = _select_step(cg, batches)
     total = _rank_normalised(cg, total)
-    return [{**_cut(cg, b, s), num_items_key: total} for b, s in zip(batches, sels)]
+    routed = [{**_cut(cg, b, s), num_items_key: total} for b, s in zip(batches, sels)]
+    if cg.exit is not None:
+        _RouteStepFits.of(cg).expect([(r["input_ids"], s) for r, s in zip(routed, sels)])
+    return routed
+
+
+@contextlib.contextmanager
+def _forward_outputs(model: nn.Module) -> Any:
+    """While inside, the outputs of ``model``'s forwards (a list, filled as they return), seen by a
+    forward hook on the module the trainer calls (a DDP or ``torch.compile`` wrapper included: the
+    hook runs outside the compiled region)."""
+    seen: list = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class _RouteStepFits:
+    """``route_step`` with ``scoring='predicted'``: fits the learned exit after each routed micro-batch's
+    forward, through a forward hook on ``cg.model`` (the loop runs the main pass itself, and the
+    README's loop needs no change). A training forward (``model.training``, grad enabled) whose
+    ``input_ids`` is the very tensor ``route_step`` handed out is that micro-batch's main pass: its
+    logits give the per-token loss, one fit per micro-batch. The hook is removed once every
+    micro-batch of the step has fitted (it breaks a ``torch.compile`` graph while it is there: the
+    fit runs eagerly); micro-batches never seen (inputs copied or moved after ``route_step``, a
+    wrapper that calls ``forward`` directly) are reported at the next ``route_step``."""
+
+    def __init__(self, cg: CGGRModel) -> None:
+        self.cg = cg
+        self.pending: list[tuple[Tensor, _Selected]] = []
+        self.handle: Any = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def of(cls, cg: CGGRModel) -> "_RouteStepFits":
+        fits = cg.__dict__.get("_cggr_route_step_fits")
+        if fits is None:
+            fits = cg.__dict__["_cggr_route_step_fits"] = cls(cg)
+        return fits
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def expect(self, entries: list[tuple[Tensor, _Selected]]) -> None:
+        if self.pending:
+            self.warn_once("unfitted", (
+                f"cggr: route_step: the learned exit was not fitted on {len(self.pending)} micro-batch(es) of the "
+                "previous step: no training forward of the model saw the input_ids route_step returned. Call the "
+                "model (the one transform() wrapped, or its DDP/compiled wrapper) on the routed dicts as they are, "
+                "in training mode with grad enabled; without fits the exit stays cold and the selection uniform."
+            ))
+        self.pending = list(entries)
+        if self.handle is None:
+            self.handle = self.cg.model.register_forward_hook(torch.compiler.disable(self._hook), with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (self.pending and module.training and torch.is_grad_enabled()):
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        for i, (expected, sel) in enumerate(self.pending):
+            if expected is ids:
+                del self.pending[i]
+                _fit_exit(self.cg, sel, [output], self.warn_once)
+                break
+        if not self.pending and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +486,7 @@ class _TrainerInternals:
     ``Trainer`` and warns when transformers is outside :data:`TESTED_TRANSFORMERS`.
     """
 
-    PATCHED = ("get_batch_samples", "compute_loss", "log")
+    PATCHED = ("get_batch_samples", "compute_loss", "log", "train")
 
     def __init__(self, trainer: Any) -> None:
         for name in self.PATCHED + ("add_callback", "model", "args"):
@@ -310,6 +548,35 @@ class _TrainerInternals:
     @property
     def world_size(self) -> int:
         return getattr(self.trainer.args, "world_size", 1)
+
+    @property
+    def output_dir(self) -> str:
+        return str(self.trainer.args.output_dir)
+
+    def checkpoint_dir(self, global_step: int) -> str:
+        """The folder ``Trainer._save_checkpoint`` wrote for ``global_step`` (its run directory: the
+        output directory, or a hyperparameter-search trial's folder in it)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        t = self.trainer
+        run_dir = self.output_dir
+        get = getattr(t, "_get_output_dir", None)
+        if callable(get):
+            with contextlib.suppress(Exception):
+                run_dir = get(trial=getattr(t, "_trial", None))
+        return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+
+    def resolve_checkpoint(self, resume_from_checkpoint: Any) -> Optional[str]:
+        """The checkpoint folder ``Trainer.train(resume_from_checkpoint=...)`` resumes from: a path, or
+        for ``True`` the last one in the output directory (None: no resume, or none found, which
+        the Trainer itself reports)."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            return get_last_checkpoint(self.output_dir) if os.path.isdir(self.output_dir) else None
+        return str(resume_from_checkpoint)
 
     @property
     def averages_tokens_across_devices(self) -> bool:
@@ -375,17 +642,25 @@ class _MetricsWindow:
         self.steps = 0
         self.k_sum = 0.0
         self.ratio_sum = 0.0
+        # scoring='predicted': the exit's running values after the window's last fit (device tensors)
+        self.exit_latest: dict[str, Tensor] = {}
 
     def add(self, m: dict) -> None:
         """One micro-batch's metrics."""
         self.micro += 1
         self.k_sum += float(m.get("k", 0))
         self.ratio_sum += float(m.get("token_ratio", 0.0))
-        for key in _MEAN_KEYS + _PER_STEP_KEYS:
+        for key in _MEAN_KEYS + _PER_STEP_KEYS + ("exit_ready",):
             v = m.get(key)
             if isinstance(v, Tensor):
                 v = v.detach().to(torch.float32)
                 self.sums[key] = v if key not in self.sums else self.sums[key] + v
+
+    def add_exit_fit(self, m: dict) -> None:
+        """One fit's exit metrics (``cggr_compile.exit.fit``): the latest running values are logged."""
+        for key in ("exit_fits", "exit_rank_agreement", "exit_r2"):
+            if isinstance(m.get(key), Tensor):
+                self.exit_latest[key] = m[key].detach()
 
     def end_step(self) -> None:
         """One optimizer step's micro-batches are in (per-step entries are means over steps)."""
@@ -407,20 +682,29 @@ class _MetricsWindow:
                 out[f"cggr/{key}"] = values[key] / steps
         if "tokens_selected" in values and values.get("tokens_total"):
             out["cggr/selected_fraction"] = values["tokens_selected"] / values["tokens_total"]
-        for key in _MEAN_KEYS:
+        for key in _MEAN_KEYS + ("exit_ready",):
             if key in values:
                 out[f"cggr/{key}"] = values[key] / self.micro
+        for key, v in self.exit_latest.items():
+            value = float(v)
+            if value == value:  # NaN: not measured yet (a cold exit, or no fit while ready): left out
+                out[f"cggr/{key}"] = value
         self.reset()
         return out
 
 
 def _callback(integration: "_TrainerIntegration") -> Any:
-    """A ``TrainerCallback`` that advances the schedule once per optimizer step (``on_step_end``)."""
+    """A ``TrainerCallback`` that advances the schedule once per optimizer step (``on_step_end``) and
+    writes CGGR's own state into each checkpoint folder (``on_save``)."""
     from transformers import TrainerCallback
 
     class CGGRTrainerCallback(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             integration.cggr.step()
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            integration.save_state(args, state)
             return control
 
     return CGGRTrainerCallback()
@@ -528,16 +812,34 @@ class _TrainerIntegration:
                 num_items_in_batch = selected * self.internals.accumulation_steps
         cut = _cut(self.cggr, inputs, sel)
         if self.internals.loss_uses_num_items():
-            return orig(model, cut, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
-        return self._own_loss(model, cut, return_outputs, num_items_in_batch, passed)
+            if sel.fit is None:
+                return orig(model, cut, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
+            # scoring='predicted': the exit fits on this main pass's output. Seen through a forward hook on
+            # the model the trainer calls, not by asking compute_loss for return_outputs=True, which would
+            # change what runs (TRL then recomputes the logits with an extra forward, and warns).
+            with _forward_outputs(model) as outputs:
+                result = orig(model, cut, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch,
+                              **kwargs)
+            self._fit_exit(sel, outputs)
+            return result
+        return self._own_loss(model, cut, return_outputs, num_items_in_batch, passed, sel)
 
-    def _own_loss(self, model: nn.Module, cut: dict, return_outputs: bool, denominator: Any, passed: Any) -> Any:
+    def _fit_exit(self, sel: _Selected, outputs: list) -> None:
+        """``scoring='predicted'``: the exit's fit on a micro-batch that has just trained (one per micro-batch)."""
+        metrics = _fit_exit(self.cggr, sel, outputs, self.warn_once)
+        if metrics is not None:
+            self.window.add_exit_fit(metrics)
+
+    def _own_loss(self, model: nn.Module, cut: dict, return_outputs: bool, denominator: Any, passed: Any,
+                  sel: Optional[_Selected] = None) -> Any:
         """CGGR's loss from the model's logits, scaled like the Trainer expects it."""
         t = self.internals
         labels = cut.pop("labels")
         cut.pop("shift_labels", None)
         outputs = model(**cut)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if sel is not None and sel.fit is not None:
+            self._fit_exit(sel, [logits])
         target = S.aligned_labels(labels, self.cggr.causal)
         loss = S.selective_cross_entropy(logits, target, target != IGNORE_INDEX, denominator)
         if denominator is not None and not t.loss_is_scaled_for_ga(passed):
@@ -550,6 +852,53 @@ class _TrainerIntegration:
         if "loss" in logs and not any(str(k).startswith("eval_") for k in logs):
             logs.update(self.log_entries())
         return self.orig["log"](logs, *args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``: on a resume, CGGR's own state comes back from the checkpoint before the
+        first step (:meth:`load_state`); then the trainer's own ``train``."""
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        checkpoint = self.internals.resolve_checkpoint(resume)
+        if checkpoint is not None:
+            self.load_state(checkpoint)
+        return self.orig["train"](*args, **kwargs)
+
+    # -- CGGR's own state in the Trainer's checkpoints ------------------------------------------
+    def save_state(self, args: Any, state: Any) -> None:
+        """``on_save``: ``cg.cggr_state_dict()`` (the schedule's step, the learned exit's statistics; no
+        model parameter) into the checkpoint folder just written, as :data:`CGGR_STATE_NAME`. Written
+        where the Trainer writes its own state (``args.should_save``: the main process). Under data
+        parallelism each rank's exit fits its own rows; the checkpoint keeps the main process's, and a
+        resume gives it to every rank."""
+        if not getattr(args, "should_save", True):
+            return
+        folder = self.internals.checkpoint_dir(int(getattr(state, "global_step", 0) or 0))
+        if not os.path.isdir(folder):
+            self.warn_once("no-checkpoint-folder", (
+                f"cggr: no checkpoint folder at {folder}, so CGGR's state (schedule step, learned exit) is not saved "
+                "with this checkpoint; a resume from it starts the exit cold."
+            ))
+            return
+        torch.save(self.cggr.cggr_state_dict(), os.path.join(folder, CGGR_STATE_NAME))
+
+    def load_state(self, checkpoint: str) -> None:
+        """Restore CGGR's state from ``checkpoint`` (before the first resumed step). The schedule's
+        step also follows ``trainer.state.global_step`` at every step (:meth:`_sync_schedule`); the two
+        agree, since the file is written after the step's ``on_step_end``. Without the file (a
+        checkpoint of a run without it) the learned exit starts cold: uniform selection until it has
+        ``exit_min_fits`` fits again (said once in the log)."""
+        path = os.path.join(checkpoint, CGGR_STATE_NAME)
+        cg = self.cggr
+        if os.path.isfile(path):
+            cg.load_cggr_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        if cg.exit is not None:
+            # Not the in-memory exit of an earlier train() either: it was fitted on other weights.
+            cg.load_cggr_state_dict({"exit": {"hidden": cg.exit.layout.hidden, "state": None}})
+            logger.info(
+                "cggr: %s has no %s, so the learned exit (scoring='predicted') starts cold: the selection is uniform "
+                "until it has refitted, within exit_min_fits=%d micro-batches (cggr/exit_ready says when).",
+                checkpoint, CGGR_STATE_NAME, cg.cggr_config.exit_min_fits,
+            )
 
 
 def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: Any) -> CGGRModel:
@@ -568,6 +917,25 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
     router and the schedule (``.schedule.step``, ``.metrics()``); it shares the model's parameters.
     Gradient accumulation: every selected token of the optimizer step weighs the same (see this
     module's docstring). Evaluation runs the plain model on the whole batch.
+
+    ``scoring="predicted"`` (the learned exit, ``cggr_compile.exit``): the exit is fitted
+    here, after each micro-batch's main pass, from the detached per-token cross-entropy of the
+    model's logits at the trained positions (every valid position under ``granularity="tokens"``).
+    Under gradient accumulation that is one fit per micro-batch: the exit's statistics are additive
+    (decayed sums), so consecutive fits add up what one fit of the whole step would (up to the
+    per-fit decay: ``exit_decay`` and ``exit_min_fits`` count micro-batches), and every micro-batch
+    of the step was selected from the same exit state before any of them trained. The
+    default selection stays stratified (fit weight 1 per position: a selection by the exit's own
+    score cannot be reweighted). Until ``exit_min_fits`` fits the selection is uniform
+    (``cggr/exit_ready`` 0). The logs add :data:`EXIT_METRIC_LOG_KEYS`. Where the training forward
+    returns no logits (``logits_to_keep``; TRL's fused head under ``tokens``: under ``sequences`` its
+    per-token log-probabilities serve) it warns once and the exit stays cold.
+
+    Checkpoints: each checkpoint folder gets :data:`CGGR_STATE_NAME` (``cg.cggr_state_dict()``:
+    the schedule's step and the exit's statistics, no model parameter), and
+    ``trainer.train(resume_from_checkpoint=...)`` loads it before the first step. A checkpoint
+    without it resumes with a cold exit (an info line says so) and the schedule at the checkpoint's
+    ``global_step``.
     """
     if getattr(trainer, "_cggr", None) is not None:
         raise ValueError("cggr: CGGR is already enabled on this trainer.")

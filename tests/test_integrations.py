@@ -8,6 +8,7 @@ their valid positions, computed here from scratch (SPEC.md: every selected token
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import warnings
 
@@ -433,3 +434,171 @@ def test_selected_difficulty_says_how_much_harder_the_selection_is(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "cggr/selected_difficulty" in h]
     assert logged and logged[0]["cggr/selected_difficulty"] > logged[0]["cggr/avg_difficulty"] + 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring='predicted': the learned exit is fitted after each micro-batch's main pass
+# ----------------------------------------------------------------------------------------------
+PRED = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, scoring="predicted",
+            selection="topk", exit_min_fits=3)
+
+
+def exit_scalar(cg, name: str) -> float:
+    return float(cg.exit.layout.scalar(cg.exit.state, name))
+
+
+def by_hand_exit(start, batches, opts: dict, causal: bool = True):
+    """The exit after one fit per micro-batch of ``batches`` (one optimizer step) made by hand: a fresh
+    CGGR model of the same start weights selects every micro-batch first (from the same cold exit: the
+    same uniform draw), then per micro-batch the plain model's per-token cross-entropy in float64 on
+    the trained rows (every row under 'tokens'), against the original labels, and ``fit_exit``.
+    Returns the CGGR model and, per micro-batch, (selection, fit, aligned target of the fitted rows)."""
+    model = copy.deepcopy(start)
+    cg = cggr_compile.transform(model, **opts)
+    picks = [cg.select(b["input_ids"], b["attention_mask"], b["labels"], return_fit_inputs=True) for b in batches]
+    out = []
+    for b, (selection, _, _, fit) in zip(batches, picks):
+        y = b["labels"]
+        target = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], 1) if causal else y
+        ids, mask = b["input_ids"], b["attention_mask"]
+        if opts.get("granularity", "sequences") == "sequences":
+            ids, mask, target = ids[selection], mask[selection], target[selection]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.double()
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                                       reduction="none").view(target.shape)
+        cg.fit_exit(fit, token_loss)
+        out.append((selection, fit, target))
+    return cg, out
+
+
+def assert_same_exit(got, want, hidden: list):
+    """The exit's statistics (sums of float32 products of the same hidden states) agree tightly; its
+    weights solve a ridge system that a small batch leaves ill-conditioned, so they are compared by
+    what they predict on the fitted hidden states."""
+    layout = want.exit.layout
+    g, w = got.exit.state, want.exit.state
+    d = layout.dim
+    torch.testing.assert_close(g[: d * d + d], w[: d * d + d], rtol=1e-5, atol=1e-5)  # gram, moment
+    torch.testing.assert_close(g[d * d + 2 * d:], w[d * d + 2 * d:], rtol=1e-5, atol=1e-5, equal_nan=True)  # scalars
+    for h in hidden:
+        torch.testing.assert_close(got.exit.predict(g, h), want.exit.predict(w, h), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_fits_the_learned_exit_once_per_micro_batch(tmp_path, accumulation):
+    """One fit per micro-batch (two per optimizer step under accumulation 2); the selection is uniform
+    (exit_ready 0) until exit_min_fits fits, then the exit ranks; the logs carry cggr/exit_*."""
+    trainer = T.Trainer(model=tiny_model("llama"), train_dataset=Rows(32),
+                        args=training_args(tmp_path, max_steps=4, gradient_accumulation_steps=accumulation))
+    cg = cggr_compile.enable_cggr(trainer, **PRED)
+    micro = []
+    cg.model.register_forward_pre_hook(
+        lambda m, args, kwargs: micro.append(kwargs["input_ids"].shape[0]) if m.training else None, with_kwargs=True)
+    trainer.train()
+    assert len(micro) == 4 * accumulation and exit_scalar(cg, "fits") == 4 * accumulation
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["cggr/exit_fits"] for h in logs] == [accumulation * s for s in (1, 2, 3, 4)]
+    # step s selects with the fits of steps < s: ready once they are exit_min_fits (3)
+    want_ready = [float(accumulation * s >= 3) for s in (0, 1, 2, 3)]
+    assert [h["cggr/exit_ready"] for h in logs] == want_ready
+    assert all(key in h for h in logs for key in ("cggr/exit_ready", "cggr/exit_fits"))
+    # R^2 is measured by the fits made while the exit is ready (NaN before: left out of the logs)
+    assert "cggr/exit_r2" not in logs[0] and "cggr/exit_r2" in logs[-1]
+    assert all(h["cggr/exit_r2"] == h["cggr/exit_r2"] for h in logs if "cggr/exit_r2" in h)
+    assert float(cggr_compile.last_metrics(cg)["exit_fits"]) == 4 * accumulation
+
+
+@pytest.mark.parametrize("name,granularity", [("llama", "sequences"), ("llama", "tokens"), ("bert", "sequences")])
+def test_trainer_exit_fit_matches_a_fit_by_hand(tmp_path, name, granularity):
+    """The exit's state after one Trainer micro-batch == select + fit_exit by hand with the per-token
+    cross-entropy in float64 of the plain model. Under 'tokens' every valid position of the micro-batch
+    fits, against the original labels (the relabelled ones are -100 on the unselected tokens). BERT
+    goes through CGGR's own loss (its logits), Llama through the model's loss (the Trainer's outputs)."""
+    model = tiny_model(name)
+    start = copy.deepcopy(model)
+    trainer = T.Trainer(model=model, args=training_args(tmp_path, max_steps=1, gradient_accumulation_steps=1),
+                        train_dataset=Rows(8, masked_lm=name == "bert"))
+    opts = dict(PRED, granularity=granularity)
+    cg = cggr_compile.enable_cggr(trainer, **opts)
+    cap = Capture(trainer)
+    trainer.train()
+    (step,) = cap.steps
+    (batch,), (sel,) = step["batches"], step["sels"]
+    want, [(selection, fit, target)] = by_hand_exit(start, [batch], opts, causal=name != "bert")
+    assert torch.equal(selection, sel.selection)
+    valid = (target != -100) & ((batch["attention_mask"][selection] if granularity == "sequences"
+                                 else batch["attention_mask"]) != 0)
+    assert int(fit.weight.sum()) == int(sel.fit.weight.sum()) == int(valid.sum())
+    if granularity == "tokens":  # every valid position of the micro-batch, not only the selected tokens
+        assert int(valid.sum()) > int(sel.weight.sum())
+    assert exit_scalar(cg, "fits") == 1 and exit_scalar(cg, "weight_sum") == int(valid.sum())
+    assert_same_exit(cg, want, [fit.hidden])
+
+
+def test_plain_loop_route_step_fits_the_learned_exit():
+    """route_step fits the exit once per micro-batch, after the loop's own forward on each routed dict
+    (a forward hook, gone once the step's micro-batches have fitted), as a fit by hand would."""
+    model = tiny_model("llama")
+    start = copy.deepcopy(model)
+    cg = cggr_compile.transform(model, **PRED)
+    rows = Rows(8)
+    batches = [torch.utils.data.default_collate([rows[i] for i in range(j, j + 4)]) for j in (0, 4)]
+    for inputs in cggr_compile.route_step(cg, batches):
+        model(**inputs).loss.backward()
+    assert exit_scalar(cg, "fits") == 2 and not model._forward_hooks
+    # by hand: both micro-batches selected from the cold exit, then fitted one after the other
+    want, fits = by_hand_exit(start, batches, PRED)
+    assert_same_exit(cg, want, [f.hidden for _, f, _ in fits])
+    # a step whose routed dicts never reach the model: said at the next route_step, not silently
+    cggr_compile.route_step(cg, batches)
+    with pytest.warns(UserWarning, match="not fitted on 2 micro-batch"):
+        cggr_compile.route_step(cg, batches)
+    assert exit_scalar(cg, "fits") == 2
+
+
+def test_trainer_without_logits_warns_once_and_keeps_the_exit_cold(tmp_path):
+    """A training forward that returns its loss but no logits (a fused head): a clear warning, no crash."""
+    model = tiny_model("llama")
+    trainer = T.Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=Rows(16))
+    cg = cggr_compile.enable_cggr(trainer, **PRED)
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def loss_only(*args, **kwargs):
+        return T.modeling_outputs.CausalLMOutputWithPast(loss=forward(*args, **kwargs).loss)
+
+    model.forward = loss_only
+    with pytest.warns(UserWarning, match="cannot fit its learned exit") as record:
+        trainer.train()
+    assert sum("cannot fit its learned exit" in str(w.message) for w in record) == 1
+    assert cg.exit.state is None or exit_scalar(cg, "fits") == 0
+    assert all(h["cggr/exit_ready"] == 0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_sfttrainer_fits_the_exit_from_the_fused_heads_log_probs(tmp_path):
+    """TRL's fused LM head returns per-token log-probabilities, no logits: under 'sequences' they fit
+    the exit (the same labels at every fitted position), as the logits' cross-entropy would."""
+    trainer, start = _sft_setup(tmp_path, packing=False, max_steps=1, bf16=False)
+    cg = cggr_compile.enable_cggr(trainer, **PRED)
+    cap = Capture(trainer)
+    forwards = []  # no extra forward (TRL recomputes the logits when compute_loss returns its outputs)
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw.get("fused_lm_head")), with_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="cggr: scoring='predicted' cannot fit")
+        warnings.filterwarnings("error", message=".*return_outputs=True.*")
+        trainer.train()
+    assert forwards == [True, True]  # one fused main pass per micro-batch
+    (step,) = cap.steps
+    want, fits = by_hand_exit(start, step["batches"], PRED)
+    assert [torch.equal(f[0], s.selection) for f, s in zip(fits, step["sels"])] == [True, True]
+    assert exit_scalar(cg, "fits") == 2
+    assert_same_exit(cg, want, [f.hidden for _, f, _ in fits])
+
+
+def test_sfttrainer_fused_head_under_tokens_warns(tmp_path):
+    trainer, _ = _sft_setup(tmp_path, packing=True, max_steps=1)
+    cg = cggr_compile.enable_cggr(trainer, granularity="tokens", **PRED)
+    with pytest.warns(UserWarning, match="granularity='tokens' leaves at -100"):
+        trainer.train()
+    assert cg.exit.state is None or exit_scalar(cg, "fits") == 0
