@@ -103,10 +103,11 @@ def predict(layout: ExitLayout, state: Tensor, hidden: Tensor) -> Tensor:
     prediction that is not finite (an overflowing hidden state) is 0."""
     w = layout.weights(state)
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
-    # A matrix product with a [H, 1] weight (not a matrix-vector product, which Inductor rewrites as a
-    # reduction that it then fuses with the selection's integer hashing into a kernel Triton 3.6
-    # failed to compile); the same cuBLAS call eagerly.
-    pred = torch.addmm(w[-1:], flat, w[:-1, None]).view(hidden.shape[:-1])
+    # A matrix product with a [H, 1] weight, not a matrix-vector product: Inductor rewrites the latter
+    # as a reduction, which it fused with the selection's integer hashing into a kernel Triton 3.6
+    # failed to compile on the H100. Float32 also under the step's autocast.
+    with torch.autocast(hidden.device.type, enabled=False):
+        pred = torch.addmm(w[-1:], flat, w[:-1, None]).view(hidden.shape[:-1])
     return torch.where(torch.isfinite(pred), pred, torch.zeros_like(pred))
 
 
@@ -177,8 +178,9 @@ def fit(
 
     Metrics (device scalars): ``exit_ready`` (1.0 when the selection used the exit, 0.0 while it
     was uniform), ``exit_fits``, ``exit_rank_agreement`` and ``exit_r2`` (running, bias-corrected
-    means of :func:`agreement` over the fits made while ready; NaN until one was measured)."""
-    with torch.no_grad():
+    means of :func:`agreement` over the fits made while ready; NaN until one was measured).
+    Float32 throughout, also under the step's autocast (bf16 statistics would swamp the fit)."""
+    with torch.no_grad(), torch.autocast(state.device.type, enabled=False):
         was_ready = ready(layout, state, min_fits)
         # A corrupted state (not finite) starts cold rather than poison every later step.
         state = torch.where(torch.isfinite(state).all(), state, torch.zeros_like(state))

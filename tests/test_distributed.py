@@ -93,6 +93,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str, mode: str) -> None:
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
             torch.save({"idx": out.selected_indices, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
             return
+        if mode == "predicted":
+            # The learned exit under DDP: each rank fits from its own trained rows, no collective.
+            cg = cggr_compile.transform(model, **dict(OPTS, scoring="predicted", exit_min_fits=1))
+            ddp = torch.nn.parallel.DistributedDataParallel(cg, bucket_cap_mb=2)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = ddp(**b)
+            out.loss.backward()
+            torch.save({"idx": out.selected_indices, "exit": cg.exit.state.clone(), "collectives": _collectives(prof)},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
+            return
         if mode == "backend":
             # The backend needs Dynamo's whole graph: DDP's graph splitting must be off.
             torch._dynamo.config.optimize_ddp = False
@@ -153,6 +163,29 @@ def test_ddp_gradients_equal_one_process_on_the_union_of_selected_rows(tmp_path,
     torch.nn.functional.cross_entropy(logits[keep], target[keep]).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_ddp_each_rank_fits_its_learned_exit_from_its_own_rows(tmp_path):
+    """scoring='predicted' under DDP: every rank's exit is the one-process fit of its own trained rows
+    (the ranks' statistics are not all-reduced: no collective beyond the loss normaliser's), so the
+    ranks' exits differ as their data does."""
+    import cggr_compile
+    from models import batch
+
+    _spawn("predicted", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert not torch.equal(ranks[0]["exit"], ranks[1]["exit"])
+    for rank, got in enumerate(ranks):
+        assert Counter(n for n in got["collectives"] if n.startswith("c10d::allreduce_")) == \
+            Counter({"c10d::allreduce_": 1}), got["collectives"]
+        cg = cggr_compile.transform(_model(), **dict(OPTS, scoring="predicted", exit_min_fits=1))
+        out = cg(**batch("llama", seed=10 + rank))
+        assert torch.equal(out.selected_indices, got["idx"])
+        # The statistics agree to float rounding (one process's thread count is not the worker's);
+        # the weights of one small batch's underdetermined ridge would amplify that rounding.
+        layout = cg.exit.layout
+        for part in (layout.gram, layout.moment):
+            torch.testing.assert_close(part(cg.exit.state), part(got["exit"]), rtol=1e-4, atol=1e-4)
 
 
 def test_ddp_graph_splitting_gets_a_warning_that_says_what_to_do(tmp_path):

@@ -159,6 +159,66 @@ def test_parity_tokens(name, entry):
     torch.testing.assert_close(core.exit.layout.weights(core.exit.state).double(), ref_weights, rtol=2e-3, atol=2e-4)
 
 
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+@pytest.mark.parametrize("name", ["nanogpt", "torchtitan"])
+def test_parity_native_layouts(name, entry):
+    """nanoGPT and torchtitan: the exit reads the spec'd router's hidden state (the final norm after
+    K blocks) and selects, trains and fits like the hand reference."""
+    import test_native_models as N
+    from native_models import WithLoss
+
+    model, x, y = N.make(name)
+    target, valid = N.reference_targets(name, y)
+    with torch.no_grad():
+        model.eval()
+        if name == "nanogpt":
+            tr = model.transformer
+            h = tr.ln_f(tr.h[0](tr.wte(x) + tr.wpe(torch.arange(x.shape[1])))).double()
+        else:
+            h = model.norm(list(model.layers.values())[0](model.tok_embeddings(x), model.freqs_cis)).double()
+        model.train()
+    state = warm_state(h.shape[-1], seed=2)
+    weights = ExitLayout(h.shape[-1]).weights(state).double()
+    rows = reference_row_choice(h @ weights[:-1] + weights[-1], valid, math.ceil(RATIO * x.shape[0]))
+    ref_loss, _ = N.reference_step(name, model, x, y, rows, target, valid, "sequences")
+    saved = {"exit": {"hidden": h.shape[-1], "state": state}}
+    model.zero_grad()
+    if entry == "transform":
+        cg = cggr_compile.transform(model, **OPTIONS)
+        cggr_compile.load_cggr_state_dict(cg, saved)
+        out = cg(x, y) if name == "nanogpt" else cg(x, labels=y)
+        loss = out[1] if name == "nanogpt" else out.loss
+    else:
+        target_module = model if name == "nanogpt" else WithLoss(model)
+        cggr_compile.load_cggr_state_dict(target_module, saved)
+        compiled = torch.compile(target_module, backend="cggr", options=OPTIONS)
+        loss = compiled(x, targets=y)[1] if name == "nanogpt" else compiled(x, y)
+        cg = core_of(target_module)
+    assert torch.equal(cg.metrics()["selected_indices"].cpu(), rows)
+    torch.testing.assert_close(loss.detach(), ref_loss.float(), rtol=1e-5, atol=1e-6)
+    assert float(cg.metrics()["exit_fits"]) == 6.0
+
+
+def test_peft_lora_trains_with_the_exit_on_both_entry_points():
+    """A PEFT model: the exit reads the LoRA'd router's hidden state; only LoRA weights get gradients."""
+    from test_peft import lora_model
+
+    b = batch("llama", b=8)
+    for entry in ("transform", "backend"):
+        torch._dynamo.reset()
+        pm = lora_model()
+        options = dict(OPTIONS, router_layers=2)
+        if entry == "transform":
+            run = cggr_compile.transform(pm, **options)
+        else:
+            run = torch.compile(pm, backend="cggr", options=options)
+        for _ in range(2):
+            run(**b).loss.backward()
+        metrics = cggr_compile.last_metrics(run)
+        assert float(metrics["exit_fits"]) == 2.0 and torch.isfinite(cggr_compile.cggr_state_dict(run)["exit"]["state"]).all()
+        assert all((p.grad is None) == ("lora" not in n) for n, p in pm.named_parameters()), entry
+
+
 def test_importance_weights_the_fit_by_the_inverse_draw_probability():
     """With selection='importance' each drawn row fits with its loss weight 1 / (k p)."""
     model = tiny_model("llama")
@@ -378,6 +438,21 @@ def test_bad_options_say_what_to_change():
     cg = cggr_compile.transform(model, router_layers=1, scoring="predicted")
     with pytest.raises(ValueError, match="hidden size 16"):
         cg.load_cggr_state_dict({"exit": {"hidden": 16, "state": ExitLayout(16).new_state()}})
+
+
+def test_fit_and_prediction_stay_float32_under_autocast():
+    layout = ExitLayout(8)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 5, 8, generator=g) * 3, torch.rand(2, 5, generator=g)
+    state = warm_state(8)
+    inputs = FitInputs(x, predict(layout, state, x), torch.ones(2, 5))
+    want = fit(layout, state, inputs, y, DECAY, RIDGE, 1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fit(layout, state, inputs, y, DECAY, RIDGE, 1)[0]
+        pred = predict(layout, state, x)
+    assert got.dtype == pred.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(pred, inputs.predicted)
 
 
 def test_predict_is_finite_where_the_hidden_state_overflows():
