@@ -295,7 +295,7 @@ def test_cold_start_selects_uniformly_and_says_so():
         ExitLayout(32).scalar(cold, "fits").fill_(0.0)  # not fitted: ranks nothing
         cggr_compile.load_cggr_state_dict(cg, {"exit": {"hidden": 32, "state": cold}})
         rows = []
-        for _ in range(64):
+        for _ in range(32):
             sel, _, metrics = cg.select(**b, record=False)
             assert float(metrics.get("exit_ready", 0.0)) == 0.0
             rows.append(sel)
