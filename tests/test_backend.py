@@ -121,7 +121,7 @@ def test_backward_graph_holds_only_selected_rows():
 
 
 class TestGraphSnapshot(expecttest.TestCase):
-    def _text(self, granularity):
+    def _text(self, granularity, scoring="entropy"):
         torch.manual_seed(0)
         import transformers as T
 
@@ -130,7 +130,7 @@ class TestGraphSnapshot(expecttest.TestCase):
         model = T.LlamaForCausalLM(cfg)
         ids = torch.randint(0, 32, (4, 6))
         return cggr_compile.explain(model, ids, torch.ones_like(ids), router_layers=1, min_tokens_ratio=0.5, selection="topk",
-                                    warmup_steps=0, scoring="entropy", granularity=granularity)
+                                    warmup_steps=0, scoring=scoring, granularity=granularity)
 
     def test_sequences(self):
         self.assertExpectedInline(self._text("sequences"), """\
@@ -150,6 +150,31 @@ index_select(0) -> int64[2, 6]
 cross_entropy_loss(None, 2) -> float32[]
 index_select(0) -> float32[2, 6]
 return float32[], float32[2, 6, 32], int64[2], float32[], float32[], float32[], float32[], int64[], int64[]""")
+
+    def test_sequences_predicted(self):
+        """scoring='predicted': no head in the router, the main pass's per-token loss, the exit's fit
+        (Cholesky) and its next state returned last."""
+        self.assertExpectedInline(self._text("sequences", scoring="predicted"), """\
+embedding() -> float32[4, 6, 16]
+scaled_dot_product_attention() -> float32[4, 2, 6, 8]
+sort.stable()
+sort()
+index_select(0) -> bool[2, 6]
+index_select(0) -> int64[2, 6]
+index_select(0) -> int64[2, 6]
+embedding() -> float32[2, 6, 16]
+scaled_dot_product_attention() -> float32[2, 2, 6, 8]
+scaled_dot_product_attention() -> float32[2, 2, 6, 8]
+index_select(0) -> int64[2, 6]
+cross_entropy_loss(None, 0) -> float32[12]
+index_select(0) -> float32[2, 6, 16]
+index_select(0) -> float32[2, 6]
+linalg_cholesky_ex()
+cholesky_solve() -> float32[17, 1]
+sort.stable()
+sort.stable()
+index_select(0) -> float32[2, 6]
+return float32[], float32[2, 6, 32], int64[2], float32[], float32[], int64[], int64[], float32[], float32[], float32[], float32[], float32[331]""")
 
     def test_tokens(self):
         self.assertExpectedInline(self._text("tokens"), """\

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 
-import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ import cggr_compile
 from cggr_compile.backend import core_of, last_metrics
 from cggr_compile.exit import ExitLayout, FitInputs, LearnedExit, fit, predict
 from models import ARCHITECTURES, MASKED, batch, tiny_model
-from test_parity import FINAL_NORM, reference_step, reference_targets
+from test_parity import reference_final_hidden, reference_step, reference_targets
 
 K = 1
 RATIO = 0.5
@@ -29,16 +28,8 @@ OPTIONS = dict(router_layers=K, min_tokens_ratio=RATIO, warmup_steps=0, scoring=
 
 
 def reference_hidden(name, model, b):
-    """The final-normed hidden state after K layers (float64), as the router's ``hidden``."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
-    model.train(was)
-    norm_path = FINAL_NORM.get(name, "model.norm")
-    norm = model.get_submodule(norm_path) if norm_path else torch.nn.Identity()
-    with torch.no_grad():
-        return norm(hs[K - 1] if name == "mamba" else hs[K]).double()
+    """The router's hidden state (the final norm after K layers), float64."""
+    return reference_final_hidden(name, model, b).double()
 
 
 def warm_state(hidden: int, seed: int = 0) -> torch.Tensor:
@@ -248,39 +239,6 @@ def test_the_router_runs_no_vocabulary_head():
     assert "cholesky" in text and "log_softmax" not in text and "fused_token_stats" not in text
 
 
-class TestGraphSnapshot(expecttest.TestCase):
-    def test_sequences(self):
-        """The rewritten step of scoring='predicted': router layers, no head, the selection, the main
-        pass on k rows with its per-token loss, the exit's fit (Cholesky), its new state returned."""
-        torch.manual_seed(0)
-        import transformers as T
-
-        cfg = T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, vocab_size=32)
-        ids = torch.randint(0, 32, (4, 6))
-        text = cggr_compile.explain(T.LlamaForCausalLM(cfg), ids, torch.ones_like(ids), router_layers=1,
-                                    min_tokens_ratio=0.5, selection="topk", warmup_steps=0, scoring="predicted")
-        self.assertExpectedInline(text, """\
-embedding() -> float32[4, 6, 16]
-scaled_dot_product_attention() -> float32[4, 2, 6, 8]
-sort.stable()
-sort()
-index_select(0) -> bool[2, 6]
-index_select(0) -> int64[2, 6]
-index_select(0) -> int64[2, 6]
-embedding() -> float32[2, 6, 16]
-scaled_dot_product_attention() -> float32[2, 2, 6, 8]
-scaled_dot_product_attention() -> float32[2, 2, 6, 8]
-index_select(0) -> int64[2, 6]
-cross_entropy_loss(None, 0) -> float32[12]
-index_select(0) -> float32[2, 6, 16]
-index_select(0) -> float32[2, 6]
-linalg_cholesky_ex()
-cholesky_solve() -> float32[17, 1]
-sort.stable()
-sort.stable()
-index_select(0) -> float32[2, 6]
-return float32[], float32[2, 6, 32], int64[2], float32[], float32[], int64[], int64[], float32[], float32[], float32[], float32[], float32[331]""")
 
 
 def test_cold_start_selects_uniformly_and_says_so():

@@ -23,8 +23,8 @@ FINAL_NORM = {
 }
 
 
-def reference_router_logits(name, model, b):
-    """The model's own head on the final norm of the hidden state after K layers (float64)."""
+def reference_final_hidden(name, model, b):
+    """The final-normed hidden state after K layers (the router's ``hidden``), in the model's dtype."""
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -32,10 +32,16 @@ def reference_router_logits(name, model, b):
     model.train(was)
     norm_path = FINAL_NORM.get(name, "model.norm")
     norm = model.get_submodule(norm_path) if norm_path else torch.nn.Identity()
-    head = model.get_submodule("cls" if name == "bert" else "lm_head")
     with torch.no_grad():
         # Mamba lists no embedding output: its hidden_states[i] is the state after i+1 layers.
-        logits = head(norm(hs[K - 1] if name == "mamba" else hs[K])).double()
+        return norm(hs[K - 1] if name == "mamba" else hs[K])
+
+
+def reference_router_logits(name, model, b):
+    """The model's own head on the final norm of the hidden state after K layers (float64)."""
+    head = model.get_submodule("cls" if name == "bert" else "lm_head")
+    with torch.no_grad():
+        logits = head(reference_final_hidden(name, model, b)).double()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
