@@ -249,6 +249,25 @@ def metrics_of(layout: ExitLayout, state: Tensor, was_ready: Optional[Tensor] = 
 EXIT_METRIC_KEYS = ("exit_ready", "exit_fits", "exit_rank_agreement", "exit_r2")
 
 
+@torch.library.custom_op("cggr::exit_fit", mutates_args=())
+def _exit_fit_op(state: Tensor, hidden: Tensor, predicted: Tensor, weight: Tensor, token_loss: Tensor,
+                 hidden_size: int, decay: float, ridge: float, min_fits: int) -> tuple[Tensor, Tensor]:
+    """:func:`fit` as one opaque op: ``(next state, the EXIT_METRIC_KEYS metrics stacked)``.
+
+    Opaque so that Inductor runs its few dozen small float32 kernels and its Cholesky as they are
+    (captured whole under CUDA graphs) instead of fusing its reductions with the rest of the step:
+    one such fusion, with the selection's integer hashing, made a kernel Triton 3.6 failed to
+    compile on the H100."""
+    new_state, metrics = fit(ExitLayout(hidden_size), state, FitInputs(hidden, predicted, weight), token_loss,
+                             decay, ridge, min_fits)
+    return new_state, torch.stack([metrics[k] for k in EXIT_METRIC_KEYS])
+
+
+@_exit_fit_op.register_fake
+def _exit_fit_fake(state, hidden, predicted, weight, token_loss, hidden_size, decay, ridge, min_fits):
+    return torch.empty_like(state), state.new_empty(len(EXIT_METRIC_KEYS))
+
+
 def hidden_size(router: object, model: torch.nn.Module) -> int:
     """The width of the router's hidden state: its head's input features, else the model config's."""
     head = getattr(router, "linear_head", None)
@@ -295,7 +314,11 @@ class LearnedExit:
         return ready(self.layout, state, self.min_fits)
 
     def fit(self, state: Tensor, inputs: FitInputs, token_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return fit(self.layout, state, inputs, token_loss, self.decay, self.ridge, self.min_fits)
+        """:func:`fit` as the opaque op ``cggr::exit_fit`` (one node in a traced step)."""
+        new_state, metrics = torch.ops.cggr.exit_fit(
+            state, inputs.hidden, inputs.predicted, inputs.weight, token_loss.detach(), self.layout.hidden,
+            self.decay, self.ridge, self.min_fits)
+        return new_state, dict(zip(EXIT_METRIC_KEYS, metrics.unbind(0)))
 
     def commit(self, new_state: Tensor) -> None:
         """Keep a step's successor state (outside any graph: one device copy, no sync). Copied, not

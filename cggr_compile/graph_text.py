@@ -11,7 +11,7 @@ import torch.fx as fx
 # and the summary is pinned on every supported one.
 STRUCTURAL_OPS = (
     "embedding", "scaled_dot_product_attention", "log_softmax", "topk", "sort", "index_select",
-    "cross_entropy", "fused_token_stats", "cholesky",
+    "cross_entropy", "fused_token_stats", "exit_fit",
 )
 
 

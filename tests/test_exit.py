@@ -236,7 +236,7 @@ def test_the_router_runs_no_vocabulary_head():
     cg(**batch("llama")).loss.backward()
     assert len(calls) == 1  # the main pass's head only
     text = cggr_compile.explain(model, batch("llama")["input_ids"], **OPTIONS)
-    assert "cholesky" in text and "log_softmax" not in text and "fused_token_stats" not in text
+    assert "exit_fit" in text and "log_softmax" not in text and "fused_token_stats" not in text
 
 
 
