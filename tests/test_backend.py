@@ -169,8 +169,8 @@ index_select(0) -> int64[2, 6]
 cross_entropy_loss(None, 0) -> float32[12]
 index_select(0) -> float32[2, 6, 16]
 index_select(0) -> float32[2, 6]
+cggr.exit_fit(16, 0.97, 0.001, 4)
 index_select(0) -> float32[2, 6]
-exit_fit.default(16, 0.97, 0.001, 4)
 return float32[], float32[2, 6, 32], int64[2], float32[], float32[], int64[], int64[], float32[], float32[], float32[], float32[], float32[331]""")
 
     def test_tokens(self):
