@@ -103,9 +103,7 @@ def predict(layout: ExitLayout, state: Tensor, hidden: Tensor) -> Tensor:
     prediction that is not finite (an overflowing hidden state) is 0."""
     w = layout.weights(state)
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
-    # A matrix product with a [H, 1] weight, not a matrix-vector product: Inductor rewrites the latter
-    # as a reduction, which it fused with the selection's integer hashing into a kernel Triton 3.6
-    # failed to compile on the H100. Float32 also under the step's autocast.
+    # One cuBLAS product with a [H, 1] weight; float32 also under the step's autocast.
     with torch.autocast(hidden.device.type, enabled=False):
         pred = torch.addmm(w[-1:], flat, w[:-1, None]).view(hidden.shape[:-1])
     return torch.where(torch.isfinite(pred), pred, torch.zeros_like(pred))
@@ -254,10 +252,9 @@ def _exit_fit_op(state: Tensor, hidden: Tensor, predicted: Tensor, weight: Tenso
                  hidden_size: int, decay: float, ridge: float, min_fits: int) -> tuple[Tensor, Tensor]:
     """:func:`fit` as one opaque op: ``(next state, the EXIT_METRIC_KEYS metrics stacked)``.
 
-    Opaque so that Inductor runs its few dozen small float32 kernels and its Cholesky as they are
-    (captured whole under CUDA graphs) instead of fusing its reductions with the rest of the step:
-    one such fusion, with the selection's integer hashing, made a kernel Triton 3.6 failed to
-    compile on the H100."""
+    Opaque so that the fit is one node of the step's graph (``explain`` shows it) and runs the same
+    float32 kernels and Cholesky on every entry point, whatever Inductor fuses around it; under CUDA
+    graphs they are captured whole."""
     new_state, metrics = fit(ExitLayout(hidden_size), state, FitInputs(hidden, predicted, weight), token_loss,
                              decay, ridge, min_fits)
     return new_state, torch.stack([metrics[k] for k in EXIT_METRIC_KEYS])

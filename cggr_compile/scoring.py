@@ -156,10 +156,17 @@ def hash_uniform(index: Tensor, seed: int, step: Tensor) -> Tensor:
 
     A seeded ``torch.Generator`` cannot live inside a compiled graph; this integer hash of
     (seed, step, index) can, and it does not repeat across steps.
+
+    The index (an ``arange``, which Inductor turns into index arithmetic, in int32 where the sizes
+    allow) is first only added to: a salt below 2**30 and the step, a tensor, so that every product
+    is int64 tensor math on every backend. Multiplying the index by a large constant first made
+    Inductor emit int32 index code with an out-of-range constant (a Triton compile error on the H100
+    for ``seed >= 1``) or, below that range, a product that overflows int32 where the CPU's does not.
     """
     mask = (1 << 31) - 1
-    h = (index.to(torch.int64) * 1103515245 + (seed * 2654435761 + 12345)) & mask
-    h = (h + step.to(torch.int64) * 2246822519) & mask
+    salt = (seed * 2654435761 + 12345) & ((1 << 30) - 1)
+    h = (index.to(torch.int64) + salt + step.to(torch.int64) * 2246822519) & mask
+    h = (h * 1103515245 + 12345) & mask
     for mult in (747796405, 277803737):
         h = (h ^ (h >> 15)) & mask
         h = (h * mult) & mask
