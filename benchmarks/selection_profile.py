@@ -13,9 +13,27 @@ or (noisy regime) token-shuffled text or a hex / base64 dump of a binary file. T
 kind's share of the stream and of each rule's rows, and its rows' mean router loss: what top-k
 trains on instead of the stream, and how the router's score ranks the rows against the whole
 model's own loss (``--model-loss-batches`` of the batches). ``--depths`` compares routers of other
-depths with the whole model on a few clean rows; ``--exit-fit-batches`` fits a linear exit for the
-router (a tuned lens) and ranks rows by it. JSON goes to ``--results-dir`` (``benchmarks/runs`` by
+depths with the whole model on a few clean rows. JSON goes to ``--results-dir`` (``benchmarks/runs`` by
 default).
+
+``--finetune-steps N`` measures instead whether the library's learned exit (``scoring="predicted"``,
+``cggr_compile/exit.py``) ranks rows like the whole model (issue 26's agreement target):
+
+    python benchmarks/selection_profile.py --preset smollm2-135m --regime pretrained --finetune-steps 50 --batch-size 8 --seq-len 128 --heldout-batches 16 --threads 1
+
+The model trains ``N`` AdamW steps through ``cggr_compile.transform(model, scoring="predicted",
+router_layers=--router-layers)``, the library's defaults otherwise (``--exit-decay`` overrides that one
+option), at the race's learning rate, warm-up, weight decay and clipping, on the first ``N`` batches of
+the race's stream for ``--seed``. With the default ``warmup_steps=1000`` every one of those steps has
+``k = B`` (the curriculum's first level), so the exit fits on every step, on the rows the step draws:
+importance sampling draws ``k = B`` rows, with repeats once the exit ranks (each row ``k p`` times in
+expectation, weighted ``1 / (k p)``), so a step may train fewer than ``B`` distinct rows (counted per
+step). Then the next ``--heldout-batches`` batches of the same stream (never
+trained on) are scored per row three ways, all with the fine-tuned weights: the exit's predicted loss
+(``sequence_difficulty``), the head router's loss (the first ``--router-layers`` layers through the
+model's final norm and head, ``scoring="loss"``) and the whole model's own mean next-token loss (eval
+mode, no grad). The report gives each score's Spearman correlation with the whole model's loss over the
+clean rows, per held-out batch and pooled, and over the noise rows in the noisy regime.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import cggr_compile  # noqa: E402
+from cggr_compile.exit import EXIT_METRIC_KEYS  # noqa: E402
 from cggr_compile.scoring import importance_probabilities  # noqa: E402
 from benchmarks import common, corpus as corpus_mod, race  # noqa: E402
 
@@ -142,33 +161,188 @@ def router_depths(model, x: torch.Tensor, depths: list[int]) -> list[dict]:
     return out
 
 
-def rows_loss(head, hidden: torch.Tensor, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """Each row's mean next-token loss of ``head(hidden)`` (``hidden``: ``[B, T, H]`` for tokens ``x``)."""
-    out = []
-    for i in range(0, x.shape[0], chunk):
-        out.append(race.token_nll(head(hidden[i:i + chunk]), x[i:i + chunk])[:, :-1].mean(dim=1))
-    return torch.cat(out)
+def row_agreement(scores: dict[str, torch.Tensor], model_loss: torch.Tensor, noise: torch.Tensor,
+                  batch: int) -> dict:
+    """How each per-row score ranks rows like the whole model's own row loss ``model_loss``.
+
+    ``scores``: name -> one score per row; rows come in consecutive batches of ``batch``; ``noise``
+    marks the noise rows. Per score: the Spearman correlation with ``model_loss`` over the clean rows,
+    pooled and per batch (batches with at least 3 clean rows), and, where there are noise rows, over
+    those and over all rows; the score's mean over the clean rows (and over the noise rows)."""
+    f = model_loss.double()
+    clean = ~noise.bool()
+    n = f.numel()
+    out = dict(rows=n, clean_rows=int(clean.sum()), noise_rows=int(n - clean.sum()), batches=-(-n // batch),
+               model_loss_clean_mean=round(float(f[clean].mean()), 4) if clean.any() else None)
+    for name, s in scores.items():
+        s = s.double()
+        per_batch = []
+        for i in range(0, n, batch):
+            c = clean[i:i + batch]
+            if int(c.sum()) >= 3:
+                per_batch.append(round(race.spearman(s[i:i + batch][c].numpy(), f[i:i + batch][c].numpy()), 4))
+        r = dict(spearman_clean=round(race.spearman(s[clean].numpy(), f[clean].numpy()), 4) if int(clean.sum()) > 2
+                 else None, spearman_clean_per_batch=per_batch,
+                 spearman_clean_per_batch_mean=round(sum(per_batch) / len(per_batch), 4) if per_batch else None,
+                 mean_clean=round(float(s[clean].mean()), 4) if clean.any() else None)
+        if out["noise_rows"]:
+            r["spearman_noise"] = round(race.spearman(s[~clean].numpy(), f[~clean].numpy()), 4) \
+                if out["noise_rows"] > 2 else None
+            r["spearman_all"] = round(race.spearman(s.numpy(), f.numpy()), 4)
+            r["mean_noise"] = round(float(s[~clean].mean()), 4)
+        out[name] = r
+    return out
 
 
-def linear_exit(model, cg, fit_x: torch.Tensor, eval_x: torch.Tensor, eval_model_loss: torch.Tensor) -> dict:
-    """A linear map from the router's (final-normed) hidden state to the whole model's, fitted by
-    least squares on the rows ``fit_x`` (a tuned lens, Belrose et al. 2023, in its simplest form),
-    then the router's row loss through it on other rows: does a trained exit make the truncated
-    router's score the model's difficulty? Spearman with the whole model's loss of ``eval_x``."""
-    with torch.no_grad():
-        hk = cg.router.hidden(fit_x)[:, :-1].flatten(0, 1).double()
-        hf = model.model(input_ids=fit_x).last_hidden_state[:, :-1].reshape(hk.shape).double()
-        ones = torch.ones(hk.shape[0], 1, dtype=hk.dtype)
-        w = torch.linalg.lstsq(torch.cat([hk, ones], 1), hf).solution.float()
-        hidden = cg.router.hidden(eval_x)
-        raw = rows_loss(cg.router.head, hidden, eval_x)
-        lens = rows_loss(cg.router.head, hidden @ w[:-1] + w[-1], eval_x)
-    m = eval_model_loss.numpy()
-    return dict(fit_rows=int(fit_x.shape[0]), eval_rows=int(eval_x.shape[0]),
-                router_loss=round(float(raw.mean()), 4), exit_loss=round(float(lens.mean()), 4),
-                model_loss=round(float(eval_model_loss.mean()), 4),
-                spearman_router=round(race.spearman(raw.numpy(), m), 4),
-                spearman_exit=round(race.spearman(lens.numpy(), m), 4))
+def calibration(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """R^2 and mean error of ``pred`` as a predictor of ``target`` (row losses, same scale)."""
+    pred, target = pred.double(), target.double()
+    ss_tot = float(((target - target.mean()) ** 2).sum())
+    ss_res = float(((target - pred) ** 2).sum())
+    return dict(r2=round(1 - ss_res / ss_tot, 4) if ss_tot > 0 else None,
+                mean_error=round(float((pred - target).mean()), 4))
+
+
+def finetune_with_exit(model, train: torch.Tensor, order: "race.BatchOrder", args, steps: int, device,
+                       exit_decay: float | None = None, log=print):
+    """``steps`` AdamW steps of ``model`` through ``cggr_compile.transform(scoring="predicted")`` with
+    the library's defaults besides ``router_layers`` (and ``exit_decay`` when given), at the race's
+    learning rate, linear lr warm-up, weight decay and gradient clipping (its ``ModeRunner.step``).
+    Returns the transform, the batches seen (row indices) and a record per step: the loss, the rows
+    the step drew and how many distinct, the exit's metrics and the step's seconds."""
+    options = dict(scoring="predicted", router_layers=args.router_layers)
+    if exit_decay is not None:
+        options["exit_decay"] = exit_decay
+    cg = cggr_compile.transform(model, **options)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = race.make_optimizer(model, args.lr, device, args.weight_decay)
+    seen, records = [], []
+    t_start = time.perf_counter()
+    for n in range(steps):
+        idx = order.next()
+        seen.append(idx)
+        x = train[idx].to(device)
+        t0 = time.perf_counter()
+        if args.lr_warmup_steps > 0:
+            for g in opt.param_groups:
+                g["lr"] = args.lr * min(1.0, (n + 1) / args.lr_warmup_steps)
+        with race.autocast_ctx(device, args.dtype):
+            out = cg(input_ids=x, labels=x)
+        out.loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sel = out["selected_indices"].detach().cpu()
+        m = cg.metrics()
+        rec = dict(step=n + 1, loss=round(float(out.loss.detach()), 4), k=int(sel.numel()),
+                   distinct_rows=int(sel.unique().numel()), seconds=round(time.perf_counter() - t0, 2),
+                   **{key: round(float(m[key]), 4) for key in EXIT_METRIC_KEYS if key in m})
+        records.append(rec)
+        if n == 0 or (n + 1) % 5 == 0 or n + 1 == steps:
+            log(f"step {n + 1}/{steps}: loss {rec['loss']:.3f}, k {rec['k']} ({rec['distinct_rows']} distinct rows), "
+                f"exit ready {rec.get('exit_ready')}, fits {rec.get('exit_fits')}, rank agreement "
+                f"{rec.get('exit_rank_agreement')}, r2 {rec.get('exit_r2')}; {rec['seconds']:.1f} s this step, "
+                f"{time.perf_counter() - t_start:.0f} s in all")
+    return cg, seen, records
+
+
+def exit_agreement(mine, args, pre, vocab_size: int, train: torch.Tensor, n_clean: int, noise_info, device, argv,
+                   t0: float) -> dict:
+    """``--finetune-steps``: fine-tune through the learned exit, then rank held-out rows of the stream
+    by the exit, by the head router and by the whole model (see the module docstring)."""
+    B = args.batch_size
+    model, _ = race.build_model(args, vocab_size)
+    if pre:
+        model.load_state_dict(pre["state"])
+    model.to(device)
+    order = race.BatchOrder(train.shape[0], B, args.seed)
+    print(f"fine-tuning {pre['id'] if pre else 'a random-init model'} for {mine.finetune_steps} steps of "
+          f"{B} x {args.seq_len} tokens through scoring='predicted', router {args.router_layers} layers, lr "
+          f"{args.lr}; {time.perf_counter() - t0:.0f} s so far", flush=True)
+    t_ft = time.perf_counter()
+    cg, seen, steps = finetune_with_exit(model, train, order, args, mine.finetune_steps, device, mine.exit_decay,
+                                         log=lambda msg: print(msg, flush=True))
+    finetune_s = time.perf_counter() - t_ft
+    metrics = {key: round(float(v), 4) for key, v in cg.metrics().items()
+               if key in EXIT_METRIC_KEYS or key in ("k", "ratio")}
+    held = [order.next() for _ in range(mine.heldout_batches)]
+    trained = set(torch.cat(seen).tolist())
+    rows = torch.cat(held)
+    if trained & set(rows.tolist()):
+        raise SystemExit("the held-out batches overlap the fine-tuning batches (the stream wrapped around): "
+                         "fewer --finetune-steps or --heldout-batches, or a longer corpus")
+    model.eval()
+    head = cggr_compile.transform(model, router_layers=args.router_layers, scoring="loss", strict=True,
+                                  warmup_steps=0, dynamic_threshold=False)
+    t_eval = time.perf_counter()
+    x = train[rows]
+    exit_scores = race.router_scores(cg, x, B, device, args.dtype)
+    head_scores = race.router_scores(head, x, B, device, args.dtype)
+    model_loss = race.heldout_losses(model, x, B, device, args.dtype)
+    eval_s = time.perf_counter() - t_eval
+    noise = rows >= n_clean
+    agreement = row_agreement({"exit": exit_scores, "head_router": head_scores}, model_loss, noise, B)
+    agreement["exit"]["calibration_clean"] = calibration(exit_scores[~noise], model_loss[~noise])
+    agreement["exit_vs_head_spearman_clean"] = round(race.spearman(exit_scores[~noise].numpy(),
+                                                                   head_scores[~noise].numpy()), 4)
+    distinct = [s["distinct_rows"] for s in steps]
+    summary = dict(
+        steps=len(steps), batch_size=B, seq_len=args.seq_len, heldout_batches=mine.heldout_batches,
+        rows=agreement["rows"], clean_rows=agreement["clean_rows"], noise_rows=agreement["noise_rows"],
+        exit_spearman_clean=agreement["exit"]["spearman_clean"],
+        head_router_spearman_clean=agreement["head_router"]["spearman_clean"],
+        exit_spearman_noise=agreement["exit"].get("spearman_noise"),
+        head_router_spearman_noise=agreement["head_router"].get("spearman_noise"),
+        target=0.7, exit_meets_target=bool((agreement["exit"]["spearman_clean"] or -1) >= 0.7),
+        steps_at_k_equal_b=sum(s["k"] == B for s in steps), steps_exit_ready=sum(s.get("exit_ready", 0) > 0 for s in steps),
+        distinct_rows_per_step_mean=round(sum(distinct) / len(distinct), 2), distinct_rows_per_step_min=min(distinct),
+        finetune_seconds=round(finetune_s, 1), eval_seconds=round(eval_s, 1),
+        seconds_per_step_median=round(sorted(s["seconds"] for s in steps)[len(steps) // 2], 2),
+        final_metrics=metrics)
+    print(f"held-out: {agreement['rows']} rows in {mine.heldout_batches} batches ({agreement['clean_rows']} clean), "
+          f"scored in {eval_s:.0f} s")
+    for name in ("exit", "head_router"):
+        r = agreement[name]
+        extra = f"; noise rows {r['spearman_noise']}, all rows {r['spearman_all']}" if "spearman_noise" in r else ""
+        print(f"{name}: Spearman with the whole model's row loss over the clean rows {r['spearman_clean']} "
+              f"(per batch: mean {r['spearman_clean_per_batch_mean']}, {r['spearman_clean_per_batch']}){extra}")
+    print(f"exit as a predictor of the clean rows' loss: {agreement['exit']['calibration_clean']}; the library's "
+          f"metrics after the last step: {metrics}")
+    report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
+                  versions=dict(common.versions(), library_diff_sha256=library_diff_hash()), preset=args.preset,
+                  regime=args.regime, model=pre["id"] if pre else "random init", seed=args.seed,
+                  lr=args.lr, lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay,
+                  grad_clip=args.grad_clip, router_layers=args.router_layers, dtype=args.dtype,
+                  cggr_options=dict(scoring="predicted", router_layers=args.router_layers,
+                                    **({"exit_decay": mine.exit_decay} if mine.exit_decay is not None else {})),
+                  library_defaults={key: getattr(cg.cggr_config, key) for key in (
+                      "min_tokens_ratio", "warmup_steps", "selection", "granularity", "importance_floor",
+                      "exit_decay", "exit_ridge", "exit_min_fits", "seed")},
+                  heldout="the --heldout-batches batches of the race's stream after the fine-tuning ones "
+                          "(rows never trained on)", heldout_rows=rows.tolist(),
+                  noise=noise_info, summary=summary, agreement=agreement, finetune_steps=steps,
+                  seconds=round(time.perf_counter() - t0, 1))
+    name = f"{args.tag or args.preset}-{args.regime}-exit-agreement"
+    stem = common.result_stem("selection_profile", name, common.device_slug(device))
+    path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)
+    print(f"wrote {path} ({report['seconds']:.0f} s in all)")
+    return report
+
+
+def library_diff_hash() -> str | None:
+    """sha256 of ``git diff HEAD`` over the library (empty when it is the commit's): which library
+    ran, when the checkout has uncommitted changes (``versions()['library_dirty']``)."""
+    import hashlib
+    import subprocess
+
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "cggr_compile", "passes"], cwd=REPO,
+                              capture_output=True, timeout=30).stdout
+    except Exception:  # noqa: BLE001
+        return None
+    return hashlib.sha256(diff).hexdigest() if diff else ""
 
 
 def table(kinds: dict) -> str:
@@ -187,23 +361,34 @@ def main(argv: list[str] | None = None) -> dict:
     own.add_argument("--depths", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[],
                      help="comma list of other router depths to compare on a few clean rows (with --router-layers "
                      "and the whole model)")
-    own.add_argument("--exit-fit-batches", type=int, default=0,
-                     help="fit a linear exit for the router (a tuned lens) on the clean rows of this many batches "
-                     "after the scored ones, and rank the model-loss batches' clean rows by it (default 0: off)")
+    own.add_argument("--finetune-steps", type=int, default=0,
+                     help="the learned exit's agreement instead of the profile: fine-tune this many steps through "
+                     "scoring='predicted', then rank held-out rows by the exit, the head router and the whole "
+                     "model (default 0: off)")
+    own.add_argument("--heldout-batches", type=int, default=16,
+                     help="--finetune-steps: batches of the stream after the fine-tuning ones to score (default 16)")
+    own.add_argument("--exit-decay", type=float, default=None,
+                     help="--finetune-steps: the transform's exit_decay (default: the library's)")
     own.add_argument("--model-loss-batches", type=int, default=4,
                      help="of those, how many the whole model also scores (its loss per row; default 4)")
     mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if mine.batches < 1:
         raise SystemExit("--batches must be >= 1")
+    if mine.finetune_steps < 0 or (mine.finetune_steps and mine.heldout_batches < 1):
+        raise SystemExit("--finetune-steps must be >= 0, and --heldout-batches >= 1 with it")
     args = race.parse_args(rest)
     device = common.pick_device(args.device)
     args.dtype = args.dtype or (race.PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pre = race.load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
     args.hf_config = pre["config"] if pre else None
     corpus = race.race_corpus(args, pre)
     train, noise_info = race.mix_noise(args, corpus, corpus.splits["train"].sequences)
     n_clean = args.n_clean_train or train.shape[0]
+    if mine.finetune_steps:
+        return exit_agreement(mine, args, pre, corpus.vocab_size, train, n_clean, noise_info, device, argv, t0)
     kinds = row_kinds(corpus, train, n_clean, noise_info)
     model, _ = race.build_model(args, corpus.vocab_size)
     if pre:
@@ -228,18 +413,6 @@ def main(argv: list[str] | None = None) -> dict:
     if agreement:
         print(f"router score vs the whole model's loss, Spearman over {agreement['rows']} rows: "
               f"{agreement['spearman_all']} (clean rows: {agreement.get('spearman_clean')})")
-    exit_check = None
-    if mine.exit_fit_batches > 0 and full:
-        fit_rows = [r for _ in range(mine.exit_fit_batches) for r in order.next().tolist()
-                    if not kinds[r].startswith("noise")]
-        eval_rows = [(r, float(f[j])) for idx, f in zip(batches, full) for j, r in enumerate(idx.tolist())
-                     if not kinds[r].startswith("noise")]
-        exit_check = linear_exit(model, cg, train[fit_rows].to(device), train[[r for r, _ in eval_rows]].to(device),
-                                 torch.tensor([f for _, f in eval_rows]))
-        print(f"linear exit fitted on {exit_check['fit_rows']} clean rows, on {exit_check['eval_rows']} others: "
-              f"router loss {exit_check['router_loss']:.3f} -> {exit_check['exit_loss']:.3f} (model "
-              f"{exit_check['model_loss']:.3f}); Spearman with the model's loss {exit_check['spearman_router']} -> "
-              f"{exit_check['spearman_exit']}")
     for r in depth_check or []:
         print(f"{'whole model' if r['whole_model'] else 'router of %d layers' % r['layers']} on {r['rows']} clean rows: "
               f"loss {r['loss']:.3f}, top-1 = next token {r['top1_is_next']:.1%}, its 5 most frequent top-1 tokens "
@@ -249,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
                   model=pre["id"] if pre else "random init", batch_size=args.batch_size, k=k,
                   router_layers=args.router_layers, importance_floor=floor, batches=mine.batches, seed=args.seed,
                   model_loss_batches=len(full), seconds=round(time.perf_counter() - t0, 1), noise=noise_info,
-                  router_vs_model_loss=agreement, router_depths_clean=depth_check, linear_exit_clean=exit_check,
+                  router_vs_model_loss=agreement, router_depths_clean=depth_check,
                   kinds=result)
     stem = common.result_stem("selection_profile", f"{args.tag or args.preset}-{args.regime}", common.device_slug(device))
     path = common.write_json(Path(args.results_dir) / f"{stem}.json", report)

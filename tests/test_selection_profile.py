@@ -115,6 +115,7 @@ def test_the_agreement_mode_fine_tunes_through_the_exit_and_scores_rows_it_never
     assert summary["steps_exit_ready"] == steps - report["library_defaults"]["exit_min_fits"]
     assert summary["final_metrics"]["exit_ready"] == 1.0 and -1 <= summary["final_metrics"]["exit_rank_agreement"] <= 1
     assert summary["rows"] == summary["clean_rows"] == 2 * batch and summary["noise_rows"] == 0
+    assert len(set(report["heldout_rows"])) == 2 * batch
     for name in ("exit", "head_router"):
         r = agreement[name]
         assert -1 <= r["spearman_clean"] <= 1 and len(r["spearman_clean_per_batch"]) == 2
