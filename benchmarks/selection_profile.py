@@ -249,9 +249,10 @@ def finetune_with_exit(model, train: torch.Tensor, order: "race.BatchOrder", arg
 
 
 def exit_agreement(mine, args, pre, vocab_size: int, train: torch.Tensor, n_clean: int, noise_info, device, argv,
-                   t0: float) -> dict:
+                   t0: float, versions: dict | None = None) -> dict:
     """``--finetune-steps``: fine-tune through the learned exit, then rank held-out rows of the stream
-    by the exit, by the head router and by the whole model (see the module docstring)."""
+    by the exit, by the head router and by the whole model (see the module docstring). ``versions``:
+    ``common.versions()`` (with the library's diff hash) as the process started."""
     B = args.batch_size
     model, _ = race.build_model(args, vocab_size)
     if pre:
@@ -311,7 +312,8 @@ def exit_agreement(mine, args, pre, vocab_size: int, train: torch.Tensor, n_clea
     print(f"exit as a predictor of the clean rows' loss: {agreement['exit']['calibration_clean']}; the library's "
           f"metrics after the last step: {metrics}")
     report = dict(command=common.command_line("selection_profile.py", argv), device=common.device_name(device),
-                  versions=dict(common.versions(), library_diff_sha256=library_diff_hash()), preset=args.preset,
+                  versions=versions or dict(common.versions(), library_diff_sha256=library_diff_hash()),
+                  preset=args.preset,
                   regime=args.regime, model=pre["id"] if pre else "random init", seed=args.seed,
                   lr=args.lr, lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay,
                   grad_clip=args.grad_clip, router_layers=args.router_layers, dtype=args.dtype,
@@ -382,13 +384,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    # the library as this process imported it (the checkout may change while a long run goes on)
+    versions = dict(common.versions(), library_diff_sha256=library_diff_hash()) if mine.finetune_steps else None
     pre = race.load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
     args.hf_config = pre["config"] if pre else None
     corpus = race.race_corpus(args, pre)
     train, noise_info = race.mix_noise(args, corpus, corpus.splits["train"].sequences)
     n_clean = args.n_clean_train or train.shape[0]
     if mine.finetune_steps:
-        return exit_agreement(mine, args, pre, corpus.vocab_size, train, n_clean, noise_info, device, argv, t0)
+        return exit_agreement(mine, args, pre, corpus.vocab_size, train, n_clean, noise_info, device, argv, t0,
+                              versions)
     kinds = row_kinds(corpus, train, n_clean, noise_info)
     model, _ = race.build_model(args, corpus.vocab_size)
     if pre:
