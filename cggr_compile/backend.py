@@ -163,26 +163,6 @@ def _any_core(model: torch.nn.Module) -> Optional[CGGRModel]:
     return model if isinstance(model, CGGRModel) else core_of(model)
 
 
-def step(model: torch.nn.Module) -> None:
-    """Advance the CGGR schedule once (call once per optimizer step), for every kind of CGGR model.
-
-    A model that is no CGGR model is an error: a silent no-op would keep ``k = B`` forever."""
-    core = _any_core(model)
-    if core is None:
-        raise ValueError(
-            f"cggr_compile.step: {type(model).__name__} is no CGGR model (compile it with backend='cggr' "
-            "and run a training step first, or wrap it with cggr_compile.transform)."
-        )
-    core.step()
-
-
-def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
-    """The last CGGR training step's metrics and selection (device tensors), for every kind of CGGR
-    model; ``{}`` before its first training step."""
-    core = _any_core(model)
-    return core.metrics() if core is not None else {}
-
-
 def _core_or_error(model: torch.nn.Module, what: str) -> CGGRModel:
     core = _any_core(model)
     if core is None:
@@ -191,6 +171,20 @@ def _core_or_error(model: torch.nn.Module, what: str) -> CGGRModel:
             "training step first, or wrap it with cggr_compile.transform)."
         )
     return core
+
+
+def step(model: torch.nn.Module) -> None:
+    """Advance the CGGR schedule once (call once per optimizer step), for every kind of CGGR model.
+
+    A model that is no CGGR model is an error: a silent no-op would keep ``k = B`` forever."""
+    _core_or_error(model, "step").step()
+
+
+def last_metrics(model: torch.nn.Module) -> dict[str, Any]:
+    """The last CGGR training step's metrics and selection (device tensors), for every kind of CGGR
+    model; ``{}`` before its first training step."""
+    core = _any_core(model)
+    return core.metrics() if core is not None else {}
 
 
 def cggr_state_dict(model: torch.nn.Module) -> dict[str, Any]:

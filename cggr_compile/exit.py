@@ -211,8 +211,7 @@ def fit(
         weight_sum = torch.where(solved, weight_sum, wsum)
 
         rank, r2, rank_defined, r2_defined = agreement(
-            inputs.predicted.float(), torch.where(ok, y, torch.zeros_like(y)).view_as(inputs.predicted),
-            w.view_as(inputs.predicted))
+            inputs.predicted.float(), y.view_as(inputs.predicted), w.view_as(inputs.predicted))
         count_rank, count_r2 = was_ready & rank_defined, was_ready & r2_defined
         a = AGREEMENT_DECAY
         s = {n: layout.scalar(state, n) for n in _SCALARS}
@@ -230,14 +229,14 @@ def fit(
         return new_state, metrics_of(layout, new_state, was_ready)
 
 
-def metrics_of(layout: ExitLayout, state: Tensor, was_ready: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """The exit's metrics from a state (``exit_ready``: whether this step's selection used it)."""
+def metrics_of(layout: ExitLayout, state: Tensor, was_ready: Tensor) -> dict[str, Tensor]:
+    """The exit's metrics from a state (``exit_ready``: ``was_ready``, whether this step's selection
+    used the exit)."""
     rank_den = layout.scalar(state, "rank_den")
     r2_den = layout.scalar(state, "r2_den")
-    ready_now = was_ready if was_ready is not None else layout.scalar(state, "solved") > 0
     nan = torch.full_like(rank_den, float("nan"))  # not measured yet, which is not 0 agreement
     return {
-        "exit_ready": ready_now.float(),
+        "exit_ready": was_ready.float(),
         "exit_fits": layout.scalar(state, "fits"),
         "exit_rank_agreement": torch.where(rank_den > 0, layout.scalar(state, "rank_num") / rank_den.clamp(min=1e-12), nan),
         "exit_r2": torch.where(r2_den > 0, layout.scalar(state, "r2_num") / r2_den.clamp(min=1e-12), nan),

@@ -174,17 +174,15 @@ def _relabel(labels: Tensor, weight: Tensor, causal: bool) -> Tensor:
 class _Selected:
     """One micro-batch's selection: what the router chose and the metrics of that choice; with
     ``scoring='predicted'`` also what the exit's fit needs once the selection has trained: ``fit``
-    (:class:`~cggr_compile.exit.FitInputs`), ``target`` (the original labels of the fitted positions,
-    aligned like the router's targets, -100 where the fit weight is 0) and ``ready`` (whether this
-    selection used the exit: a bool device scalar)."""
+    (:class:`~cggr_compile.exit.FitInputs`) and ``target`` (the original labels of the fitted positions,
+    aligned like the router's targets, -100 where the fit weight is 0)."""
 
-    __slots__ = ("shape", "selection", "weight", "metrics", "fit", "target", "ready")
+    __slots__ = ("shape", "selection", "weight", "metrics", "fit", "target")
 
     def __init__(self, shape: torch.Size, selection: Tensor, weight: Tensor, metrics: dict,
-                 fit: Optional[FitInputs] = None, target: Optional[Tensor] = None,
-                 ready: Optional[Tensor] = None) -> None:
+                 fit: Optional[FitInputs] = None, target: Optional[Tensor] = None) -> None:
         self.shape, self.selection, self.weight, self.metrics = shape, selection, weight, metrics
-        self.fit, self.target, self.ready = fit, target, ready
+        self.fit, self.target = fit, target
 
 
 def _select(cg: CGGRModel, inputs: dict, record: bool) -> _Selected:
@@ -195,13 +193,10 @@ def _select(cg: CGGRModel, inputs: dict, record: bool) -> _Selected:
         selection, weight, metrics = cg.select(ids, inputs.get("attention_mask"), inputs["labels"], record=record,
                                                **rest)
         return _Selected(ids.shape, selection, weight, metrics)
-    # The exit's state does not change in select: whether it is ready now is what the selection used.
-    ready = cg.exit.ready(cg.exit.state_on(ids.device))
+    # select's metrics carry exit_ready: whether this selection ranked by the exit.
     selection, weight, metrics, fit = cg.select(ids, inputs.get("attention_mask"), inputs["labels"], record=record,
                                                 return_fit_inputs=True, **rest)
-    metrics["exit_ready"] = ready.float()
-    return _Selected(ids.shape, selection, weight, metrics, fit, _fit_target(cg, inputs["labels"], selection, fit),
-                     ready)
+    return _Selected(ids.shape, selection, weight, metrics, fit, _fit_target(cg, inputs["labels"], selection, fit))
 
 
 def _fit_target(cg: CGGRModel, labels: Tensor, selection: Tensor, fit: FitInputs) -> Tensor:
@@ -269,8 +264,7 @@ def _token_loss(cg: CGGRModel, sel: _Selected, outputs: Any) -> tuple[Optional[T
 def _fit_exit(cg: CGGRModel, sel: _Selected, outputs: list, warn: Any) -> Optional[dict]:
     """Fit the learned exit on a micro-batch that has just trained (``outputs``: the outputs, or
     logits, of the model's forwards in its main pass; the first that gives the per-token loss
-    serves): one fit per micro-batch. Autocast off: the exit's statistics are float32 sums and its
-    solve a float32 Cholesky; under a bf16 region the fit's matmuls would round to bf16. Returns
+    serves): one fit per micro-batch. Returns
     the exit's metrics (device tensors), or None (and ``warn(key, message)`` once) where no output
     carries the per-token loss."""
     if sel.fit is None:
@@ -288,17 +282,15 @@ def _fit_exit(cg: CGGRModel, sel: _Selected, outputs: list, warn: Any) -> Option
             "log-probabilities then serve), or choose a head-based scoring (e.g. scoring='loss')."
         ))
         return None
-    with torch.autocast(token_loss.device.type, enabled=False):
-        fit = sel.fit
-        if cg.exit.state is not None:
-            # The agreement metrics compare the exit's prediction, before this fit, with these losses,
-            # counted when that exit was ready. Under accumulation an earlier micro-batch of this step
-            # has fitted since the selection predicted: predict again from the state this fit updates,
-            # so that prediction and readiness are the same exit's (still out of sample). No sync.
-            with torch.no_grad():
-                predicted = cg.exit.predict(cg.exit.state_on(token_loss.device), fit.hidden)
-            fit = fit._replace(predicted=torch.where(fit.weight > 0, predicted, torch.zeros_like(predicted)))
-        metrics = cg.fit_exit(fit, token_loss)
+    # The agreement metrics compare the exit's prediction, before this fit, with these losses, counted
+    # when that exit was ready. Under accumulation an earlier micro-batch of this step has fitted since
+    # the selection predicted: predict again from the state this fit updates, so that prediction and
+    # readiness are the same exit's (still out of sample). No sync; the exit works in float32 itself.
+    fit = sel.fit
+    with torch.no_grad():
+        predicted = cg.exit.predict(cg.exit.state_on(token_loss.device), fit.hidden)
+    fit = fit._replace(predicted=torch.where(fit.weight > 0, predicted, torch.zeros_like(predicted)))
+    metrics = cg.fit_exit(fit, token_loss)
     # The step's own metrics (cg.metrics() after its last micro-batch): the fit's running values;
     # exit_ready stays the selection's (whether it used the exit).
     sel.metrics.update({k: v for k, v in metrics.items() if k != "exit_ready"})

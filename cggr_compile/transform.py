@@ -608,7 +608,9 @@ class CGGRModel(WrappedModel):
         reference_loss = kwargs.pop("reference_loss", None)
         r, selection, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
                                                       per_row_inputs(kwargs, b))
-        metrics = self._step_metrics(r, weight, selection, plan)
+        # Whether this selection ranked by the exit (a forward's fit reports the same from its state).
+        exit_ready = {"exit_ready": r.ready.float()} if r.ready is not None else None
+        metrics = self._step_metrics(r, weight, selection, plan, exit_ready)
         if record:
             self.record_step(metrics)
         if not return_fit_inputs:
@@ -624,7 +626,7 @@ class CGGRModel(WrappedModel):
         if self.exit is None:
             raise ValueError(f"cggr: fit_exit needs scoring='predicted' (scoring={self.cggr_config.scoring!r}).")
         state = self.exit.state_on(token_loss.device)
-        new_state, metrics = self.exit.fit(state, fit, token_loss.detach())
+        new_state, metrics = self.exit.fit(state, fit, token_loss)
         self.exit.commit(new_state)
         return metrics
 
