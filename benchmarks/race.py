@@ -145,11 +145,15 @@ from benchmarks.common import (command_line, device_name, device_slug, llama_con
 cggr_compile = require_cggr_compile()
 
 SCORINGS = ("entropy", "margin", "loss", "combined")
-IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS)
+IMPORTANCE_MODES = tuple(f"cggr-{s}-importance" for s in SCORINGS + ("predicted",))
+# Loss truncation: skip the rows scored hardest, then k uniformly among the rest (``-truncation``: the
+# batch's outliers, the library's rule; ``-trim``: a fixed quarter of the batch).
+TRUNCATION_MODES = tuple(f"cggr-{s}-{form}" for s in ("predicted", "loss") for form in ("truncation", "trim"))
+TRIM_SHARE = 0.25
 EXCESS_MODES = ("cggr-excess",)
 REDUCIBLE_MODES = ("cggr-reducible", "cggr-reducible-importance")
-ALL_MODES = (("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + IMPORTANCE_MODES + EXCESS_MODES
-             + REDUCIBLE_MODES)
+ALL_MODES = (("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS + ("predicted",)) + IMPORTANCE_MODES
+             + TRUNCATION_MODES + EXCESS_MODES + REDUCIBLE_MODES)
 DEFAULT_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + ("cggr-loss-importance",)
 REGIMES = ("scratch", "finetune", "finetune-mixed") + corpus_mod.PRETRAINED_REGIMES
 RESULTS_DIR = HERE / "results"  # committed results: written only when asked (--commit-results)
@@ -165,12 +169,17 @@ def library_default_mode() -> str:
 
 
 def cggr_options(mode: str) -> dict:
-    """``cggr-<scoring>`` selects the k hardest rows (topk); ``cggr-<scoring>-importance`` samples them."""
+    """``cggr-<scoring>`` selects the k hardest rows (topk); ``cggr-<scoring>-importance`` samples them;
+    ``cggr-<scoring>-truncation`` skips the batch's outliers and ``-trim`` its hardest quarter, then
+    draws k uniformly among the rest."""
     name = mode[len("cggr-"):]
     if name == "excess":  # the router= callable returns the difficulties; scoring is then unused
         return dict(scoring="loss", selection="topk")
-    if name.endswith("-importance"):
-        return dict(scoring=name[: -len("-importance")], selection="importance")
+    for suffix, options in (("-importance", dict(selection="importance")),
+                            ("-truncation", dict(selection="truncation")),
+                            ("-trim", dict(selection="truncation", truncation_share=TRIM_SHARE))):
+        if name.endswith(suffix):
+            return dict(scoring=name[: -len(suffix)], **options)
     return dict(scoring=name, selection="topk")
 
 # Every preset key is also a command-line option (dashes for underscores); options override presets.
@@ -498,6 +507,8 @@ class ModeRunner:
         self.pick = torch.Generator().manual_seed(seed + 7)
         self.n = 0
         self.state = {"rows": None}
+        if self.cg is not None and self.cg.exit is not None:  # every run's learned exit starts cold
+            self.cg.load_cggr_state_dict({"exit": {"hidden": self.cg.exit.layout.hidden, "state": None}})
         if self.cg is not None:
             sched = self.cg.schedule
             if getattr(sched, "_device_step", None) is not None:
@@ -513,7 +524,7 @@ class ModeRunner:
     def step(self, x: torch.Tensor, ref: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
         """One optimizer step on the batch ``x``; ``ref``: the rows' reference losses (reducible modes)."""
         args, mode = self.args, self.mode
-        self.state["rows"] = None
+        self.state["rows"] = self.state["trains"] = None
         if mode == "random":
             rows = torch.randperm(x.shape[0], generator=self.pick)[:k]
             self.state["rows"] = rows
@@ -531,6 +542,9 @@ class ModeRunner:
         loss = out.loss
         if self.cg is not None and isinstance(out, dict) and out.get("selected_indices") is not None:
             self.state["rows"] = out["selected_indices"].detach().clone()  # graph memory: clone
+            skipped = out["cggr_metrics"].get("skipped")
+            if skipped is not None:  # truncation: a probe of a skipped row fits the exit, trains nothing
+                self.state["trains"] = ~skipped.detach().index_select(0, self.state["rows"])
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
@@ -647,8 +661,10 @@ def train_mode(mode: str, init_state: dict, train_seqs: torch.Tensor, eval_seqs:
         t_train += dt
         step_times.append(dt)
         if n_new_train is not None or n_clean_train is not None:  # which rows trained (outside the timed step)
-            rows = runner.state.get("rows")
+            rows, trains = runner.state.get("rows"), runner.state.get("trains")
             rows = idx if rows is None else idx[rows.cpu()]
+            if trains is not None:
+                rows = rows[trains.cpu()]
             if n_new_train is not None:  # finetune-mixed: replayed (part A) rows
                 replay_rows += int((rows >= n_new_train).sum())
             if n_clean_train is not None:  # noisy regime: noise rows

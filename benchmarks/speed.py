@@ -21,9 +21,9 @@ Modes (each on a freshly built, randomly initialised model from a config, seeded
   the learned exit, or lm_head + scoring for the head-based scorings) followed by ``topk(k)``, under ``torch.no_grad()``; no backward, no optimizer.
 * ``cggr_backend``: ``torch.compile(model, backend="cggr", options=...)``; ``cggr_compile.step(model)``.
 * ``cggr_transform``: ``torch.compile(cggr_compile.transform(model, ...))``; ``cg.step()``.
-  Both CGGR modes use ``warmup_steps=0, dynamic_threshold=False`` and ``scoring="predicted"`` (the
-  learned exit: no vocabulary head in the router; ``--scoring``), with the library's default selection,
-  so that every timed step trains exactly ``k`` rows, like ``random_subset``.
+  Both CGGR modes use ``warmup_steps=0, dynamic_threshold=False`` and otherwise the library's defaults
+  (the learned exit, no vocabulary head in the router, and truncation; ``--scoring`` to change the
+  scoring), so that every timed step trains exactly ``k`` rows, like ``random_subset``.
 
 Figures per mode (JSON has them all, the markdown table the main ones):
 
@@ -387,7 +387,9 @@ class Ctx:
 
     def cggr_options(self, ratio: float, router_layers: int, warmup_steps: int = 0) -> dict[str, Any]:
         opts = dict(min_tokens_ratio=ratio, router_layers=router_layers, warmup_steps=warmup_steps,
-                    dynamic_threshold=False, scoring=self.args.scoring)
+                    dynamic_threshold=False)
+        if self.args.scoring is not None:  # else the library's default
+            opts["scoring"] = self.args.scoring
         if self.args.fused_loss:
             opts["fused_loss"] = True
         if self.cudagraphs:
@@ -906,7 +908,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="warm-up steps per mode (the first one is the cold compile)")
     p.add_argument("--batch", type=int, help="override every shape's batch size")
     p.add_argument("--seq", type=int, help="override every shape's sequence length")
-    p.add_argument("--scoring", default="predicted")
+    p.add_argument("--scoring", default=None, help="the CGGR modes' scoring (default: the library's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile-backend", default=None,
                    help="backend of the non-cggr compiled modes (default: inductor on CUDA, eager on CPU)")
@@ -987,7 +989,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and args.tf32:
         torch.set_float32_matmul_precision("high")
     ctx = Ctx(args, device)
-    require_cggr_compile()  # registers the backend; says what to run when it is not installed
+    cggr_compile = require_cggr_compile()  # registers the backend; says what to run when it is not installed
     import transformers
 
     try:
@@ -1000,7 +1002,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         name=args.name, preset=args.preset, device=str(device), device_name=device_name(device),
         device_slug=device_slug(device), versions=versions(), argv=sys.argv, command=command_line("speed.py", argv),
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        settings=dict(steps=args.steps, warmup=args.warmup, scoring=args.scoring,
+        settings=dict(steps=args.steps, warmup=args.warmup,
+                      scoring=args.scoring or cggr_compile.CGGRConfig().scoring,
+                      selection=cggr_compile.CGGRConfig().selection,
                       autocast=device.type == "cuda" and not args.no_autocast,
                       fused_adamw=device.type == "cuda", no_compile=args.no_compile,
                       compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "eager"),

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import scoring as S
 from .config import CGGRConfig
-from .metrics import step_metrics, token_counts
+from .metrics import skip_metrics, step_metrics, token_counts
 from .router import TruncatedRouter, TruncatedRouterModule, build_router
 from .schedule import Schedule
 from .transform import CGGRModel as _TransformModel, check_batch, score_positions
@@ -84,11 +84,17 @@ class _Scheduled:
     def _select(self, r: Any) -> tuple[Tensor, float]:
         ratio = self.schedule.ratio()
         c = self.config
+        skip = None
+        if c.selection == "truncation":
+            skip = S.truncation_skips(r.difficulty, r.valid, S.token_budget(r.valid, ratio), c.truncation_share,
+                                      c.truncation_spread)
         mask = S.select_tokens(r.difficulty, r.valid, ratio, c.selection, c.num_strata,
-                               c.min_tokens_per_sequence, c.seed, self.schedule.device_step(r.difficulty.device))
+                               c.min_tokens_per_sequence, c.seed, self.schedule.device_step(r.difficulty.device),
+                               skip=skip)
         if "avg_confidence" in r.metrics:
             self.schedule.confidence.push(r.metrics["avg_confidence"])
-        self._metrics = step_metrics(c, self.schedule, r.metrics, ratio, **token_counts(mask, r.valid))
+        self._metrics = step_metrics(c, self.schedule, r.metrics, ratio, **token_counts(mask, r.valid),
+                                     **skip_metrics(skip, r.valid, "tokens"))
         return mask, ratio
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 SCORINGS = ("entropy", "margin", "loss", "combined", "reducible", "predicted")
-SELECTIONS = ("topk", "stratified", "sequence_aware", "fixed_quota", "importance")
+SELECTIONS = ("truncation", "topk", "stratified", "sequence_aware", "fixed_quota", "importance")
 GRANULARITIES = ("sequences", "tokens")
 # Scorings that read the next-token label: without labels they cannot run.
 LABEL_SCORINGS = ("loss", "reducible")
@@ -89,18 +89,24 @@ class CGGRConfig:
             one of ``num_levels`` levels); the dynamic threshold, when on, keeps more.
         router_layers: decoder layers the router runs (the model's own first K layers, then its
             final norm and head, or the learned exit); ``1 <= router_layers < num_layers``.
-        scoring: token difficulty: ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md),
+        scoring: token difficulty; default ``predicted`` (``loss`` with a user ``router=``, which gives
+            no hidden states): ``entropy``, ``margin``, ``loss``, ``combined`` (SPEC.md),
             ``reducible``: the router's loss minus a reference loss (RHO-LOSS / JEST learnability),
             from ``reference_loss=`` in the batch or from the ``reference`` model; or ``predicted``:
             the learned exit's prediction of the whole model's own loss from the router's hidden
             state (``cggr_compile.exit``), fitted online from the main pass's losses, with no
             vocabulary projection in the router. Until the exit is fitted (``exit_min_fits``) the
             selection is uniform.
-        selection: default ``importance`` for ``granularity='sequences'``, ``topk`` for tokens;
-            ``topk``, ``stratified``, ``sequence_aware`` (tokens only), ``fixed_quota`` or
-            ``importance`` (sequences only: draws ``k`` rows with probability rising with their
-            difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the loss and its
-            gradient are unbiased estimates of the whole batch's; see ``importance_floor``).
+        selection: default ``truncation``: skip the rows (tokens) scored hardest, the batch's
+            outliers (``truncation_spread``) or a fixed share (``truncation_share``), and draw ``k``
+            uniformly among the rest, unweighted (loss truncation: with the learned exit, the rows
+            skipped are the ones the model cannot learn; on clean data it skips almost none and is a
+            random subset). Also ``topk``, ``stratified``, ``sequence_aware`` (tokens only),
+            ``fixed_quota`` or ``importance`` (sequences only: draws ``k`` rows with probability
+            rising with their difficulty and weighs each drawn row's loss by ``1 / (k p)``, so the
+            loss and its gradient are unbiased estimates of the whole batch's; see
+            ``importance_floor``). Top-k and importance by difficulty lean towards hard rows: on
+            data with junk rows they train on more junk than a random subset (docs/learnability.md).
         granularity: ``sequences`` (slice the batch: saves compute) or ``tokens`` (selective loss).
         warmup_steps: curriculum length in optimizer steps: the ratio falls linearly from 1 to
             ``min_tokens_ratio`` (the batch is sliced once the ratio's level gives fewer rows than
@@ -122,6 +128,15 @@ class CGGRConfig:
             over the rows by their token count rather than by difficulty, in [0, 1]
             (``p_i = (1 - floor) * n_i s_i / sum n s + floor * n_i / N``). 1 is a plain random
             subset; 0 is pure difficulty-proportional sampling (rows of score 0 are never drawn).
+        truncation_share: ``selection='truncation'``: None (the default) skips the batch's outliers,
+            the rows above ``median + truncation_spread * 1.4826 * MAD`` of their scores; a number in
+            [0, 1) skips that share of the rows predicted hardest instead. Never fewer than ``k`` rows
+            stay to draw from.
+        truncation_spread: the outlier rule's multiple of the robust standard deviation, > 0.
+        truncation_probe: ``selection='truncation'``, sequences: the share of the ``k`` rows (rounded
+            up, at most ``k - 1``) drawn uniformly from the whole batch, skipped rows included, so
+            that the learned exit keeps fitting on what it skips (it fits only on trained rows; fitted
+            on kept rows alone it forgets what junk looks like). In [0, 1).
         exit_decay: ``scoring='predicted'``: the factor, in (0, 1], by which the exit's statistics
             decay at each fit (one per training forward, or per micro-batch under the Trainer): they
             weigh about the last ``1 / (1 - exit_decay)`` fits (33 at 0.97, the measured lead).
@@ -164,12 +179,12 @@ class CGGRConfig:
 
     min_tokens_ratio: float = 0.25
     router_layers: int = 4
-    # The defaults are the safest mode of the races (README, Quality): k rows drawn with probability
-    # rising with their router loss, each weighted 1/(k p), so the step's gradient is an unbiased
-    # estimate of the full batch's and the training mix cannot drift. Top-k by raw difficulty can
-    # drift (it keeps training on outliers): on a pretrained model the held-out loss then rises.
-    scoring: str = "loss"
-    selection: Optional[str] = None  # None: "importance" for sequences, "topk" for tokens
+    # The defaults (docs/learnability.md): the learned exit predicts each row's loss, truncation
+    # skips the batch's outliers (rows the model cannot learn) and draws k uniformly among the rest.
+    # On clean data that is a random subset; with junk rows it trains on almost none of them. Rules
+    # that lean towards hard rows (top-k, importance by loss) train on more junk than random does.
+    scoring: Optional[str] = None  # None: "predicted", or "loss" with a user router=
+    selection: Optional[str] = None  # None: "truncation"
     granularity: str = "sequences"
     warmup_steps: int = 1000
     dynamic_threshold: bool = False  # min_tokens_ratio means what it says (the original's classes: True)
@@ -178,6 +193,9 @@ class CGGRConfig:
     min_tokens_per_sequence: int = 1
     num_levels: int = 8
     importance_floor: float = 0.5
+    truncation_share: Optional[float] = None
+    truncation_spread: float = 3.0
+    truncation_probe: float = 0.0625
     exit_decay: float = 0.97
     exit_ridge: float = 1e-3
     exit_min_fits: int = 4
@@ -193,8 +211,10 @@ class CGGRConfig:
     model_call: Optional[ModelCall] = None
 
     def __post_init__(self) -> None:
-        if self.selection is None:  # importance sampling draws whole rows: tokens rank instead
-            object.__setattr__(self, "selection", "importance" if self.granularity == "sequences" else "topk")
+        if self.scoring is None:  # a user router gives no hidden states for the exit to read
+            object.__setattr__(self, "scoring", "predicted" if self.router is None else "loss")
+        if self.selection is None:
+            object.__setattr__(self, "selection", "truncation")
         r = self.min_tokens_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < float(r) <= 1.0):
             raise ValueError(
@@ -230,6 +250,25 @@ class CGGRConfig:
             raise ValueError(
                 f"importance_floor must be a number in [0, 1], got {f!r}: it is the share of the "
                 "sampling probability given by token count rather than difficulty (1: a random subset)."
+            )
+        t = self.truncation_share
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0):
+            raise ValueError(
+                f"truncation_share must be None (skip the batch's outliers) or a number in [0, 1), got {t!r}: "
+                "the share of the rows (tokens) predicted hardest that truncation skips."
+            )
+        sp = self.truncation_spread
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not float(sp) > 0:
+            raise ValueError(
+                f"truncation_spread must be a number > 0, got {sp!r}: truncation skips the rows above the "
+                "batch's median by more than this many robust standard deviations (3 skips almost nothing "
+                "on clean data)."
+            )
+        pr = self.truncation_probe
+        if isinstance(pr, bool) or not isinstance(pr, (int, float)) or not 0.0 <= float(pr) < 1.0:
+            raise ValueError(
+                f"truncation_probe must be a number in [0, 1), got {pr!r}: the share of the k rows drawn "
+                "uniformly from the whole batch, so that the learned exit keeps seeing what truncation skips."
             )
         if isinstance(self.router_layers, bool) or not isinstance(self.router_layers, int) \
                 or self.router_layers < 1:

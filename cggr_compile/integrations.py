@@ -78,12 +78,11 @@ from .exit import FitInputs
 from .scoring import IGNORE_INDEX
 from .transform import CGGRModel, slice_rows
 
-__all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS", "EXIT_METRIC_LOG_KEYS", "CGGR_STATE_NAME"]
+__all__ = ["enable_cggr", "route_step", "METRIC_LOG_KEYS", "EXIT_METRIC_LOG_KEYS", "SKIP_METRIC_LOG_KEYS",
+           "CGGR_STATE_NAME"]
 
 logger = logging.getLogger("cggr_compile")
 
-# enable_cggr's selection when none is given (the library's default, importance, needs its own loss)
-TRAINER_DEFAULT_SELECTION = "stratified"
 # The transformers releases the Trainer integration is tested with: pyproject.toml's bound (keep
 # the two in step). The Trainer internals it reads (_TrainerInternals) move between releases.
 TESTED_TRANSFORMERS = ">=5.23,<5.25"
@@ -108,6 +107,11 @@ METRIC_LOG_KEYS = (
 # own running values at the window's end (the last two are already running means over fits, and
 # are left out of a log while they are NaN, i.e. not measured yet: a cold exit, or no fit while ready).
 EXIT_METRIC_LOG_KEYS = ("cggr/exit_ready", "cggr/exit_fits", "cggr/exit_rank_agreement", "cggr/exit_r2")
+# selection='truncation' only: the mean share of each micro-batch's valid rows (tokens) it skipped as
+# too hard (cggr_compile.metrics.skip_metrics; the rows themselves are cg.metrics()["skipped"]).
+SKIP_METRIC_LOG_KEYS = ("cggr/skipped_share",)
+# Averaged over the window's micro-batches where a step reports them.
+_OPTIONAL_MEAN_KEYS = ("exit_ready", "skipped_share")
 # CGGR's own state in each Trainer checkpoint folder (CGGRModel.cggr_state_dict: no model parameter).
 CGGR_STATE_NAME = "cggr_state.pt"
 # The per-token loss of the exit's fit is computed in float32 over chunks of at most this many logits.
@@ -642,7 +646,7 @@ class _MetricsWindow:
         self.micro += 1
         self.k_sum += float(m.get("k", 0))
         self.ratio_sum += float(m.get("token_ratio", 0.0))
-        for key in _MEAN_KEYS + _PER_STEP_KEYS + ("exit_ready",):
+        for key in _MEAN_KEYS + _PER_STEP_KEYS + _OPTIONAL_MEAN_KEYS:
             v = m.get(key)
             if isinstance(v, Tensor):
                 v = v.detach().to(torch.float32)
@@ -674,7 +678,7 @@ class _MetricsWindow:
                 out[f"cggr/{key}"] = values[key] / steps
         if "tokens_selected" in values and values.get("tokens_total"):
             out["cggr/selected_fraction"] = values["tokens_selected"] / values["tokens_total"]
-        for key in _MEAN_KEYS + ("exit_ready",):
+        for key in _MEAN_KEYS + _OPTIONAL_MEAN_KEYS:
             if key in values:
                 out[f"cggr/{key}"] = values[key] / self.micro
         for key, v in self.exit_latest.items():
@@ -916,9 +920,9 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
     Under gradient accumulation that is one fit per micro-batch: the exit's statistics are additive
     (decayed sums), so consecutive fits add up what one fit of the whole step would (up to the
     per-fit decay: ``exit_decay`` and ``exit_min_fits`` count micro-batches), and every micro-batch
-    of the step was selected from the same exit state before any of them trained. The
-    default selection stays stratified (fit weight 1 per position: a selection by the exit's own
-    score cannot be reweighted). Until ``exit_min_fits`` fits the selection is uniform
+    of the step was selected from the same exit state before any of them trained. The default
+    selection, truncation, trains its rows unweighted (so the model's own loss serves) and fits the
+    exit with each row weighted by the inverse of its chance of being drawn. Until ``exit_min_fits`` fits the selection is uniform
     (``cggr/exit_ready`` 0). The logs add :data:`EXIT_METRIC_LOG_KEYS`. Where the training forward
     returns no logits (``logits_to_keep``; TRL's fused head under ``tokens``: under ``sequences`` its
     per-token log-probabilities serve) it warns once and the exit stays cold.
@@ -944,10 +948,6 @@ def enable_cggr(trainer: Any, config: Optional[CGGRConfig] = None, **options: An
             "enable_cggr routes in the trainer. Compile with the default backend (torch.compile(model) or "
             "TrainingArguments(torch_compile=True)) and pass the CGGR options to enable_cggr."
         )
-    if config is None and "selection" not in options and options.get("granularity", "sequences") == "sequences":
-        # The library's default, importance sampling, weighs each drawn row's loss, which the model's
-        # own loss cannot carry: the Trainer path keeps easy rows in every batch by strata instead.
-        options["selection"] = TRAINER_DEFAULT_SELECTION
     cg = CGGRModel(_unwrap(model), config, **options)
     # The trainer's callback advances the schedule, following its global_step (resume included),
     # not the optimizer's hook.

@@ -27,6 +27,16 @@ def token_counts(weight: Tensor, valid: Tensor) -> dict[str, Tensor]:
     return {"tokens_selected": selected, "tokens_total": valid.sum()}
 
 
+def skip_metrics(skipped: Optional[Tensor], valid: Tensor, granularity: str) -> dict[str, Tensor]:
+    """``selection='truncation'``: ``skipped``, the rows ``[B]`` (tokens ``[B, T]``) it dropped as
+    too hard (look at them: they are the batch's junk, or its hardest text), and ``skipped_share``, their
+    share of the valid rows (tokens). Empty for the other selections."""
+    if skipped is None:
+        return {}
+    among = valid.any(-1) if granularity == "sequences" else valid
+    return {"skipped": skipped, "skipped_share": skipped.sum().float() / among.sum().clamp(min=1).float()}
+
+
 def selected_difficulty(difficulty: Tensor, weight: Tensor, selection: Tensor, granularity: str) -> Tensor:
     """The selection's mean difficulty, beside the batch's (``avg_difficulty``): under 'combined'
     (z-scores) the batch's is ~0 by construction, the gap is what the router did."""

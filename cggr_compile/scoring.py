@@ -262,6 +262,104 @@ def select_sequences(
     return torch.sort(chosen).values
 
 
+def token_budget(valid: Tensor, ratio: float | Tensor) -> Tensor:
+    """``ceil(ratio * n)`` of the ``n`` valid positions (int64 tensor), at least 1 when ``n > 0``."""
+    n = valid.sum()
+    ratio_t = torch.as_tensor(ratio, dtype=torch.float64, device=valid.device)
+    budget = torch.ceil(ratio_t * n.to(torch.float64) - 1e-9).to(torch.int64)
+    return torch.where(n > 0, budget.clamp(min=1), budget).clamp(max=n)
+
+
+def _descending_rank(flat: Tensor) -> Tensor:
+    """Each entry's rank (0 = largest; ties towards the lower index) of a 1-D tensor."""
+    order = torch.sort(flat, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(0, order, torch.arange(flat.shape[0], device=flat.device))
+
+
+def _lower_median(x: Tensor, valid: Tensor, n: Tensor) -> Tensor:
+    """The lower median of ``x`` over ``valid`` (1-D), by sorting: no host sync, static shapes."""
+    ascending = torch.sort(torch.where(valid, x, torch.full_like(x, math.inf))).values
+    return ascending.index_select(0, ((n - 1).clamp(min=0) // 2).reshape(1)).squeeze(0)
+
+
+def truncation_skips(
+    scores: Tensor, valid: Tensor, keep: int | Tensor, share: Optional[float], spread: float,
+) -> Tensor:
+    """Boolean mask (``scores``' shape) of the entries loss truncation drops: the hardest ones.
+
+    ``share`` given: the ``floor(share * n)`` highest of the ``n`` valid entries. None: the batch's
+    outliers, the valid entries above ``median + spread * 1.4826 * MAD`` (the median absolute
+    deviation, scaled to a normal's standard deviation): robust to up to half of the batch being
+    junk, and on data without junk it drops almost nothing; nothing where ``MAD`` is 0. Either way
+    at most ``n - keep`` entries are dropped (highest first), so at least ``keep`` stay to draw from.
+    """
+    flat = scores.reshape(-1).float()
+    v = valid.reshape(-1)
+    n = v.sum()
+    rank = _descending_rank(torch.where(v, flat, torch.full_like(flat, -math.inf)))
+    room = (n - keep).clamp(min=0)
+    if share is not None:
+        cut = torch.floor(n.to(torch.float64) * float(share) + 1e-9).to(torch.int64)
+        skip = rank < torch.minimum(cut, room)
+    else:
+        median = _lower_median(flat, v, n)
+        mad = _lower_median((flat - median).abs(), v, n)
+        threshold = median + float(spread) * 1.4826 * mad
+        skip = (flat > threshold) & (mad > 0) & (rank < room)
+    return (skip & v).reshape(scores.shape)
+
+
+def _uniform_rank(valid: Tensor, skip: Tensor, seed: int, step: Optional[Tensor], avoid: Optional[Tensor] = None) -> Tensor:
+    """A uniformly random rank of each entry (1-D), the kept valid entries first, then the skipped
+    ones, then ``avoid`` (already drawn) ones, then the invalid ones: ``rank < c`` draws ``c`` uniformly
+    among the kept entries (the skipped ones only once those run out)."""
+    dev = valid.device
+    step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    key = hash_uniform(torch.arange(valid.shape[0], device=dev), seed, step_t) + 2.0 * skip.float() \
+        + 8.0 * (~valid).float()
+    if avoid is not None:
+        key = key + 4.0 * avoid.float()
+    order = torch.sort(key, stable=True).indices
+    return torch.empty_like(order).scatter_(0, order, torch.arange(valid.shape[0], device=dev))
+
+
+def probe_rows(k: int, probe_share: float) -> int:
+    """How many of the ``k`` rows a truncation draws uniformly from the whole batch: ``ceil(share * k)``,
+    at most ``k - 1`` (0 for ``k = 1``)."""
+    if probe_share <= 0 or k < 2:
+        return 0
+    return min(k - 1, math.ceil(probe_share * k - 1e-9))
+
+
+def truncated_draw(
+    rows_valid: Tensor, skip: Tensor, k: int, probes: int, seed: int = 0, step: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``selection='truncation'`` over rows: ``(idx, inclusion)``, ``k`` row indices (int64,
+    ascending, distinct) and each drawn row's probability of having been drawn.
+
+    ``k - probes`` rows are drawn uniformly among the valid rows outside ``skip``; then ``probes``
+    rows uniformly among all the valid rows not drawn yet, skipped ones included, so that the
+    learned exit keeps seeing some of what truncation skips (it only fits on trained rows). The
+    inclusion probabilities are exact for this two-stage draw: the exit's fit weighs each row by
+    their inverse, which makes its fit the whole batch's regression, skipped rows included.
+    """
+    dev = rows_valid.device
+    step_t = step if step is not None else torch.zeros((), dtype=torch.int64, device=dev)
+    regular = k - probes
+    first = _uniform_rank(rows_valid, skip, seed, step_t) < regular
+    second = _uniform_rank(rows_valid, torch.zeros_like(skip), seed + 2, step_t, avoid=first) < probes
+    drawn = first | (second & ~first)
+    idx = torch.sort(torch.sort(drawn.to(torch.int8), descending=True, stable=True).indices[:k]).values
+    n_valid = rows_valid.sum().to(torch.float32)
+    n_kept = (rows_valid & ~skip).sum().to(torch.float32)
+    took = torch.minimum(n_kept, torch.tensor(float(regular), device=dev))
+    p_first = took / n_kept.clamp(min=1.0)
+    rest = (n_valid - took).clamp(min=1.0)
+    p_second = torch.minimum(rest, torch.tensor(float(probes), device=dev)) / rest
+    inclusion = torch.where(skip, p_second, p_first + (1.0 - p_first) * p_second)
+    return idx, inclusion.index_select(0, idx)
+
+
 def importance_probabilities(seq_difficulty: Tensor, counts: Tensor, floor: float | Tensor) -> Tensor:
     """Sampling probability of each row (float32 ``[B]``, summing to 1) for ``selection='importance'``.
 
@@ -325,24 +423,28 @@ def importance_weights(valid_rows: Tensor, probs: Tensor, idx: Tensor) -> Tensor
 def select_tokens(
     difficulty: Tensor, valid: Tensor, ratio: float | Tensor, selection: str, num_strata: int = 4,
     min_tokens_per_sequence: int = 1, seed: int = 0, step: Optional[Tensor] = None,
+    skip: Optional[Tensor] = None,
 ) -> Tensor:
     """Boolean ``[B, T]`` mask of the selected positions: ``ceil(ratio * n)`` of the ``n`` valid ones.
 
     ``n`` is data, so the count is a tensor and selection is done by ranking (static shapes).
+    ``selection='truncation'`` draws them uniformly among the valid positions outside ``skip``
+    (``[B, T]`` bool, :func:`truncation_skips`, which leaves at least that many).
     """
     flat = torch.where(valid, difficulty, torch.full_like(difficulty, -math.inf)).reshape(-1)
     m = flat.shape[0]
     n = valid.sum()
-    ratio_t = torch.as_tensor(ratio, dtype=torch.float64, device=flat.device)
-    budget = torch.ceil(ratio_t * n.to(torch.float64) - 1e-9).to(torch.int64)
-    budget = torch.where(n > 0, budget.clamp(min=1), budget).clamp(max=n)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(m, device=flat.device))
+    budget = token_budget(valid, ratio)
+    rank = _descending_rank(flat)
     vflat = valid.reshape(-1)
     if selection in ("topk", "fixed_quota", "sequence_aware"):
         chosen = rank < budget
     elif selection == "stratified":
         chosen = _stratified_token_mask(rank, n, budget, num_strata, seed, step)
+    elif selection == "truncation":
+        if skip is None:
+            raise ValueError("selection='truncation' needs the skipped positions (scoring.truncation_skips)")
+        chosen = _uniform_rank(vflat, skip.reshape(-1), seed, step) < budget
     else:
         raise ValueError(f"unknown selection {selection!r}")
     chosen = (chosen & vflat).reshape(valid.shape)

@@ -8,7 +8,7 @@ from the schedule come from the step's :class:`~cggr_compile.schedule.RoutedPlan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +33,24 @@ class Routing:
     ready: Optional[Tensor] = None
 
 
-def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Tensor]:
+class Choice(NamedTuple):
+    """What :func:`choose` decided (device tensors).
+
+    ``selection``: row indices ``[k]`` (sequences) or the token mask ``[B, T]`` (tokens).
+    ``weight``: the loss weight of the selected rows' positions (``[k, T]``) or of the tokens.
+    ``fit_weight``: the selected rows' positions' weight in the learned exit's fit (``[k, T]``: the
+    inverse of the row's probability of being drawn, so the fit is the whole batch's regression), or
+    None: the loss weight.
+    ``skipped``: ``selection='truncation'``: the rows ``[B]`` (tokens ``[B, T]``) it dropped as too
+    hard; else None."""
+
+    selection: Tensor
+    weight: Tensor
+    fit_weight: Optional[Tensor] = None
+    skipped: Optional[Tensor] = None
+
+
+def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
     """The selection from the router's scores, and the loss weight of its positions.
 
     Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
@@ -44,12 +61,16 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Te
     cfg = config
     if cfg.granularity != "sequences":
         difficulty = _uniform_until_ready(r.difficulty, r.valid, r.ready, plan.step_tensor, cfg.seed)
+        skip = None
+        if cfg.selection == "truncation":
+            skip = _skips(r.difficulty, r.valid, S.token_budget(r.valid, plan.token_ratio), r.ready, cfg)
         mask = S.select_tokens(
             difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
-            cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor,
+            cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor, skip=skip,
         )
-        return mask, mask
-    seq = _uniform_until_ready(S.sequence_difficulty(r.difficulty, r.valid), r.valid.any(-1), r.ready,
+        return Choice(mask, mask, skipped=skip)
+    rows_valid = r.valid.any(-1)
+    seq = _uniform_until_ready(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, r.ready,
                                plan.step_tensor, cfg.seed)
     if cfg.selection == "importance":
         # A cold exit: the floor alone (p by token count, i.e. a plain random subset).
@@ -57,9 +78,23 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> tuple[Tensor, Te
             torch.where(r.ready, float(cfg.importance_floor), 1.0)
         probs = S.importance_probabilities(seq, r.valid.sum(-1), floor)
         idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
-        return idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx)
+        return Choice(idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx))
+    if cfg.selection == "truncation":
+        skip = _skips(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, plan.k, r.ready, cfg)
+        idx, inclusion = S.truncated_draw(rows_valid, skip, plan.k, S.probe_rows(plan.k, cfg.truncation_probe),
+                                          cfg.seed, plan.step_tensor)
+        drawn_valid = r.valid.index_select(0, idx)
+        # A probe that drew a skipped row runs in the main pass for the exit's fit only: no loss weight.
+        trained = drawn_valid & ~skip.index_select(0, idx).unsqueeze(-1)
+        return Choice(idx, trained, drawn_valid.float() / inclusion.clamp(min=1e-12).unsqueeze(-1), skip)
     idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
-    return idx, r.valid.index_select(0, idx)
+    return Choice(idx, r.valid.index_select(0, idx))
+
+
+def _skips(scores: Tensor, valid: Tensor, keep: int | Tensor, ready: Optional[Tensor], cfg: CGGRConfig) -> Tensor:
+    """Truncation's dropped rows or tokens; none while a learned exit is cold (its scores say nothing yet)."""
+    skip = S.truncation_skips(scores, valid, keep, cfg.truncation_share, cfg.truncation_spread)
+    return skip if ready is None else skip & ready
 
 
 def _uniform_until_ready(difficulty: Tensor, valid: Tensor, ready: Optional[Tensor], step: Optional[Tensor],

@@ -27,13 +27,14 @@ from transformers.utils import ModelOutput
 
 from . import scoring as S
 from .config import CGGRConfig, ModelCall
+from .errors import fall_back
 from .exit import FitInputs, LearnedExit, hidden_size
-from .metrics import selected_difficulty, selection_key, step_metrics, token_counts
+from .metrics import selected_difficulty, skip_metrics, step_metrics, token_counts
 from .ops.fused_scorer import fused_token_stats
 from .passes.fuse_loss import choose_fused_loss, fused_main_pass, selective_loss
 from .router import WholeModelRouter, build_router, model_call_for, refresh_router, unwrap_peft
 from .schedule import RoutedPlan, Schedule
-from .selection import Routing, choose, loss_count, loss_denominator
+from .selection import Choice, Routing, choose, loss_count, loss_denominator
 
 
 @dataclass
@@ -230,9 +231,10 @@ class CGGRModel(WrappedModel):
         elif options:
             config = config.replace(**options)
         self.model = model
-        self.cggr_config = config
         router, causal = build_router(model, config.router_layers, config.router, config.strict,
                                       spec=config.router_spec)
+        config = _scoring_for_router(config, router, model)
+        self.cggr_config = config
         # How the model is called (its names for the tokens, labels and mask; its output), once.
         call = model_call_for(model, config.model_call, config.router_spec)
         self.__dict__["model_call"] = call
@@ -532,8 +534,9 @@ class CGGRModel(WrappedModel):
         kwargs = dict(kwargs)
         denominator = kwargs.pop("loss_denominator", None)
         reference_loss = kwargs.pop("reference_loss", None)
-        r, idx, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
-                                                per_row_inputs(kwargs, b))
+        r, choice = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
+                                           per_row_inputs(kwargs, b))
+        idx, weight = choice.selection, choice.weight
         fits = self.exit is not None
         if cfg.granularity == "sequences":
             sliced = {n: slice_rows(v, idx, b) for n, v in kwargs.items()}
@@ -553,30 +556,29 @@ class CGGRModel(WrappedModel):
         exit_state, exit_metrics = None, {}
         if fits:
             loss, token_loss = loss
-            exit_state, exit_metrics = self.exit.fit(plan.exit_state, exit_fit_inputs(r, idx, weight, cfg),
-                                                     token_loss)
+            exit_state, exit_metrics = self.exit.fit(plan.exit_state, exit_fit_inputs(r, choice, cfg), token_loss)
         out["loss"] = loss
-        metrics = self._step_metrics(r, weight, out[selection_key(cfg.granularity)], plan, exit_metrics)
+        metrics = self._step_metrics(r, choice, plan, exit_metrics)
         out["cggr_metrics"] = metrics
         return out, metrics, exit_state
 
     def _route_and_choose(
         self, plan: RoutedPlan, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
         reference_loss: Optional[Tensor], rows: dict,
-    ) -> tuple[Routing, Tensor, Tensor]:
-        """The router's scores, the selection and its loss weight (``selection.choose``): what
-        :meth:`routed_step` and :meth:`select` share."""
+    ) -> tuple[Routing, Choice]:
+        """The router's scores and the selection (``selection.choose``): what :meth:`routed_step`
+        and :meth:`select` share."""
         r = self.route(input_ids, attention_mask, labels, reference_loss, plan=plan, **rows)
-        selection, weight = choose(r, plan, self.cggr_config)
-        return r, selection, weight
+        return r, choose(r, plan, self.cggr_config)
 
-    def _step_metrics(self, r: Routing, weight: Tensor, selection: Tensor, plan: RoutedPlan,
+    def _step_metrics(self, r: Routing, choice: Choice, plan: RoutedPlan,
                       exit_metrics: Optional[dict[str, Tensor]] = None) -> dict[str, Any]:
         cfg = self.cggr_config
         return step_metrics(
-            cfg, self.schedule, r.metrics, plan.ratio, plan.k, selection,
-            selected_difficulty=selected_difficulty(r.difficulty, weight, selection, cfg.granularity),
-            **token_counts(weight, r.valid), **(exit_metrics or {}),
+            cfg, self.schedule, r.metrics, plan.ratio, plan.k, choice.selection,
+            selected_difficulty=selected_difficulty(r.difficulty, choice.weight, choice.selection, cfg.granularity),
+            **token_counts(choice.weight, r.valid), **skip_metrics(choice.skipped, r.valid, cfg.granularity),
+            **(exit_metrics or {}),
         )
 
     def select(
@@ -606,16 +608,17 @@ class CGGRModel(WrappedModel):
         self.plan_step(b, input_ids.device)
         plan = self._planned  # see forward: static k under compile
         reference_loss = kwargs.pop("reference_loss", None)
-        r, selection, weight = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
-                                                      per_row_inputs(kwargs, b))
+        r, choice = self._route_and_choose(plan, input_ids, attention_mask, labels, reference_loss,
+                                           per_row_inputs(kwargs, b))
+        selection, weight = choice.selection, choice.weight
         # Whether this selection ranked by the exit (a forward's fit reports the same from its state).
         exit_ready = {"exit_ready": r.ready.float()} if r.ready is not None else None
-        metrics = self._step_metrics(r, weight, selection, plan, exit_ready)
+        metrics = self._step_metrics(r, choice, plan, exit_ready)
         if record:
             self.record_step(metrics)
         if not return_fit_inputs:
             return selection, weight, metrics
-        fit = exit_fit_inputs(r, selection, weight, self.cggr_config) if self.exit is not None else None
+        fit = exit_fit_inputs(r, choice, self.cggr_config) if self.exit is not None else None
         return selection, weight, metrics, fit
 
     def fit_exit(self, fit: FitInputs, token_loss: Tensor) -> dict[str, Tensor]:
@@ -648,17 +651,20 @@ class CGGRModel(WrappedModel):
             self.exit.load_state_dict(state["exit"])
 
 
-def exit_fit_inputs(r: Routing, selection: Tensor, weight: Tensor, config: CGGRConfig) -> FitInputs:
+def exit_fit_inputs(r: Routing, choice: Choice, config: CGGRConfig) -> FitInputs:
     """What the learned exit fits on after the main pass (``cggr_compile.exit``): the trained
     positions' hidden states and predictions, and each one's fit weight.
 
-    Sequences: the selected rows, each position weighted by its loss weight (``1 / (k p)`` under
-    ``selection='importance'``, which makes the fit the whole batch's regression; 1 otherwise).
+    Sequences: the selected rows, each position weighted by the inverse of its row's chance of being
+    drawn (``selection='truncation'``: :func:`~cggr_compile.scoring.truncated_draw`, its probes of
+    skipped rows included, which train nothing; ``importance``: its loss weight ``1 / (k p)``), which
+    makes the fit the whole batch's regression; 1 otherwise.
     Tokens: the main pass computed every position's loss, so every valid position fits, with weight 1
     (no selection bias at all)."""
     if config.granularity == "sequences":
-        return FitInputs(r.hidden.index_select(0, selection), r.difficulty.index_select(0, selection),
-                         weight.float())
+        idx = choice.selection
+        weight = choice.weight.float() if choice.fit_weight is None else choice.fit_weight
+        return FitInputs(r.hidden.index_select(0, idx), r.difficulty.index_select(0, idx), weight)
     return FitInputs(r.hidden, r.difficulty, r.valid.float())
 
 
@@ -674,6 +680,20 @@ def _learned_exit(model: nn.Module, router: Any, config: CGGRConfig) -> Optional
             "router_spec= for a custom layout), or choose a head-based scoring."
         )
     return LearnedExit(hidden_size(router, model), config.exit_decay, config.exit_ridge, config.exit_min_fits)
+
+
+def _scoring_for_router(config: CGGRConfig, router: Any, model: nn.Module) -> CGGRConfig:
+    """The learned exit (the default scoring) needs the router's hidden states. A router CGGR had to
+    build from the whole model (a layout it does not know; already a warned fallback) gives none:
+    then score by the router's loss instead, with a warning (an error under ``strict``). A user's
+    ``router=`` with ``scoring='predicted'`` is an error (``_learned_exit``)."""
+    if config.scoring != "predicted" or config.router is not None or callable(getattr(router, "hidden", None)):
+        return config
+    fall_back(
+        f"cggr: scoring='predicted' (the default) reads the router's hidden states, and the whole-model router "
+        f"CGGR built for {type(model).__name__} gives none: scoring by the router's loss instead (scoring='loss'); "
+        "pass router_spec= so that CGGR can truncate the model, or choose a scoring", config.strict, stacklevel=4)
+    return config.replace(scoring="loss")
 
 
 def _reference_router(config: CGGRConfig) -> Optional[Callable[..., Tensor]]:

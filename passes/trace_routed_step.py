@@ -33,10 +33,15 @@ METRIC_KEYS = ("avg_confidence", "avg_entropy", "avg_difficulty", "selected_diff
 EXIT_STEP_METRIC_KEYS = ("avg_difficulty", "selected_difficulty", "tokens_selected", "tokens_total") + EXIT_METRIC_KEYS
 
 
+# selection='truncation' also reports what it skipped (cggr_compile.metrics.skip_metrics).
+SKIP_METRIC_KEYS = ("skipped_share", "skipped")
+
+
 def metric_keys(core: Any) -> tuple[str, ...]:
     """The metrics the rewritten graph returns after ``(loss, logits, selection)``, in order; a graph
     of a core with a learned exit returns the exit's new state after them."""
-    return EXIT_STEP_METRIC_KEYS if core.exit is not None else METRIC_KEYS
+    keys = EXIT_STEP_METRIC_KEYS if core.exit is not None else METRIC_KEYS
+    return keys + SKIP_METRIC_KEYS if core.cggr_config.selection == "truncation" else keys
 
 
 def step_inputs(core: Any, routed: RoutedPlan, references: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:

@@ -116,6 +116,9 @@ def test_backward_graph_holds_only_selected_rows():
             b["attention_mask"] if i == routed.plan.inputs.get("attention_mask") else
             b["labels"] if i == routed.plan.inputs["labels"] else x
             for i, x in enumerate(routed.example_inputs)] + [torch.zeros((), dtype=torch.int64)]
+    core = core_of(model)
+    if core.exit is not None:  # the learned exit's state is the graph input after the step counter
+        args.append(core.exit.state_on(torch.device("cpu")))
     dims = backward_leading_dims(gm, args)
     assert k == 3 and 3 in dims and 10 not in dims
 

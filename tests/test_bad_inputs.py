@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ def test_ratio_outside_unit_interval(ratio):
 def test_unknown_scoring_and_selection_and_granularity():
     with pytest.raises(ValueError, match="unknown scoring 'perplexity'; choose one of entropy, margin, loss, combined"):
         CGGRConfig(scoring="perplexity")
-    with pytest.raises(ValueError, match="unknown selection 'random'; choose one of topk"):
+    with pytest.raises(ValueError, match="unknown selection 'random'; choose one of truncation, topk"):
         CGGRConfig(selection="random")
     with pytest.raises(ValueError, match="unknown granularity 'rows'"):
         CGGRConfig(granularity="rows")
@@ -87,8 +88,13 @@ def test_unrecognised_model_in_strict_mode_is_an_error():
 def test_unrecognised_model_trains_with_whole_model_router_and_warns():
     Tiny = _Unrecognised
 
-    with pytest.warns(UserWarning, match="whole model is used as the router.*Pass router="):
+    with pytest.warns(UserWarning) as record:
         cg = cggr_compile.transform(Tiny(), router_layers=1, warmup_steps=0, dynamic_threshold=False)
+    messages = [str(w.message) for w in record]
+    assert any(re.search("whole model is used as the router.*Pass router=", m) for m in messages), messages
+    # the default scoring, the learned exit, needs hidden states the whole model does not give
+    assert any("scoring by the router's loss instead" in m for m in messages), messages
+    assert cg.cggr_config.scoring == "loss" and cg.exit is None
     assert cg.router(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 16)
     ids = torch.randint(0, 16, (4, 5))
     out = cg(input_ids=ids, labels=ids)  # trains, with the whole model as router
@@ -104,16 +110,6 @@ def test_importance_selection_options():
             CGGRConfig(selection="importance", importance_floor=bad)
     CGGRConfig(selection="importance", importance_floor=0)  # the bounds are allowed
     CGGRConfig(selection="importance", importance_floor=1.0)
-
-
-def test_defaults_are_the_safe_selection():
-    """Importance sampling by router loss for sequences (it cannot shift the training mix); tokens
-    cannot draw rows, so they rank; the original's classes keep its defaults."""
-    c = CGGRConfig()
-    assert (c.scoring, c.selection) == ("loss", "importance")
-    assert CGGRConfig(granularity="tokens").selection == "topk"
-    cm = cggr_compile.CGGRModel(tiny_model("llama"), router_layers=1)
-    assert (cm.cggr_config.scoring, cm.cggr_config.selection) == ("combined", "topk")
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

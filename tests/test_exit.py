@@ -442,13 +442,17 @@ def test_learned_exit_recovers_a_linear_loss():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_backend_under_cuda_graphs_fits_like_the_transform_without_skips_or_syncs():
+@pytest.mark.parametrize("selection", ["topk", "truncation"])
+def test_backend_under_cuda_graphs_fits_like_the_transform_without_skips_or_syncs(selection):
     """On the GPU: Inductor with CUDA graphs runs the exit's fit in the step (no cudagraph skip, no
-    host synchronisation) and gives the transform's losses, selections and exit state over 5 steps."""
+    host synchronisation) and gives the transform's losses, selections and exit state over 5 steps;
+    also with the default selection, truncation (a fixed share here, so that rows are skipped)."""
     from torch._dynamo.utils import counters
 
     b = {k: v.cuda() for k, v in batch("llama", b=8).items()}
-    options = dict(OPTIONS, exit_min_fits=2)
+    options = dict(OPTIONS, exit_min_fits=2, selection=selection)
+    if selection == "truncation":
+        options.update(truncation_share=0.25, truncation_probe=0.25)
     runs = []
     for entry in ("transform", "backend"):
         torch._dynamo.reset()

@@ -21,7 +21,7 @@ from cggr_compile.schedule import quantise_ratio, ratio_levels, rows_for_ratio, 
 from models import VOCAB, tiny_model
 
 OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
-            selection="topk")
+            scoring="loss", selection="topk")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -129,7 +129,8 @@ def assert_same_grads(got: dict, want: dict):
 def test_trainer_steps_schedule_per_optimizer_step_metrics_and_eval(tmp_path):
     model = tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opts = dict(router_layers=1, min_tokens_ratio=0.25, warmup_steps=4, num_levels=4, dynamic_threshold=False)
+    opts = dict(router_layers=1, min_tokens_ratio=0.25, warmup_steps=4, num_levels=4, dynamic_threshold=False,
+                scoring="loss")
     trainer = T.Trainer(model=model, args=training_args(tmp_path, eval_strategy="steps", eval_steps=2),
                         train_dataset=Rows(32), eval_dataset=Rows(8, seed=5))
     cg = cggr_compile.enable_cggr(trainer, **opts)
@@ -173,7 +174,8 @@ def test_trainer_steps_schedule_per_optimizer_step_metrics_and_eval(tmp_path):
 
 
 def test_resumed_training_resumes_the_schedule(tmp_path):
-    opts = dict(router_layers=1, min_tokens_ratio=0.25, warmup_steps=4, num_levels=4, dynamic_threshold=False)
+    opts = dict(router_layers=1, min_tokens_ratio=0.25, warmup_steps=4, num_levels=4, dynamic_threshold=False,
+                scoring="loss")
     args = dict(save_strategy="steps", save_steps=2, max_steps=2)
     trainer = T.Trainer(model=tiny_model("llama"), args=training_args(tmp_path, **args), train_dataset=Rows(32))
     cggr_compile.enable_cggr(trainer, **opts)
@@ -371,7 +373,7 @@ def test_trainer_with_a_reference_loss_column_routes_by_reducible_loss(tmp_path)
     ds = cggr_compile.reference_losses(tiny_model("llama", seed=7), ds, progress=False)
     trainer = T.Trainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=1, max_steps=2),
                         train_dataset=ds, data_collator=T.default_data_collator)
-    cg = cggr_compile.enable_cggr(trainer, scoring="reducible", **OPTS)
+    cg = cggr_compile.enable_cggr(trainer, **dict(OPTS, scoring="reducible"))
     seen = []
     select = cg.select
 
@@ -385,11 +387,12 @@ def test_trainer_with_a_reference_loss_column_routes_by_reducible_loss(tmp_path)
     assert cg.schedule.step == 2
 
 
-def test_enable_cggr_without_a_selection_uses_stratified(tmp_path):
-    """The library's default (importance) weighs rows, which the model's own loss cannot carry."""
+def test_enable_cggr_defaults_to_the_library_default(tmp_path):
+    """The library's default, the learned exit with truncation, trains its rows unweighted, so the
+    model's own loss serves: enable_cggr uses it as it is."""
     trainer = T.Trainer(model=tiny_model("llama"), args=training_args(tmp_path), train_dataset=Rows(8))
     cg = cggr_compile.enable_cggr(trainer, router_layers=1)
-    assert cg.cggr_config.selection == "stratified" and cg.cggr_config.scoring == "loss"
+    assert (cg.cggr_config.selection, cg.cggr_config.scoring) == ("truncation", "predicted")
 
 
 # ----------------------------------------------------------------------------------------------

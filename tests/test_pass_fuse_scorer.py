@@ -22,7 +22,7 @@ from pass_helpers import capture
 
 UNFUSED = ("log_softmax", "aten.exp.", "topk", "gather")
 OPTS = dict(strict=True, router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False,
-            selection="topk")
+            scoring="loss", selection="topk")
 
 
 def _unfused(name="llama", scoring="combined", router=None, b=10):
@@ -31,7 +31,7 @@ def _unfused(name="llama", scoring="combined", router=None, b=10):
     data = batch(name, b=b)
     got = capture(model, **data)
     plan = recognise(got["gm"], got["example_inputs"], got["kwargs"])
-    core = cggr_compile.transform(model, CGGRConfig(scoring=scoring, router=router, **OPTS))
+    core = cggr_compile.transform(model, CGGRConfig(**dict(OPTS, scoring=scoring, router=router)))
     routed = core.plan_step(plan.batch, torch.device("cpu")).replace(fuse_scorer=False)
     gm = trace_routed_step(core, plan, routed, got["example_inputs"], got["kwargs"])
     return gm, list(got["example_inputs"]) + [routed.step_tensor]

@@ -14,6 +14,7 @@ from cggr_compile.router import TruncatedRouter
 from models import batch, tiny_model
 
 OPTS = dict(router_layers=2, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, selection="topk",
+            scoring="loss",
             strict=True)
 
 

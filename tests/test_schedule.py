@@ -41,7 +41,7 @@ def test_levels_bound_k_and_round_up():
 
 def test_schedule_uses_previous_confidence_without_waiting():
     s = Schedule(CGGRConfig(min_tokens_ratio=0.25, warmup_steps=0, threshold_sensitivity=1.0, num_levels=4,
-                            dynamic_threshold=True))
+                            dynamic_threshold=True, scoring="loss"))
     assert s.ratio() == 0.25  # no confidence yet
     s.confidence.push(torch.tensor(0.2))
     assert s.ratio() == quantise_ratio(0.25 * 1.8, s.levels)
@@ -97,7 +97,8 @@ def _loop(cg_or_model, step_fn, steps=3, accumulate=1, optimizers=None, after=No
             after()
 
 
-OPTS = dict(router_layers=1, warmup_steps=2, min_tokens_ratio=0.25, num_levels=4, selection="topk", strict=True)
+OPTS = dict(router_layers=1, warmup_steps=2, min_tokens_ratio=0.25, num_levels=4, scoring="loss", selection="topk",
+            strict=True)
 
 
 @pytest.mark.parametrize("how", ["nothing", "step_after", "step_before", "attach", "two_optimizers",
