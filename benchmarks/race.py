@@ -154,7 +154,8 @@ EXCESS_MODES = ("cggr-excess",)
 REDUCIBLE_MODES = ("cggr-reducible", "cggr-reducible-importance")
 ALL_MODES = (("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS + ("predicted",)) + IMPORTANCE_MODES
              + TRUNCATION_MODES + EXCESS_MODES + REDUCIBLE_MODES)
-DEFAULT_MODES = ("full", "random") + tuple(f"cggr-{s}" for s in SCORINGS) + ("cggr-loss-importance",)
+# The main job's race: the baselines, the library's default, the previous default and top-k by router loss.
+DEFAULT_MODES = ("full", "random", "default", "cggr-loss-importance", "cggr-loss")
 REGIMES = ("scratch", "finetune", "finetune-mixed") + corpus_mod.PRETRAINED_REGIMES
 RESULTS_DIR = HERE / "results"  # committed results: written only when asked (--commit-results)
 RUNS_DIR = HERE / "runs"  # the default: ignored by git
