@@ -32,7 +32,10 @@ the race's stream never contains. ``pretrained-noisy``: the same, and the traini
 ``--noise-fraction`` (default 0.25) of unlearnable sequences made on the machine
 (``corpus.make_noise``: token-shuffled train sequences, base64 / hex dumps of the interpreter's shared
 objects); the held-out set stays clean, and each mode reports ``noise_share_trained``, the share of the
-rows its counted steps trained on that were noise.
+rows its counted steps trained on that were noise. ``--noise-kind scraped`` mixes in realistic junk
+instead, what a web / code scraper would keep, read from this machine's files
+(``corpus.make_scraped_noise``: minified / generated code, data dumps, translation catalogs, license
+boilerplate): text a model can partly model, but that teaches it nothing about the corpus.
 
 Reference model (RHO-LOSS), for the ``cggr-reducible*`` modes (or ``--with-reference``): a copy of
 the initial pretrained model fine-tuned full-batch on the reference split for
@@ -1177,6 +1180,10 @@ def parse_args(argv=None):
                    help="share of the training stream that is unlearnable noise (token-shuffled text, base64 / "
                         "hex dumps of the interpreter's shared objects); held-out stays clean (default: 0.25 in "
                         "pretrained-noisy, 0 otherwise)")
+    g.add_argument("--noise-kind", choices=("unlearnable", "scraped"), default="unlearnable",
+                   help="what --noise-fraction mixes in: unlearnable (corpus.make_noise) or scraped, what a web / "
+                        "code scraper would keep, from this machine's files: minified / generated code, data dumps, "
+                        "translation catalogs, license boilerplate (corpus.make_scraped_noise)")
     g.add_argument("--reference-fraction", type=float, default=preset["reference_fraction"],
                    help="share of the train files' bytes carved out (by file) for the reference model; the race "
                         "never trains on them (0: no reference split, no reducible modes)")
@@ -1339,22 +1346,29 @@ def race_corpus(args, pre: dict | None, log=print) -> "corpus_mod.Corpus":
 
 
 def mix_noise(args, corpus: "corpus_mod.Corpus", train: torch.Tensor, log=print) -> tuple[torch.Tensor, dict | None]:
-    """``train`` with ``--noise-fraction`` of unlearnable sequences appended (rows from
+    """``train`` with ``--noise-fraction`` of noise sequences of ``--noise-kind`` appended (rows from
     ``args.n_clean_train`` on are noise; None without noise), and what the noise is."""
     args.n_clean_train = None
     if args.noise_fraction <= 0:
         return train, None
     n_clean = train.shape[0]
     n_noise = round(args.noise_fraction / (1 - args.noise_fraction) * n_clean)
+    kind = getattr(args, "noise_kind", "unlearnable")
     t0 = time.perf_counter()
-    noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, seed=args.seed,
-                                              cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
+    common = dict(seed=args.seed, cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
+    if kind == "scraped":
+        noise, noise_info = corpus_mod.make_scraped_noise(corpus.tokenizer, n_noise, args.seq_len, **common)
+        what = "scraped sequences (" + ", ".join(f"{k} {v['rows']} from {v['files_used']} of {v['files']} files"
+                                                 for k, v in noise_info["kinds"].items()) + ")"
+    else:
+        noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, **common)
+        what = (f"unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, {noise_info['binary_dumps']} "
+                f"base64 / hex dumps of {noise_info['binary_files']} shared objects)")
     args.n_clean_train = n_clean
-    noise_info = dict(noise_info, clean_train_sequences=n_clean, noise_train_sequences=n_noise,
+    noise_info = dict(noise_info, kind=kind, clean_train_sequences=n_clean, noise_train_sequences=n_noise,
                       noise_share=round(n_noise / (n_noise + n_clean), 4), seconds=round(time.perf_counter() - t0, 2))
-    log(f"noise: {n_noise} unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, "
-        f"{noise_info['binary_dumps']} base64 / hex dumps of {noise_info['binary_files']} shared objects) mixed "
-        f"into {n_clean} clean ones ({noise_info['noise_share']:.0%} of the stream); held-out stays clean")
+    log(f"noise: {n_noise} {what} mixed into {n_clean} clean ones ({noise_info['noise_share']:.0%} of the stream); "
+        f"held-out stays clean")
     return torch.cat([train, noise]), noise_info
 
 
