@@ -8,10 +8,11 @@
 """
 
 from .compat import CGGRLoss, CGGRModel, CGGRScorer, create_truncated_router
-from .config import CGGRConfig, ModelCall
+from .config import CGGRConfig
 from .integrations import enable_cggr, route_step
 from .reference import reference_losses
-from .router import RouterSpec, detect_router_spec
+from .model_layout import ModelCall, RouterSpec
+from .router import detect_router_spec
 from .transform import transform
 
 __all__ = ["CGGRConfig", "CGGRLoss", "CGGRModel", "CGGRScorer", "ModelCall", "RouterSpec",

@@ -11,72 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .model_layout import ModelCall, RouterSpec
+
+__all__ = ["CGGRConfig", "ModelCall", "RouterSpec", "SCORINGS", "SELECTIONS", "GRANULARITIES"]
+
 SCORINGS = ("entropy", "margin", "loss", "combined", "reducible", "predicted")
 SELECTIONS = ("truncation", "topk", "stratified", "sequence_aware", "fixed_quota", "importance")
 GRANULARITIES = ("sequences", "tokens")
 # Scorings that read the next-token label: without labels they cannot run.
 LABEL_SCORINGS = ("loss", "reducible")
-
-
-@dataclass(frozen=True)
-class ModelCall:
-    """How the wrapped model is called and what it returns; the defaults are Hugging Face's.
-
-    ``cggr_compile.router.model_call_for`` infers it from the model (Hugging Face, or the nanoGPT,
-    torchtitan and litgpt layouts that ``detect_router_spec`` finds); pass ``model_call=`` where
-    that guess is wrong. CGGR reads every convention through this one object: the transform's
-    ``forward``, its main pass and the backend's reading of the captured call.
-
-    Attributes:
-        inputs: name of the forward's token argument (nanoGPT ``idx``, torchtitan ``tokens``).
-            Passed positionally to the model or by this name, both work.
-        labels: name of the forward's label argument (nanoGPT ``targets``); None when the forward
-            takes no labels (torchtitan computes its loss outside the model): then CGGR takes them
-            as ``labels=`` and computes the loss itself.
-        attention_mask: name of the forward's mask argument; None when it takes none (a mask given
-            to CGGR then only marks positions out of the scores and the loss).
-        labels_shifted: the labels are already aligned with the positions (``labels[:, t]`` is what
-            position ``t`` predicts: nanoGPT's and torchtitan's ``y = x[1:]``); False: CGGR shifts
-            them like a Hugging Face causal LM's loss.
-        ignore_index: the label value that marks no target (nanoGPT uses -1).
-        labels_to_model: the main pass also passes the selected rows' labels to the model (nanoGPT
-            computes every position's logits only when given targets; its own loss is not used).
-        logits_module: dotted path of the submodule whose ``forward(tokens)`` gives the logits (the
-            main pass calls it so, without labels) when the model itself returns only a loss (a
-            wrapper that computes its loss outside the language model, as torchtitan's training
-            step does); None: the model itself.
-        logits_index: the model returns a tuple with the logits at this index (nanoGPT: 0); None:
-            a Hugging Face output with ``.logits``, or the bare logits tensor.
-        loss_index: where CGGR puts its loss in the tuple it returns in training (nanoGPT: 1).
-    """
-
-    inputs: str = "input_ids"
-    labels: Optional[str] = "labels"
-    attention_mask: Optional[str] = "attention_mask"
-    labels_shifted: bool = False
-    ignore_index: int = -100
-    labels_to_model: bool = False
-    logits_module: Optional[str] = None
-    logits_index: Optional[int] = None
-    loss_index: Optional[int] = None
-
-    @property
-    def is_hugging_face(self) -> bool:
-        return self == ModelCall()
-
-    def aliases(self) -> dict[str, str]:
-        """The model's argument names -> CGGR's (``input_ids``, ``attention_mask``, ``labels``)."""
-        names = {self.inputs: "input_ids"}
-        if self.labels is not None:
-            names[self.labels] = "labels"
-        if self.attention_mask is not None:
-            names[self.attention_mask] = "attention_mask"
-        return {k: v for k, v in names.items() if k != v}
-
-    def canonical(self, kwargs: dict) -> dict:
-        """``kwargs`` of a model call with CGGR's names for the inputs, labels and mask."""
-        aliases = self.aliases()
-        return {aliases.get(k, k): v for k, v in kwargs.items()}
 
 
 @dataclass(frozen=True)
@@ -170,7 +113,7 @@ class CGGRConfig:
         router: optional user router: a callable ``(input_ids, attention_mask) -> logits [B, T, V]``
             or ``-> difficulties [B, T]``; replaces the truncated model.
         router_spec: where a model that is not Hugging Face's keeps its embedding, blocks, final
-            norm and head (:class:`cggr_compile.router.RouterSpec`), for the truncated router;
+            norm and head (:class:`cggr_compile.RouterSpec`), for the truncated router;
             None: Hugging Face's layout, else the nanoGPT / torchtitan / litgpt layouts found by
             ``cggr_compile.router.detect_router_spec``.
         model_call: how the model is called and what it returns (:class:`ModelCall`); None: inferred
@@ -207,7 +150,7 @@ class CGGRConfig:
     reference: Optional[Any] = field(default=None, compare=False)
     reference_layers: Optional[int] = None
     router: Optional[Callable[..., Any]] = field(default=None, compare=False)
-    router_spec: Optional[Any] = None  # a cggr_compile.router.RouterSpec (router.py imports torch)
+    router_spec: Optional[RouterSpec] = None
     model_call: Optional[ModelCall] = None
 
     def __post_init__(self) -> None:
@@ -331,13 +274,8 @@ class CGGRConfig:
                 "e.g. ModelCall(inputs='idx', labels='targets', labels_shifted=True, ignore_index=-1, "
                 "labels_to_model=True, logits_index=0, loss_index=1) for nanoGPT."
             )
-        if self.router_spec is not None:
-            from .router import RouterSpec
-
-            if not isinstance(self.router_spec, RouterSpec):
-                raise TypeError(
-                    f"router_spec must be a cggr_compile.RouterSpec, got {type(self.router_spec).__name__}."
-                )
+        if self.router_spec is not None and not isinstance(self.router_spec, RouterSpec):
+            raise TypeError(f"router_spec must be a cggr_compile.RouterSpec, got {type(self.router_spec).__name__}.")
 
     @property
     def uses_dynamic_threshold(self) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import fall_back
+from .model_layout import ModelCall, RouterSpec
 
 # model_type -> causal (False: masked LM scored without shift). Each is covered by a test.
 SUPPORTED_ARCHITECTURES: dict[str, bool] = {
@@ -335,46 +336,6 @@ class TruncatedRouter(_HeadRouter):
         return self.arch.softcap
 
 
-@dataclass(frozen=True)
-class RouterSpec:
-    """Where a model that is not Hugging Face's keeps the pieces of the truncated router, and how a
-    block is called. Paths are dotted attribute paths from the model given to CGGR.
-
-    The router computes ``head(norm(blocks[K-1](...blocks[0](embed(ids), *args)...)))``: the
-    model's own modules, in eval mode, under no-grad. :func:`detect_router_spec` fills it in for
-    the nanoGPT, torchtitan and litgpt layouts; pass ``router_spec=RouterSpec(...)`` for others.
-
-    Attributes:
-        embedding: the token embedding (nanoGPT ``transformer.wte``, torchtitan ``tok_embeddings``).
-        blocks: the ``ModuleList`` (or ``ModuleDict``, in its order) of blocks (``transformer.h``,
-            ``layers``); the router runs the first ``router_layers`` of them.
-        norm: the final norm (``transformer.ln_f``, ``norm``); None when the model has none.
-        head: the output head (``lm_head``, ``output``).
-        position_embedding: a learned position embedding added to the token embedding, looked up
-            at ``0..T-1`` (nanoGPT ``transformer.wpe``); None for rotary models.
-        block_args: tensors passed positionally to every block after the hidden state, each cut to
-            its first ``T`` rows (rotary tables: torchtitan ``freqs_cis``, litgpt ``cos``, ``sin``).
-        embedding_scale: the embedding is multiplied by this (litgpt's ``scale_embeddings``).
-        softcap: final logit soft-capping ``tanh(z / c) * c``, part of the head.
-        causal: a causal LM (False: a masked LM, scored without a shift).
-        layout: the layout's name (``nanogpt``, ``torchtitan``, ``litgpt``, ``custom``).
-        root: dotted path of the module the layout sits in ('' is the model itself; a wrapper that
-            computes its loss outside the language model holds it as, say, ``model``).
-    """
-
-    embedding: str
-    blocks: str
-    norm: Optional[str]
-    head: str
-    position_embedding: Optional[str] = None
-    block_args: tuple[str, ...] = ()
-    embedding_scale: Optional[float] = None
-    softcap: Optional[float] = None
-    causal: bool = True
-    layout: str = "custom"
-    root: str = ""
-
-
 def _get(model: nn.Module, path: str) -> Any:
     """The attribute at a dotted path (modules, parameters and plain tensors alike)."""
     obj: Any = model
@@ -506,7 +467,7 @@ def _check_spec(model: nn.Module, spec: RouterSpec) -> int:
 
 def model_call_for(model: nn.Module, given: Optional[Any] = None,
                    spec: Optional[RouterSpec] = None) -> Any:
-    """The :class:`~cggr_compile.config.ModelCall` for ``model``: ``given``, else inferred.
+    """The :class:`~cggr_compile.model_layout.ModelCall` for ``model``: ``given``, else inferred.
 
     Hugging Face models (a ``base_model`` and a forward with ``input_ids``) get Hugging Face's.
     Otherwise the forward's first argument is the tokens, ``labels`` / ``targets`` the labels, and
@@ -515,8 +476,6 @@ def model_call_for(model: nn.Module, given: Optional[Any] = None,
     targets with -1 as ignore index; torchtitan returns logits and takes pre-shifted labels (its
     loss is outside the model); litgpt returns logits and shifts its labels in the loss.
     """
-    from .config import ModelCall
-
     if given is not None:
         return given
     # A PeftModel passes its arguments through to the model inside: that model's names count.
