@@ -55,8 +55,8 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
 
     Sequences: row indices ``[k]`` and the selected rows' valid positions ``[k, T]``
     (``selection='importance'``: float weights ``1 / (k p)`` on the drawn rows' valid
-    positions, from the same probabilities the rows were drawn with). Tokens: the token mask
-    ``[B, T]``, which is also the weight.
+    positions, from the same probabilities the rows were drawn with; ``truncation``: none on a
+    probe of a skipped row). Tokens: the token mask ``[B, T]``, which is also the weight.
     """
     cfg = config
     if cfg.granularity != "sequences":
@@ -70,6 +70,14 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
         )
         return Choice(mask, mask, skipped=skip)
     rows_valid = r.valid.any(-1)
+    if cfg.selection == "truncation":
+        skip = _skips(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, plan.k, r.ready, cfg)
+        idx, inclusion = S.truncated_draw(rows_valid, skip, plan.k, S.probe_rows(plan.k, cfg.truncation_probe),
+                                          cfg.seed, plan.step_tensor)
+        drawn_valid = r.valid.index_select(0, idx)
+        # A probe that drew a skipped row runs in the main pass for the exit's fit only: no loss weight.
+        trained = drawn_valid & ~skip.index_select(0, idx).unsqueeze(-1)
+        return Choice(idx, trained, drawn_valid.float() / inclusion.clamp(min=1e-12).unsqueeze(-1), skip)
     seq = _uniform_until_ready(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, r.ready,
                                plan.step_tensor, cfg.seed)
     if cfg.selection == "importance":
@@ -79,14 +87,6 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
         probs = S.importance_probabilities(seq, r.valid.sum(-1), floor)
         idx = S.sample_importance(probs, plan.k, cfg.seed, plan.step_tensor)
         return Choice(idx, S.importance_weights(r.valid.index_select(0, idx), probs, idx))
-    if cfg.selection == "truncation":
-        skip = _skips(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, plan.k, r.ready, cfg)
-        idx, inclusion = S.truncated_draw(rows_valid, skip, plan.k, S.probe_rows(plan.k, cfg.truncation_probe),
-                                          cfg.seed, plan.step_tensor)
-        drawn_valid = r.valid.index_select(0, idx)
-        # A probe that drew a skipped row runs in the main pass for the exit's fit only: no loss weight.
-        trained = drawn_valid & ~skip.index_select(0, idx).unsqueeze(-1)
-        return Choice(idx, trained, drawn_valid.float() / inclusion.clamp(min=1e-12).unsqueeze(-1), skip)
     idx = S.select_sequences(seq, plan.k, cfg.selection, cfg.num_strata, cfg.seed, plan.step_tensor)
     return Choice(idx, r.valid.index_select(0, idx))
 
