@@ -5,7 +5,9 @@
 - every markdown link is relative, resolves inside the repository to a file that exists, and its
   ``#anchor`` names a heading of that file;
 - the result tables equal what ``benchmarks/readme_tables.py`` generates from the JSON (``--check``);
-- ``benchmarks/results/README.md`` lists every result file, and only files that exist.
+- ``benchmarks/results/README.md`` lists every result file, and only files that exist; so does the index
+  of each subfolder (``benchmarks/results/archive/README.md``, the superseded runs), whose every entry
+  also names the file above that superseded it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DOCS = sorted([REPO / "README.md", RESULTS / "README.md", *(REPO / "docs").glob("*.md")])
+ARCHIVE = RESULTS / "archive"
+DOCS = sorted([REPO / "README.md", RESULTS / "README.md", *RESULTS.glob("*/README.md"), *(REPO / "docs").glob("*.md")])
 
 # `cggr_compile/transform.py:CGGRModel.forward`, `tests/test_backend.py::TestSnapshot::test_x`
 CODE_REF = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.py)((?:::?[A-Za-z_][\w.]*)*)")
@@ -224,17 +227,85 @@ def test_quality_groups_best_lr_and_extra_settings():
         t.quality_groups({"runs": dup})
 
 
-def test_results_index_lists_every_file():
-    index = RESULTS / "README.md"
+def _index_problems(folder: Path) -> list[str]:
+    """What the folder's ``README.md`` gets wrong about the folder's files (subfolders aside): a file it
+    does not list, or a file name it lists that is not there (a name with a ``/`` points elsewhere)."""
+    index = folder / "README.md"
+    if not index.is_file():
+        return [f"{folder.relative_to(REPO)} has no README.md indexing its files"]
     text = index.read_text()
     names = {e for tok in re.findall(r"`([^`\s]+)`", text) for e in expand_braces(tok)}
-    files = {p.name for p in RESULTS.iterdir() if p.is_file() and p.name != "README.md"}
+    files = {p.name for p in folder.iterdir() if p.is_file() and p.name != "README.md"}
+    problems = []
     unlisted = sorted(files - names)
-    assert not unlisted, (f"{index.relative_to(REPO)} does not list: {', '.join(unlisted)}; add each under "
-                          "its experiment (device, command, what it shows)")
+    if unlisted:
+        problems.append(f"{index.relative_to(REPO)} does not list: {', '.join(unlisted)}; add each under "
+                        "its experiment (device, command, what it shows)")
     listed = {n for n in names if re.fullmatch(r"[\w.-]+\.(json|md|png|log)", n)}
     missing = sorted(listed - files - {"README.md"})
-    assert not missing, f"{index.relative_to(REPO)} lists files that do not exist: {', '.join(missing)}"
+    if missing:
+        problems.append(f"{index.relative_to(REPO)} lists files that do not exist: {', '.join(missing)}")
+    return problems
+
+
+def _result_folders() -> list[Path]:
+    return [RESULTS, *sorted(p for p in RESULTS.iterdir() if p.is_dir())]
+
+
+def test_results_index_lists_every_file():
+    """The top-level index lists exactly the top-level files; each subfolder (the archive) has its own
+    index that lists exactly its files, so an archived run is never listed as a current one."""
+    assert ARCHIVE in _result_folders()
+    problems = [p for folder in _result_folders() for p in _index_problems(folder)]
+    assert not problems, "\n".join(problems)
+    top = {p.name for p in RESULTS.iterdir() if p.is_file()} - {"README.md"}
+    both = sorted(top & {p.name for p in ARCHIVE.iterdir() if p.is_file()} - {"README.md"})
+    assert not both, f"in benchmarks/results/ and in its archive at once: {', '.join(both)}"
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row except header and rule rows."""
+    rows = []
+    for line in FENCE.sub("", text).splitlines():
+        if not line.startswith("|") or re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line.strip()):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] != "file":
+            rows.append(cells)
+    return rows
+
+
+def test_archive_entries_name_what_superseded_them():
+    """Every row of the archive's index ends with the current file(s) that superseded it: at least
+    one ``../name`` there names a file at the top of benchmarks/results/."""
+    top = {p.name for p in RESULTS.iterdir() if p.is_file()}
+    rows = _table_rows((ARCHIVE / "README.md").read_text())
+    assert rows, "benchmarks/results/archive/README.md has no table of archived files"
+    problems = []
+    for cells in rows:
+        refs = [e for tok in re.findall(r"`([^`\s]+)`", cells[-1]) for e in expand_braces(tok)]
+        above = [r[3:] for r in refs if r.startswith("../")]
+        if not above:
+            problems.append(f"{cells[0]}: its last column names no superseding file (`../name`)")
+        elif not all(r in top for r in above):
+            problems.append(f"{cells[0]}: superseded by files not in benchmarks/results/: "
+                            f"{', '.join(r for r in above if r not in top)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_results_index_check_catches_what_it_should(tmp_path, monkeypatch):
+    """An unlisted file, a listed file that is gone, and a folder without an index are flagged."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    folder = tmp_path / "r"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a_cpu.json").write_text("{}")
+    (folder / "b_cpu.json").write_text("{}")
+    (folder / "README.md").write_text("| `a_cpu.{json,md}` | `sub/c_cpu.json` |\n")
+    problems = _index_problems(folder)
+    assert any("does not list: b_cpu.json" in p for p in problems)
+    assert any("do not exist: a_cpu.md" in p for p in problems)
+    assert not any("c_cpu" in p for p in problems)
+    assert _index_problems(folder / "sub") == ["r/sub has no README.md indexing its files"]
 
 
 def test_readme_is_short_and_leads_with_the_verdict():
