@@ -40,6 +40,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .config import CGGRConfig
+
 # Per fit, the running agreement metrics move this far towards the new value (bias-corrected).
 AGREEMENT_DECAY = 0.9
 # The scalar slots at the end of the state vector, in order.
@@ -339,3 +341,17 @@ class LearnedExit:
             raise ValueError(f"cggr: the saved exit state must be a tensor of {self.layout.size} values.")
         device = self.state.device if self.state is not None else "cpu"
         self.state = None if state is None else state.detach().float().to(device).clone()
+
+
+def learned_exit(model: torch.nn.Module, router: object, config: CGGRConfig) -> Optional[LearnedExit]:
+    """``scoring='predicted'``'s exit over the router's hidden state, or None for other scorings."""
+    if config.scoring != "predicted":
+        return None
+    if not callable(getattr(router, "hidden", None)):
+        what = "your router=" if config.router is not None else f"the router CGGR built for {type(model).__name__}"
+        raise ValueError(
+            f"scoring='predicted' fits its exit on the router's hidden states, and {what} gives none "
+            "(only logits or difficulties); drop router= (use the model's own first layers, or "
+            "router_spec= for a custom layout), or choose a head-based scoring."
+        )
+    return LearnedExit(hidden_size(router, model), config.exit_decay, config.exit_ridge, config.exit_min_fits)
