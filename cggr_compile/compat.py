@@ -28,6 +28,7 @@ from .config import CGGRConfig
 from .metrics import skip_metrics, step_metrics, token_counts
 from .router import TruncatedRouter, TruncatedRouterModule, build_router
 from .schedule import Schedule
+from .selection import truncation_skips_of
 from .transform import CGGRModel as _TransformModel, check_batch, score_positions
 
 __all__ = ["CGGRLoss", "CGGRScorer", "CGGRModel", "create_truncated_router"]
@@ -86,8 +87,7 @@ class _Scheduled:
         c = self.config
         skip = None
         if c.selection == "truncation":
-            skip = S.truncation_skips(r.difficulty, r.valid, S.token_budget(r.valid, ratio), c.truncation_share,
-                                      c.truncation_spread)
+            skip = truncation_skips_of(r.difficulty, r.valid, S.token_budget(r.valid, ratio), None, c)
         mask = S.select_tokens(r.difficulty, r.valid, ratio, c.selection, c.num_strata,
                                c.min_tokens_per_sequence, c.seed, self.schedule.device_step(r.difficulty.device),
                                skip=skip)

@@ -251,7 +251,7 @@ def select_sequences(
         picked = torch.zeros(b, dtype=torch.bool, device=order.device).index_fill(0, drawn, True)
         has_valid = torch.isfinite(seq_difficulty)
         priority = picked.to(torch.int64) * 2 + has_valid.to(torch.int64) * 4
-        rank_of = torch.empty_like(order).scatter_(0, order, torch.arange(b, device=order.device))
+        rank_of = _positions_in(order)
         key = priority * (b + 1) + (b - rank_of)
         chosen = torch.sort(key, descending=True, stable=True).indices[:k]
     else:
@@ -270,10 +270,14 @@ def token_budget(valid: Tensor, ratio: float | Tensor) -> Tensor:
     return torch.where(n > 0, budget.clamp(min=1), budget).clamp(max=n)
 
 
+def _positions_in(order: Tensor) -> Tensor:
+    """The inverse of the permutation ``order`` (1-D): each entry's position in it."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+
+
 def _descending_rank(flat: Tensor) -> Tensor:
     """Each entry's rank (0 = largest; ties towards the lower index) of a 1-D tensor."""
-    order = torch.sort(flat, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(0, order, torch.arange(flat.shape[0], device=flat.device))
+    return _positions_in(torch.sort(flat, descending=True, stable=True).indices)
 
 
 def _lower_median(x: Tensor, valid: Tensor, n: Tensor) -> Tensor:
@@ -319,8 +323,7 @@ def _uniform_rank(valid: Tensor, skip: Tensor, seed: int, step: Optional[Tensor]
         + 8.0 * (~valid).float()
     if avoid is not None:
         key = key + 4.0 * avoid.float()
-    order = torch.sort(key, stable=True).indices
-    return torch.empty_like(order).scatter_(0, order, torch.arange(valid.shape[0], device=dev))
+    return _positions_in(torch.sort(key, stable=True).indices)
 
 
 def probe_rows(k: int, probe_share: float) -> int:
@@ -348,7 +351,7 @@ def truncated_draw(
     regular = k - probes
     first = _uniform_rank(rows_valid, skip, seed, step_t) < regular
     second = _uniform_rank(rows_valid, torch.zeros_like(skip), seed + 2, step_t, avoid=first) < probes
-    drawn = first | (second & ~first)
+    drawn = first | second  # disjoint: the second draw ranks the first's rows after every other row
     idx = torch.sort(torch.sort(drawn.to(torch.int8), descending=True, stable=True).indices[:k]).values
     n_valid = rows_valid.sum().to(torch.float32)
     n_kept = (rows_valid & ~skip).sum().to(torch.float32)
@@ -432,16 +435,14 @@ def select_tokens(
     (``[B, T]`` bool, :func:`truncation_skips`, which leaves at least that many).
     """
     flat = torch.where(valid, difficulty, torch.full_like(difficulty, -math.inf)).reshape(-1)
-    m = flat.shape[0]
     n = valid.sum()
     budget = token_budget(valid, ratio)
-    rank = _descending_rank(flat)
     vflat = valid.reshape(-1)
     if selection in ("topk", "fixed_quota", "sequence_aware"):
-        chosen = rank < budget
+        chosen = _descending_rank(flat) < budget
     elif selection == "stratified":
-        chosen = _stratified_token_mask(rank, n, budget, num_strata, seed, step)
-    elif selection == "truncation":
+        chosen = _stratified_token_mask(_descending_rank(flat), n, budget, num_strata, seed, step)
+    elif selection == "truncation":  # ranks by its own draw, not by difficulty
         if skip is None:
             raise ValueError("selection='truncation' needs the skipped positions (scoring.truncation_skips)")
         chosen = _uniform_rank(vflat, skip.reshape(-1), seed, step) < budget
@@ -475,7 +476,7 @@ def _stratified_token_mask(
     composite = stratum.to(torch.float64) * 2.0 + keys.to(torch.float64)
     composite = torch.where(rank < nf, composite, torch.full_like(composite, math.inf))
     order = torch.sort(composite, stable=True).indices
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(rank.shape[0], device=dev))
+    pos = _positions_in(order)
     stratum_start = torch.stack(bounds[:-1])[stratum.clamp(max=s - 1)]
     within = pos - stratum_start
     q = torch.stack(quota)[stratum.clamp(max=s - 1)]

@@ -63,7 +63,7 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
         difficulty = _uniform_until_ready(r.difficulty, r.valid, r.ready, plan.step_tensor, cfg.seed)
         skip = None
         if cfg.selection == "truncation":
-            skip = _skips(r.difficulty, r.valid, S.token_budget(r.valid, plan.token_ratio), r.ready, cfg)
+            skip = truncation_skips_of(r.difficulty, r.valid, S.token_budget(r.valid, plan.token_ratio), r.ready, cfg)
         mask = S.select_tokens(
             difficulty, r.valid, plan.token_ratio, cfg.selection, cfg.num_strata,
             cfg.min_tokens_per_sequence, cfg.seed, plan.step_tensor, skip=skip,
@@ -71,7 +71,7 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
         return Choice(mask, mask, skipped=skip)
     rows_valid = r.valid.any(-1)
     if cfg.selection == "truncation":
-        skip = _skips(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, plan.k, r.ready, cfg)
+        skip = truncation_skips_of(S.sequence_difficulty(r.difficulty, r.valid), rows_valid, plan.k, r.ready, cfg)
         idx, inclusion = S.truncated_draw(rows_valid, skip, plan.k, S.probe_rows(plan.k, cfg.truncation_probe),
                                           cfg.seed, plan.step_tensor)
         drawn_valid = r.valid.index_select(0, idx)
@@ -91,8 +91,10 @@ def choose(r: Routing, plan: RoutedPlan, config: CGGRConfig) -> Choice:
     return Choice(idx, r.valid.index_select(0, idx))
 
 
-def _skips(scores: Tensor, valid: Tensor, keep: int | Tensor, ready: Optional[Tensor], cfg: CGGRConfig) -> Tensor:
-    """Truncation's dropped rows or tokens; none while a learned exit is cold (its scores say nothing yet)."""
+def truncation_skips_of(scores: Tensor, valid: Tensor, keep: int | Tensor, ready: Optional[Tensor],
+                        cfg: CGGRConfig) -> Tensor:
+    """Truncation's dropped rows or tokens under ``cfg``'s rule; none while a learned exit is cold
+    (``ready`` false: its scores say nothing yet; None: no exit)."""
     skip = S.truncation_skips(scores, valid, keep, cfg.truncation_share, cfg.truncation_spread)
     return skip if ready is None else skip & ready
 
