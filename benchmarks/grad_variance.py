@@ -14,26 +14,30 @@ Writes ``benchmarks/results/grad_variance_tiny-<regime>_cpu.json``.
 import sys, json, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent)); torch.set_num_threads(1)
-from benchmarks import race, corpus as corpus_mod
+from benchmarks import corpus as corpus_mod
+from benchmarks.harness.race_modes import build_model
+from benchmarks.harness.race_options import parse_args
+from benchmarks.harness.references import base_model_state
+from benchmarks.harness.training import BatchOrder
 import cggr_compile
 from cggr_compile import scoring as S
 
 regime = sys.argv[1] if len(sys.argv) > 1 else "finetune"
-args = race.parse_args(["--preset", "tiny", "--regime", regime, "--no-progress"])
+args = parse_args(["--preset", "tiny", "--regime", regime, "--no-progress"])
 args.compile, args.dtype = False, "fp32"
 corpus = corpus_mod.build_corpus("stdlib", seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed,
     heldout_fraction=args.heldout_fraction, max_bytes=args.max_bytes or None, max_file_bytes=args.max_file_bytes,
     tokenizer_max_bytes=args.tokenizer_max_bytes or None, regime=args.regime, cache_dir=Path(args.cache_dir),
     log=lambda *a: None, race_packages=None)
 torch.manual_seed(args.seed)
-model, _ = race.build_model(args, corpus.vocab_size)
+model, _ = build_model(args, corpus.vocab_size)
 if regime == "finetune":
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    state, _ = race.base_model_state(args, corpus, init, torch.device("cpu"), log=lambda *a: None)
+    state, _ = base_model_state(args, corpus, init, torch.device("cpu"), log=lambda *a: None)
     model.load_state_dict(state)
 else:  # from scratch: 60 full-batch steps first (the loss has left its initial plateau)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    order = race.BatchOrder(corpus.splits["train"].sequences.shape[0], 16, 99)
+    order = BatchOrder(corpus.splits["train"].sequences.shape[0], 16, 99)
     for i in range(60):
         x = corpus.splits["train"].sequences[order.next()]
         model(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()
@@ -43,7 +47,7 @@ B, k = 16, 4
 cg = cggr_compile.transform(model, min_tokens_ratio=0.25, router_layers=2, scoring="loss", warmup_steps=0,
                             dynamic_threshold=False)
 params = [p for p in model.parameters()]
-order = race.BatchOrder(train.shape[0], B, 123)
+order = BatchOrder(train.shape[0], B, 123)
 U = (torch.arange(512, dtype=torch.float64) + 0.5) / 512
 
 def systematic_var(g, G, p):

@@ -53,7 +53,13 @@ if str(REPO) not in sys.path:
 import cggr_compile  # noqa: E402
 from cggr_compile.exit import EXIT_METRIC_KEYS  # noqa: E402
 from cggr_compile.scoring import importance_probabilities  # noqa: E402
-from benchmarks import common, corpus as corpus_mod, race  # noqa: E402
+from benchmarks import common, corpus as corpus_mod  # noqa: E402
+from benchmarks.harness.race_data import mix_noise, race_corpus  # noqa: E402
+from benchmarks.harness.race_modes import autocast_ctx, build_model, make_optimizer, subset_k, token_nll  # noqa: E402
+from benchmarks.harness.race_options import PRESETS, parse_args  # noqa: E402
+from benchmarks.harness.references import load_pretrained  # noqa: E402
+from benchmarks.harness.stats import spearman  # noqa: E402
+from benchmarks.harness.training import BatchOrder, heldout_losses, router_scores  # noqa: E402
 
 NOISE_SHUFFLED, NOISE_BINARY = "noise: token-shuffled text", "noise: hex / base64 of a binary"
 
@@ -132,9 +138,9 @@ def score_agreement(scores: list[torch.Tensor], full: list[torch.Tensor], kinds:
     n = len(full)
     s, f = torch.cat(scores[:n]), torch.cat(full)
     clean = torch.tensor([not kinds[int(r)].startswith("noise") for idx in batches[:n] for r in idx])
-    out = dict(rows=int(s.numel()), spearman_all=round(race.spearman(s.numpy(), f.numpy()), 4))
+    out = dict(rows=int(s.numel()), spearman_all=round(spearman(s.numpy(), f.numpy()), 4))
     if int(clean.sum()) > 2:
-        out["spearman_clean"] = round(race.spearman(s[clean].numpy(), f[clean].numpy()), 4)
+        out["spearman_clean"] = round(spearman(s[clean].numpy(), f[clean].numpy()), 4)
     return out
 
 
@@ -155,7 +161,7 @@ def router_depths(model, x: torch.Tensor, depths: list[int]) -> list[dict]:
         top, target = logits[:, :-1].argmax(dim=-1), x[:, 1:]
         counts = top.flatten().unique(return_counts=True)[1].sort(descending=True).values
         out.append(dict(layers=d, whole_model=d == n_layers, rows=int(x.shape[0]),
-                        loss=round(float(race.token_nll(logits, x)[:, :-1].mean()), 4),
+                        loss=round(float(token_nll(logits, x)[:, :-1].mean()), 4),
                         top1_is_next=round(float((top == target).float().mean()), 4),
                         top5_tokens_share=round(float(counts[:5].sum() / top.numel()), 4)))
     return out
@@ -180,15 +186,15 @@ def row_agreement(scores: dict[str, torch.Tensor], model_loss: torch.Tensor, noi
         for i in range(0, n, batch):
             c = clean[i:i + batch]
             if int(c.sum()) >= 3:
-                per_batch.append(round(race.spearman(s[i:i + batch][c].numpy(), f[i:i + batch][c].numpy()), 4))
-        r = dict(spearman_clean=round(race.spearman(s[clean].numpy(), f[clean].numpy()), 4) if int(clean.sum()) > 2
+                per_batch.append(round(spearman(s[i:i + batch][c].numpy(), f[i:i + batch][c].numpy()), 4))
+        r = dict(spearman_clean=round(spearman(s[clean].numpy(), f[clean].numpy()), 4) if int(clean.sum()) > 2
                  else None, spearman_clean_per_batch=per_batch,
                  spearman_clean_per_batch_mean=round(sum(per_batch) / len(per_batch), 4) if per_batch else None,
                  mean_clean=round(float(s[clean].mean()), 4) if clean.any() else None)
         if out["noise_rows"]:
-            r["spearman_noise"] = round(race.spearman(s[~clean].numpy(), f[~clean].numpy()), 4) \
+            r["spearman_noise"] = round(spearman(s[~clean].numpy(), f[~clean].numpy()), 4) \
                 if out["noise_rows"] > 2 else None
-            r["spearman_all"] = round(race.spearman(s.numpy(), f.numpy()), 4)
+            r["spearman_all"] = round(spearman(s.numpy(), f.numpy()), 4)
             r["mean_noise"] = round(float(s[~clean].mean()), 4)
         out[name] = r
     return out
@@ -203,7 +209,7 @@ def calibration(pred: torch.Tensor, target: torch.Tensor) -> dict:
                 mean_error=round(float((pred - target).mean()), 4))
 
 
-def finetune_with_exit(model, train: torch.Tensor, order: "race.BatchOrder", args, steps: int, device,
+def finetune_with_exit(model, train: torch.Tensor, order: "BatchOrder", args, steps: int, device,
                        exit_decay: float | None = None, log=print):
     """``steps`` AdamW steps of ``model`` through ``cggr_compile.transform(scoring="predicted")`` with
     the library's defaults besides ``router_layers`` (and ``exit_decay`` when given), at the race's
@@ -216,7 +222,7 @@ def finetune_with_exit(model, train: torch.Tensor, order: "race.BatchOrder", arg
     cg = cggr_compile.transform(model, **options)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = race.make_optimizer(model, args.lr, device, args.weight_decay)
+    opt = make_optimizer(model, args.lr, device, args.weight_decay)
     seen, records = [], []
     t_start = time.perf_counter()
     for n in range(steps):
@@ -227,7 +233,7 @@ def finetune_with_exit(model, train: torch.Tensor, order: "race.BatchOrder", arg
         if args.lr_warmup_steps > 0:
             for g in opt.param_groups:
                 g["lr"] = args.lr * min(1.0, (n + 1) / args.lr_warmup_steps)
-        with race.autocast_ctx(device, args.dtype):
+        with autocast_ctx(device, args.dtype):
             out = cg(input_ids=x, labels=x)
         out.loss.backward()
         if args.grad_clip > 0:
@@ -254,11 +260,11 @@ def exit_agreement(mine, args, pre, vocab_size: int, train: torch.Tensor, n_clea
     by the exit, by the head router and by the whole model (see the module docstring). ``versions``:
     ``common.versions()`` (with the library's diff hash) as the process started."""
     B = args.batch_size
-    model, _ = race.build_model(args, vocab_size)
+    model, _ = build_model(args, vocab_size)
     if pre:
         model.load_state_dict(pre["state"])
     model.to(device)
-    order = race.BatchOrder(train.shape[0], B, args.seed)
+    order = BatchOrder(train.shape[0], B, args.seed)
     print(f"fine-tuning {pre['id'] if pre else 'a random-init model'} for {mine.finetune_steps} steps of "
           f"{B} x {args.seq_len} tokens through scoring='predicted', router {args.router_layers} layers, lr "
           f"{args.lr}; {time.perf_counter() - t0:.0f} s so far", flush=True)
@@ -279,14 +285,14 @@ def exit_agreement(mine, args, pre, vocab_size: int, train: torch.Tensor, n_clea
                                   warmup_steps=0, dynamic_threshold=False)
     t_eval = time.perf_counter()
     x = train[rows]
-    exit_scores = race.router_scores(cg, x, B, device, args.dtype)
-    head_scores = race.router_scores(head, x, B, device, args.dtype)
-    model_loss = race.heldout_losses(model, x, B, device, args.dtype)
+    exit_scores = router_scores(cg, x, B, device, args.dtype)
+    head_scores = router_scores(head, x, B, device, args.dtype)
+    model_loss = heldout_losses(model, x, B, device, args.dtype)
     eval_s = time.perf_counter() - t_eval
     noise = rows >= n_clean
     agreement = row_agreement({"exit": exit_scores, "head_router": head_scores}, model_loss, noise, B)
     agreement["exit"]["calibration_clean"] = calibration(exit_scores[~noise], model_loss[~noise])
-    agreement["exit_vs_head_spearman_clean"] = round(race.spearman(exit_scores[~noise].numpy(),
+    agreement["exit_vs_head_spearman_clean"] = round(spearman(exit_scores[~noise].numpy(),
                                                                    head_scores[~noise].numpy()), 4)
     distinct = [s["distinct_rows"] for s in steps]
     summary = dict(
@@ -378,34 +384,34 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--batches must be >= 1")
     if mine.finetune_steps < 0 or (mine.finetune_steps and mine.heldout_batches < 1):
         raise SystemExit("--finetune-steps must be >= 0, and --heldout-batches >= 1 with it")
-    args = race.parse_args(rest)
+    args = parse_args(rest)
     device = common.pick_device(args.device)
-    args.dtype = args.dtype or (race.PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32")
+    args.dtype = args.dtype or (PRESETS[args.preset]["dtype"] if device.type == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     # the library as this process imported it (the checkout may change while a long run goes on)
     versions = dict(common.versions(), library_diff_sha256=library_diff_hash()) if mine.finetune_steps else None
-    pre = race.load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
+    pre = load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
     args.hf_config = pre["config"] if pre else None
-    corpus = race.race_corpus(args, pre)
-    train, noise_info = race.mix_noise(args, corpus, corpus.splits["train"].sequences)
+    corpus = race_corpus(args, pre)
+    train, noise_info = mix_noise(args, corpus, corpus.splits["train"].sequences)
     n_clean = args.n_clean_train or train.shape[0]
     if mine.finetune_steps:
         return exit_agreement(mine, args, pre, corpus.vocab_size, train, n_clean, noise_info, device, argv, t0,
                               versions)
     kinds = row_kinds(corpus, train, n_clean, noise_info)
-    model, _ = race.build_model(args, corpus.vocab_size)
+    model, _ = build_model(args, corpus.vocab_size)
     if pre:
         model.load_state_dict(pre["state"])
     model.to(device).eval()
     cg = cggr_compile.transform(model, router_layers=args.router_layers, scoring="loss", strict=True,
                                 warmup_steps=0, dynamic_threshold=False)
-    k = race.subset_k(args.ratio, args.batch_size)
-    order = race.BatchOrder(train.shape[0], args.batch_size, args.seed)
+    k = subset_k(args.ratio, args.batch_size)
+    order = BatchOrder(train.shape[0], args.batch_size, args.seed)
     batches = [order.next() for _ in range(mine.batches)]
-    scores = [race.router_scores(cg, train[idx], args.batch_size, device, args.dtype) for idx in batches]
-    full = [race.heldout_losses(model, train[idx], args.batch_size, device, args.dtype)
+    scores = [router_scores(cg, train[idx], args.batch_size, device, args.dtype) for idx in batches]
+    full = [heldout_losses(model, train[idx], args.batch_size, device, args.dtype)
             for idx in batches[:max(0, mine.model_loss_batches)]]
     floor = cggr_compile.CGGRConfig().importance_floor
     result = profile(kinds, scores, batches, k, floor, args.seq_len, full)

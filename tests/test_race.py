@@ -22,6 +22,7 @@ import cggr_compile  # noqa: E402  (unconditional: the race's CGGR modes are alw
 from benchmarks import corpus as C  # noqa: E402
 from benchmarks import pretrained as P  # noqa: E402
 from benchmarks import race  # noqa: E402
+from benchmarks.harness import race_modes, race_report, stats, training  # noqa: E402
 
 
 def _write_toy_corpus(root: Path, n_files: int = 40) -> None:
@@ -64,7 +65,7 @@ def _check_report(rep: dict, modes: list[str]) -> None:
         if m.startswith("cggr-"):
             assert r["spearman"] is not None and -1.0 <= r["spearman"] <= 1.0
         if m != "full":
-            assert r["k"] == race.subset_k(rep["args"]["ratio"], rep["args"]["batch_size"])
+            assert r["k"] == race_modes.subset_k(rep["args"]["ratio"], rep["args"]["batch_size"])
     full = rep["modes"]["full"]
     assert full["final_heldout_loss"] < rep["initial_heldout_loss"] - 0.3, full["curve"]
     assert Path(rep["json_path"]).exists() and Path(rep["png_path"]).stat().st_size > 1000
@@ -167,17 +168,17 @@ def test_packing_and_tokenizer(tmp_path):
 
 
 def test_spearman():
-    assert race.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert race.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert list(race.rankdata([3.0, 1.0, 3.0, 2.0])) == [2.5, 0.0, 2.5, 1.0]
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert list(stats.rankdata([3.0, 1.0, 3.0, 2.0])) == [2.5, 0.0, 2.5, 1.0]
     # textbook example with ties: Pearson correlation of the average ranks
     a, b = [1, 2, 2, 3, 4], [2, 1, 3, 3, 5]
-    ra, rb = race.rankdata(a), race.rankdata(b)
+    ra, rb = stats.rankdata(a), stats.rankdata(b)
     ma, mb = sum(ra) / 5, sum(rb) / 5
     num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    assert race.spearman(a, b) == pytest.approx(num / den)
-    assert math.isnan(race.spearman([1, 1, 1], [1, 2, 3]))
+    assert stats.spearman(a, b) == pytest.approx(num / den)
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_race_ci_finetune_regime(tmp_path):
@@ -242,8 +243,8 @@ def test_excess_loss_router_is_zero_against_its_own_snapshot():
     args = race.parse_args(["--preset", "ci"])
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    model, _ = race.build_model(args, 64)
-    router = race.excess_loss_router(model, 1)
+    model, _ = race_modes.build_model(args, 64)
+    router = race_modes.excess_loss_router(model, 1)
     x = torch.randint(0, 64, (3, 9))
     d0 = router(x)
     assert d0.shape == (3, 9) and torch.allclose(d0, torch.zeros_like(d0), atol=1e-5)
@@ -282,7 +283,7 @@ def test_race_uses_the_installed_package():
 
 def test_library_default_mode_matches_the_config():
     cfg = cggr_compile.CGGRConfig()
-    m = race.library_default_mode()
+    m = race_modes.library_default_mode()
     assert m.startswith(f"cggr-{cfg.scoring}")
     assert (m == f"cggr-{cfg.scoring}") == (cfg.selection == "topk")
 
@@ -362,9 +363,9 @@ def test_mode_runner_resets_in_place():
     args.cudagraphs = False
     args.hf_config = None
     torch.manual_seed(0)
-    m0, _ = race.build_model(args, 64)
+    m0, _ = race_modes.build_model(args, 64)
     init = {k: v.detach().clone() for k, v in m0.state_dict().items()}
-    runner = race.ModeRunner("cggr-loss", init, args, torch.device("cpu"), 64)
+    runner = race_modes.ModeRunner("cggr-loss", init, args, torch.device("cpu"), 64)
     ptrs = [p.data_ptr() for p in runner.model.parameters()]
     x = torch.randint(0, 64, (8, 17))
     runner.reset(init, 1e-2, 0)
@@ -388,10 +389,10 @@ def test_quality_summary_merges_by_regime_seed_device_batch_size(tmp_path):
                     seeds=seeds, default_mode="cggr-combined", initial_heldout_loss=9.0,
                     modes={"full": dict(run(seeds[0]), runs_by_seed={str(s): run(s) for s in seeds})})
     path = tmp_path / "quality_summary.json"
-    race.update_quality_summary(report("pretrained", [0, 1], 2.0), path)
-    race.update_quality_summary(report("scratch", [0], 5.0), path)
-    race.update_quality_summary(report("pretrained", [1], 3.0), path)  # replaces seed 1 only
-    race.update_quality_summary(report("pretrained", [0], 7.0, batch_size=32), path)  # another setting: kept apart
+    race_report.update_quality_summary(report("pretrained", [0, 1], 2.0), path)
+    race_report.update_quality_summary(report("scratch", [0], 5.0), path)
+    race_report.update_quality_summary(report("pretrained", [1], 3.0), path)  # replaces seed 1 only
+    race_report.update_quality_summary(report("pretrained", [0], 7.0, batch_size=32), path)  # another setting: kept apart
     runs = json.loads(path.read_text())["runs"]
     got = {(e["regime"], e["seed"], e["batch_size"]): e["modes"]["full"]["final"] for e in runs}
     assert got == {("pretrained", 0, 8): 2.0, ("pretrained", 1, 8): 4.0, ("scratch", 0, 8): 5.0,
@@ -500,9 +501,9 @@ def test_reference_losses_match_the_race_eval():
     args = race.parse_args(["--preset", "ci", "--device", "cpu"])
     args.hf_config = None
     torch.manual_seed(0)
-    model, _ = race.build_model(args, 64)
+    model, _ = race_modes.build_model(args, 64)
     seqs = torch.randint(0, 64, (10, 17))
-    a = race.heldout_losses(model, seqs, 4, torch.device("cpu"), "fp32")
+    a = training.heldout_losses(model, seqs, 4, torch.device("cpu"), "fp32")
     b = cggr_compile.reference_losses(model, seqs, batch_size=3, device="cpu", progress=False)
     assert torch.allclose(a, b.float(), atol=1e-5)
 
@@ -535,7 +536,7 @@ def test_learnability_probe():
 
     initial = torch.tensor([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
     final = torch.tensor([2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4])  # drops 1.0 .. -0.4
-    out = race.learnability_probe(initial, final, {"follows": -final, "against": final})
+    out = stats.learnability_probe(initial, final, {"follows": -final, "against": final})
     assert out["sequences"] == 8 and out["mean_drop"] == pytest.approx(0.3)
     assert out["follows"]["spearman_with_drop"] == pytest.approx(1.0)
     assert out["against"]["spearman_with_drop"] == pytest.approx(-1.0)

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from benchmarks import corpus as C  # noqa: E402
 from benchmarks import race  # noqa: E402
+from benchmarks.harness import race_data  # noqa: E402
 
 N, SEQ = 12, 64
 
@@ -72,7 +73,7 @@ def test_race_noise_kind_option(tmp_path, tok):
         race.parse_args(["--preset", "ci", "--noise-kind", "binary"])
     args.seq_len = SEQ
     train = torch.randint(0, 300, (36, SEQ + 1))
-    mixed, info = race.mix_noise(args, SimpleNamespace(tokenizer=tok, tokenizer_key="tiny"), train,
+    mixed, info = race_data.mix_noise(args, SimpleNamespace(tokenizer=tok, tokenizer_key="tiny"), train,
                                  log=lambda *a: None)
     assert info["kind"] == "scraped" and info["noise_train_sequences"] == N and args.n_clean_train == 36
     assert mixed.shape == (36 + N, SEQ + 1) and torch.equal(mixed[:36], train)
