@@ -117,7 +117,7 @@ def test_speed_benchmark_full_batch_fused_loss_is_the_models_loss():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.speed import fused_loss_full_batch
+    from benchmarks.harness.step_timing import fused_loss_full_batch
 
     data = batch("llama")
     model = tiny_model("llama")
@@ -197,11 +197,12 @@ def test_speed_benchmark_modes_with_and_without_fused_loss():
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import speed
+    from benchmarks.harness import step_timing
 
     assert "compiled_fused_loss" not in speed.parse_args(["--preset", "tiny"]).modes
     modes = speed.parse_args(["--preset", "tiny", "--fused-loss"]).modes
-    assert modes == list(speed.ALL_MODES)
+    assert modes == list(step_timing.ALL_MODES)
     ctx = SimpleNamespace(args=SimpleNamespace(fused_loss=True, scoring="loss"), cudagraphs=False)
-    assert speed.Ctx.cggr_options(ctx, 0.25, 1)["fused_loss"] is True
+    assert step_timing.Ctx.cggr_options(ctx, 0.25, 1)["fused_loss"] is True
     ctx.args.fused_loss = False
-    assert "fused_loss" not in speed.Ctx.cggr_options(ctx, 0.25, 1)
+    assert "fused_loss" not in step_timing.Ctx.cggr_options(ctx, 0.25, 1)
