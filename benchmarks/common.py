@@ -339,6 +339,25 @@ def copy_to_out(paths: Iterable[Path], out_dir: Path) -> None:
         pass
 
 
+# ---------------------------------------------------------------------------- step timing options
+def step_timing_options(p: argparse.ArgumentParser, device_help: str, cudagraphs_help: str, merge_help: str) -> None:
+    """The options speed.py and ddp_speed.py share: what is timed (``--steps``, ``--warmup``, ``--batch``,
+    ``--seq``), where (``--device``, ``--cudagraphs``, ``--profile``) and what is written (``--out-dir``,
+    ``--name``, ``--merge``). Defaults ``None`` are filled from each script's preset."""
+    p.add_argument("--steps", type=int, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, help="warm-up steps per mode (the first one is the cold compile)")
+    p.add_argument("--batch", type=int, help="override the shape's batch size (ddp_speed: rows per rank)")
+    p.add_argument("--seq", type=int, help="override the shape's sequence length")
+    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--cudagraphs", action="store_true", help=cudagraphs_help)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps per mode (common.profile_steps): host time, kernel time, "
+                        "kernel count, top kernels")
+    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--name", default=None, help="output name (default: the preset's)")
+    p.add_argument("--merge", nargs="+", default=None, help=merge_help)
+
+
 # ---------------------------------------------------------------------------- kernel benchmarks
 # bench_fused_loss.py and bench_fused_scorer.py: a grid of (tokens, head) cases, one column per path.
 def kernel_bench_parser(doc: str, small_flag: str, small_help: str, tokens: tuple[int, ...],

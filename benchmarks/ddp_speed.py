@@ -45,8 +45,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
 
 from benchmarks.common import (SHAPES, adamw, build_llama, command_line, device_name, device_slug,  # noqa: E402
-                               profile_steps, random_batches, require_cggr_compile, result_stem, rows_for, sync,
-                               time_calls, write_report)
+                               profile_steps, random_batches, require_cggr_compile, result_stem, rows_for,
+                               step_timing_options, sync, time_calls, write_report)
 
 MODES = ("compiled", "cggr_transform", "cggr_backend")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -275,30 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model")
     p.add_argument("--worlds", nargs="+", type=int)
     p.add_argument("--modes", nargs="+", choices=MODES)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch", type=int, help="rows per rank (default: the shape's)")
-    p.add_argument("--seq", type=int)
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--router-layers", type=int, default=4)
     p.add_argument("--scoring", default="entropy")
-    p.add_argument("--device", default=None, help="cpu forces gloo on the CPU")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0,
                    help="DDP's bucket size; with graph splitting also the size of each compiled fragment")
     p.add_argument("--comm-hook", choices=("none", "bf16"), default="none",
                    help="DDP comm hook: bf16 compresses the gradient all-reduce to half the bytes")
     p.add_argument("--bucket-view", action="store_true",
                    help="DDP gradient_as_bucket_view: the gradients live in the buckets (no copy in and out)")
-    p.add_argument("--cudagraphs", action="store_true",
-                   help="CUDA graphs for the compiled graphs (reduce-overhead; cggr: cudagraphs=True); the DDP "
-                        "reducer and its all-reduces stay outside the graphs")
-    p.add_argument("--profile", action="store_true", help="profile 3 steps per mode after timing (common.profile_steps)")
+    step_timing_options(p, device_help="cpu forces gloo on the CPU",
+                        cudagraphs_help="CUDA graphs for the compiled graphs (reduce-overhead; cggr: cudagraphs=True); "
+                                        "the DDP reducer and its all-reduces stay outside the graphs",
+                        merge_help="merge these runs' JSON (same host and options, e.g. run side by side on other "
+                                   "GPUs) into one report")
     p.add_argument("--world-timeout-s", type=float, default=900.0,
                    help="kill a world's processes after this long and go on to the next world")
-    p.add_argument("--out-dir", default=str(HERE / "results"))
-    p.add_argument("--name", default=None)
-    p.add_argument("--merge", nargs="+", default=None,
-                   help="merge these runs' JSON (same host and options, e.g. run side by side on other GPUs) into one report")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)

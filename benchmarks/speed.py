@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import (SHAPES, command_line, device_name, device_slug, log, pick_device,  # noqa: E402
-                               require_cggr_compile, result_stem, rows_for, versions)
+                               require_cggr_compile, result_stem, rows_for, step_timing_options, versions)
 from benchmarks.harness.speed_report import (merge, prediction_lines, record_lines, schedule_line,  # noqa: E402
                                              write_outputs)
 from benchmarks.harness.step_timing import (ALL_MODES, CGGR_MODES, FULL_BATCH_MODES, Ctx, fresh_caches,  # noqa: E402
@@ -81,12 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ratios", nargs="+", type=float)
     p.add_argument("--router-layers", nargs="+", type=int)
     p.add_argument("--modes", nargs="+", choices=ALL_MODES)
-    p.add_argument("--steps", type=int, help="timed steps per mode")
-    p.add_argument("--warmup", type=int, help="warm-up steps per mode (the first one is the cold compile)")
-    p.add_argument("--batch", type=int, help="override every shape's batch size")
-    p.add_argument("--seq", type=int, help="override every shape's sequence length")
     p.add_argument("--scoring", default=None, help="the CGGR modes' scoring (default: the library's)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile-backend", default=None,
                    help="backend of the non-cggr compiled modes (default: inductor on CUDA, eager on CPU)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (cggr_backend is then skipped)")
@@ -102,20 +97,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--schedule-warmup", type=int, help="warmup_steps of the schedule run (gpu preset: 8)")
     p.add_argument("--schedule-steps", type=int, help="steps of the schedule run (gpu preset: 12)")
     p.add_argument("--time-budget", type=float, help="seconds; skip (and record) what would not fit; 0 = none")
-    p.add_argument("--out-dir", default=str(HERE / "results"))
-    p.add_argument("--name", default=None, help="output name (default: the preset, plus a suffix if the grid differs)")
     p.add_argument("--no-png", action="store_true")
+    step_timing_options(p, device_help="cuda or cpu (default: cuda when available)",
+                        cudagraphs_help="CUDA graphs in every compiled mode: mode='reduce-overhead' for Inductor, "
+                                        "options cudagraphs=True for the cggr backend",
+                        merge_help="merge these JSON results into one report and exit")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--fused-loss", action="store_true",
                    help="add the mode compiled_fused_loss (the full batch, its loss by the fused head + "
                         "cross-entropy of cggr_compile.ops.fused_linear_ce: what the fusion alone buys) and "
                         "run random_subset and the CGGR modes with the fused loss too")
-    p.add_argument("--cudagraphs", action="store_true",
-                   help="CUDA graphs in every compiled mode: mode='reduce-overhead' for Inductor, "
-                        "options cudagraphs=True for the cggr backend")
-    p.add_argument("--profile", action="store_true",
-                   help="after timing, profile 3 steps per mode: host time, kernel time, kernel count, top kernels")
-    p.add_argument("--merge", nargs="+", default=None, help="merge these JSON results into one report and exit")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     grid_overridden = any(getattr(args, key) is not None for key in ("models", "ratios", "router_layers", "batch", "seq"))

@@ -512,6 +512,22 @@ def test_trainer_fits_the_learned_exit_once_per_micro_batch(tmp_path, accumulati
     assert float(cggr_compile.last_metrics(cg)["exit_fits"]) == 4 * accumulation
 
 
+def test_trainer_logs_the_share_of_rows_truncation_skipped(tmp_path):
+    """cggr/skipped_share is the mean over the optimizer step's micro-batches of the share of rows
+    skipped: 0 while the exit is cold (a step selects all its micro-batches with the fits of the steps
+    before it: 2 after step 1, 4 >= exit_min_fits = 3 after step 2), then the fixed truncation_share's
+    floor(0.25 * 4) = 1 row of each micro-batch of 4."""
+    trainer = T.Trainer(model=tiny_model("llama"), train_dataset=Rows(32),
+                        args=training_args(tmp_path, max_steps=4, gradient_accumulation_steps=2))
+    cg = cggr_compile.enable_cggr(trainer, **{**PRED, "selection": "truncation", "truncation_share": 0.25})
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["cggr/skipped_share"] for h in logs] == pytest.approx([0.0, 0.0, 0.25, 0.25])
+    assert [h["cggr/exit_ready"] for h in logs] == [0, 0, 1, 1]
+    skipped = cggr_compile.last_metrics(cg)["skipped"]
+    assert skipped.shape == (4,) and int(skipped.sum()) == 1
+
+
 @pytest.mark.parametrize("name,granularity", [("llama", "sequences"), ("llama", "tokens"), ("bert", "sequences")])
 def test_trainer_exit_fit_matches_a_fit_by_hand(tmp_path, name, granularity):
     """The exit's state after one Trainer micro-batch == select + fit_exit by hand with the per-token
