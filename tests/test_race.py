@@ -22,7 +22,7 @@ import cggr_compile  # noqa: E402  (unconditional: the race's CGGR modes are alw
 from benchmarks import corpus as C  # noqa: E402
 from benchmarks import pretrained as P  # noqa: E402
 from benchmarks import race  # noqa: E402
-from benchmarks.harness import race_modes, race_report, stats, training  # noqa: E402
+from benchmarks.harness import noise, race_modes, race_report, stats, training  # noqa: E402
 
 
 def _write_toy_corpus(root: Path, n_files: int = 40) -> None:
@@ -408,13 +408,13 @@ def test_noise_sequences(tmp_path):
     c = C.build_corpus(str(src), seq_len=32, vocab_size=300, max_bytes=None, cache_dir=tmp_path / "c",
                        log=lambda *a: None)
     clean = c.splits["train"].sequences
-    n, info = C.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
+    n, info = noise.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
     assert n.shape == (9, 33) and int(n.max()) < c.vocab_size and not info["cached"]
     assert info["token_shuffled"] == 4 and info["binary_dumps"] == 5 and info["binary_files"] > 0
     # token-shuffled rows keep a clean row's tokens (as a multiset)
     rows = {tuple(sorted(r.tolist())) for r in clean}
     assert all(tuple(sorted(r.tolist())) in rows for r in n[:4])
-    n2, info2 = C.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
+    n2, info2 = noise.make_noise(c.tokenizer, 9, 32, clean, seed=0, cache_dir=tmp_path / "c", tok_key=c.tokenizer_key)
     assert info2["cached"] and (n2 == n).all()
 
 

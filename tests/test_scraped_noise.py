@@ -1,4 +1,4 @@
-"""The race's scraped noise (``benchmarks/corpus.py:make_scraped_noise``): what a web / code scraper
+"""The race's scraped noise (``benchmarks/harness/noise.py:make_scraped_noise``): what a web / code scraper
 would keep, read from this machine's files, and ``--noise-kind`` in ``benchmarks/race.py``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from benchmarks import corpus as C  # noqa: E402
 from benchmarks import race  # noqa: E402
-from benchmarks.harness import race_data  # noqa: E402
+from benchmarks.harness import noise, race_data  # noqa: E402
 
 N, SEQ = 12, 64
 
@@ -24,7 +24,7 @@ def tok():
     """A tiny byte-level BPE trained on a few strings, built like the corpus's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if not C.scraped_sources():
+    if not noise.scraped_sources():
         pytest.skip("no scraped-noise source files on this machine")
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,7 +37,7 @@ def tok():
 
 
 def _make(tok, cache_dir, seed=0):
-    return C.make_scraped_noise(tok, N, SEQ, seed=seed, cache_dir=cache_dir, tok_key="tiny", log=lambda *a: None)
+    return noise.make_scraped_noise(tok, N, SEQ, seed=seed, cache_dir=cache_dir, tok_key="tiny", log=lambda *a: None)
 
 
 def test_scraped_noise_rows_and_info(tmp_path, tok):
@@ -46,7 +46,7 @@ def test_scraped_noise_rows_and_info(tmp_path, tok):
     assert 0 <= int(rows.min()) and int(rows.max()) < tok.get_vocab_size()
     assert not info["cached"] and info["sequences"] == N
     kinds = info["kinds"]
-    assert kinds and set(kinds) <= set(C.SCRAPED_KINDS)
+    assert kinds and set(kinds) <= set(noise.SCRAPED_KINDS)
     counts = [k["rows"] for k in kinds.values()]
     assert sum(counts) == N and max(counts) - min(counts) <= 1  # as even as possible
     assert any(k["rows"] > 0 and 0 < k["files_used"] <= k["files"] for k in kinds.values())

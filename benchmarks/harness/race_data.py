@@ -15,10 +15,10 @@ files (``heldout_replay``, retention, never trained on), ``--eval-sequences`` of
 (``harness/references.py``) on the embedded corpus; ``--reference-fraction`` of the *train* files'
 bytes (by file) becomes the ``reference`` split, which the race's stream never contains.
 ``pretrained-noisy``: the same, and the training stream mixes in ``--noise-fraction`` (default 0.25) of
-unlearnable sequences made on the machine (``corpus.make_noise``: token-shuffled train sequences,
+unlearnable sequences made on the machine (``harness/noise.py:make_noise``: token-shuffled train sequences,
 base64 / hex dumps of the interpreter's shared objects); the held-out set stays clean. ``--noise-kind
 scraped`` mixes in realistic junk instead, what a web / code scraper would keep, read from this
-machine's files (``corpus.make_scraped_noise``: minified / generated code, data dumps, translation
+machine's files (``harness/noise.py:make_scraped_noise``: minified / generated code, data dumps, translation
 catalogs, license boilerplate): text a model can partly model, but that teaches it nothing about the
 corpus. ``--noise-fraction`` also applies to the scratch regime.
 """
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import corpus as corpus_mod
+from benchmarks.harness import noise as noise_mod
 
 
 def race_corpus(args, pre: dict | None, log=print) -> "corpus_mod.Corpus":
@@ -67,11 +68,11 @@ def mix_noise(args, corpus: "corpus_mod.Corpus", train: torch.Tensor, log=print)
     t0 = time.perf_counter()
     common = dict(seed=args.seed, cache_dir=Path(args.cache_dir), tok_key=corpus.tokenizer_key, log=log)
     if kind == "scraped":
-        noise, noise_info = corpus_mod.make_scraped_noise(corpus.tokenizer, n_noise, args.seq_len, **common)
+        noise, noise_info = noise_mod.make_scraped_noise(corpus.tokenizer, n_noise, args.seq_len, **common)
         what = "scraped sequences (" + ", ".join(f"{k} {v['rows']} from {v['files_used']} of {v['files']} files"
                                                  for k, v in noise_info["kinds"].items()) + ")"
     else:
-        noise, noise_info = corpus_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, **common)
+        noise, noise_info = noise_mod.make_noise(corpus.tokenizer, n_noise, args.seq_len, train, **common)
         what = (f"unlearnable sequences ({noise_info['token_shuffled']} token-shuffled, {noise_info['binary_dumps']} "
                 f"base64 / hex dumps of {noise_info['binary_files']} shared objects)")
     args.n_clean_train = n_clean

@@ -110,9 +110,9 @@ def parse_args(argv=None):
                         "hex dumps of the interpreter's shared objects); held-out stays clean (default: 0.25 in "
                         "pretrained-noisy, 0 otherwise)")
     g.add_argument("--noise-kind", choices=("unlearnable", "scraped"), default="unlearnable",
-                   help="what --noise-fraction mixes in: unlearnable (corpus.make_noise) or scraped, what a web / "
+                   help="what --noise-fraction mixes in: unlearnable (harness/noise.py:make_noise) or scraped, what a web / "
                         "code scraper would keep, from this machine's files: minified / generated code, data dumps, "
-                        "translation catalogs, license boilerplate (corpus.make_scraped_noise)")
+                        "translation catalogs, license boilerplate (harness/noise.py:make_scraped_noise)")
     g.add_argument("--reference-fraction", type=float, default=preset["reference_fraction"],
                    help="share of the train files' bytes carved out (by file) for the reference model; the race "
                         "never trains on them (0: no reference split, no reducible modes)")
