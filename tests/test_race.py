@@ -542,3 +542,13 @@ def test_learnability_probe():
     assert out["against"]["spearman_with_drop"] == pytest.approx(-1.0)
     assert out["follows"]["top_quarter_mean_drop"] == pytest.approx(0.9)  # drops 1.0 and 0.8
     assert out["against"]["top_quarter_mean_drop"] == pytest.approx(-0.3)  # drops -0.4 and -0.2
+
+
+def test_noise_mixes_with_every_regime_but_finetune_mixed(capsys):
+    """Noise rows append to the stream in scratch, finetune and the pretrained regimes; finetune-mixed's
+    stream is already split into new and replayed rows, and the error says which regimes take noise."""
+    args = race.parse_args(["--preset", "ci", "--regime", "finetune", "--noise-fraction", "0.25"])
+    assert args.noise_fraction == 0.25
+    with pytest.raises(SystemExit):
+        race.parse_args(["--preset", "ci", "--regime", "finetune-mixed", "--noise-fraction", "0.25"])
+    assert "use scratch, finetune or a pretrained one" in capsys.readouterr().err

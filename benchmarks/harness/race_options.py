@@ -212,8 +212,8 @@ def parse_args(argv=None):
         args.noise_fraction = 0.25 if args.regime == "pretrained-noisy" else 0.0
     if not 0 <= args.noise_fraction < 1:
         p.error("--noise-fraction must be in [0, 1)")
-    if args.noise_fraction > 0 and args.regime not in ("scratch",) + corpus_mod.PRETRAINED_REGIMES:
-        p.error("--noise-fraction needs the scratch or a pretrained regime (pretrained, pretrained-noisy)")
+    if args.noise_fraction > 0 and args.regime == "finetune-mixed":  # its stream's rows are already new or replay
+        p.error("--noise-fraction does not mix with the finetune-mixed regime: use scratch, finetune or a pretrained one")
     reducible = [m for m in args.modes if m in REDUCIBLE_MODES]
     if reducible and args.regime not in corpus_mod.PRETRAINED_REGIMES:
         p.error(f"{reducible} need the reference model of a pretrained regime (--regime pretrained)")
