@@ -4,6 +4,7 @@ router sees it.
     python benchmarks/noise_difficulty.py                      # the README's main job's stream (tiny, scratch)
     python benchmarks/noise_difficulty.py --regime finetune    # the same stream, from the finetune base model
     python benchmarks/noise_difficulty.py --mode default       # trained by the library's default; its router's scores too
+    python benchmarks/noise_difficulty.py --preset smollm2-135m --regime pretrained-noisy --mode default   # one GPU
 
 Loss truncation can only skip noise that the model finds harder than the text, and that its router
 predicts to be. This trains one race mode (``--mode``, default ``full``) on the race's stream
@@ -26,11 +27,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
+from benchmarks import corpus as corpus_mod  # noqa: E402
 from benchmarks.common import command_line, result_stem, write_json  # noqa: E402
 from benchmarks.harness.race_data import race_corpus, race_stream  # noqa: E402
 from benchmarks.harness.race_modes import ModeRunner, library_default_mode, mode_lr, subset_k  # noqa: E402
 from benchmarks.harness.race_options import parse_args, settle_device  # noqa: E402
-from benchmarks.harness.references import initial_weights  # noqa: E402
+from benchmarks.harness.references import initial_weights, load_pretrained  # noqa: E402
 from benchmarks.harness.training import BatchOrder, heldout_losses, router_scores  # noqa: E402
 
 
@@ -46,10 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.noise_fraction <= 0 or args.noise_kind != "unlearnable":
         raise SystemExit("noise_difficulty.py measures the unlearnable noise: give --noise-fraction > 0")
     device = settle_device(args)
-    args.hf_config = None
-    corpus = race_corpus(args, None, log=lambda *a: None)
+    pre, args.hf_config = None, None
+    if args.regime in corpus_mod.PRETRAINED_REGIMES:  # the real SmolLM2 (or --model FOLDER) and its tokenizer
+        pre = load_pretrained(args, log=print)
+        args.hf_config = pre["config"]
+    corpus = race_corpus(args, pre, log=lambda *a: None)
     train, _, _, noise = race_stream(args, corpus, log=print)
-    state, _, _, _ = initial_weights(args, corpus, None, device, log=print)
+    state, _, _, _ = initial_weights(args, corpus, pre, device, log=print)
     mode = library_default_mode() if mine.mode == "default" else mine.mode
     runner = ModeRunner(mode, state, args, device, corpus.vocab_size)
     k = args.batch_size if mode == "full" else subset_k(args.ratio, args.batch_size)

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from benchmarks import noise_difficulty  # noqa: E402
+from test_race import _standin_model, _write_toy_corpus  # noqa: E402
 
 
 def test_measures_every_kind_at_each_checkpoint(tmp_path):
@@ -41,6 +42,18 @@ def test_a_cggr_mode_reports_its_routers_scores_of_each_kind(tmp_path):
                                                   "--max-bytes", "120000", "--cache-dir", str(tmp_path / "cache"),
                                                   "--results-dir", str(tmp_path / "res"),
                                                   "--device", "cpu"])["rows"][0]
+
+
+def test_a_pretrained_model_from_a_folder(tmp_path):
+    """The pretrained regimes load the model and its tokenizer (here a stand-in folder, as in the race's test)."""
+    src = tmp_path / "toy"
+    _write_toy_corpus(src)
+    folder = _standin_model(tmp_path, src)
+    rep = noise_difficulty.main(["--preset", "ci", "--regime", "pretrained-noisy", "--model", str(folder),
+                                 "--corpus", str(src), "--max-bytes", "0", "--mode", "default", "--steps", "2",
+                                 "--every", "2", "--sample", "8", "--cache-dir", str(tmp_path / "cache"),
+                                 "--results-dir", str(tmp_path / "res"), "--device", "cpu"])
+    assert rep["regime"] == "pretrained-noisy" and len(rep["rows"]) == 2 and "router" in rep["rows"][-1]
 
 
 def test_without_noise_it_says_what_to_give():
