@@ -27,12 +27,11 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import corpus as corpus_mod  # noqa: E402
-from benchmarks.common import command_line, result_stem, write_json  # noqa: E402
+from benchmarks.common import command_line, device_slug, result_stem, write_json  # noqa: E402
 from benchmarks.harness.race_data import race_corpus, race_stream  # noqa: E402
 from benchmarks.harness.race_modes import ModeRunner, library_default_mode, mode_lr, subset_k  # noqa: E402
 from benchmarks.harness.race_options import parse_args, settle_device  # noqa: E402
-from benchmarks.harness.references import initial_weights, load_pretrained  # noqa: E402
+from benchmarks.harness.references import initial_weights, pretrained_for  # noqa: E402
 from benchmarks.harness.training import BatchOrder, heldout_losses, router_scores  # noqa: E402
 
 
@@ -48,17 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.noise_fraction <= 0 or args.noise_kind != "unlearnable":
         raise SystemExit("noise_difficulty.py measures the unlearnable noise: give --noise-fraction > 0")
     device = settle_device(args)
-    pre, args.hf_config = None, None
-    if args.regime in corpus_mod.PRETRAINED_REGIMES:  # the real SmolLM2 (or --model FOLDER) and its tokenizer
-        pre = load_pretrained(args, log=print)
-        args.hf_config = pre["config"]
+    pre = pretrained_for(args)  # the real SmolLM2 (or --model FOLDER) in the pretrained regimes
     corpus = race_corpus(args, pre, log=lambda *a: None)
     train, _, _, noise = race_stream(args, corpus, log=print)
     state, _, _, _ = initial_weights(args, corpus, pre, device, log=print)
     mode = library_default_mode() if mine.mode == "default" else mine.mode
     runner = ModeRunner(mode, state, args, device, corpus.vocab_size)
     k = args.batch_size if mode == "full" else subset_k(args.ratio, args.batch_size)
-    runner.reset(state, mode_lr(mode, args, k), args.seed)
+    lr = mode_lr(mode, args, k)
+    runner.reset(state, lr, args.seed)
 
     # fixed samples of each kind: rows [0, n_clean) are clean, then token-shuffled, then dumps
     n_clean, n_shuffled = args.n_clean_train, noise["token_shuffled"]
@@ -88,12 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(line, flush=True)
         if s < mine.steps:
             runner.step(train[order.next()].to(device), None, k)
-    out_dir = HERE / "results" if args.commit_results else Path(args.results_dir)
     tag = args.tag or "-".join([args.preset, args.regime] + ([] if mine.mode == "full" else [mine.mode]))
-    path = out_dir / f"{result_stem('noise_difficulty', tag, device.type)}.json"
+    path = Path(args.results_dir) / f"{result_stem('noise_difficulty', tag, device_slug(device))}.json"
     report = dict(command=command_line("noise_difficulty.py", argv), regime=args.regime, preset=args.preset, mode=mode,
-                  torch=torch.__version__, noise=noise, samples={k: int(v.numel()) for k, v in kinds.items()},
-                  batch_size=args.batch_size, lr=args.lr, rows=rows)
+                  torch=torch.__version__, noise=noise, samples={n: int(v.numel()) for n, v in kinds.items()},
+                  batch_size=args.batch_size, k=k, lr=lr, rows=rows)
     write_json(path, report)
     print(f"wrote {path}")
     return report

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))  # for ``benchmarks.*``; cggr_compile must be installed (require_cggr_compile)
 
-from benchmarks import common, corpus as corpus_mod  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.common import command_line, device_name, device_slug, require_cggr_compile, write_json  # noqa: E402
 from benchmarks.harness.race_data import race_corpus, race_stream  # noqa: E402
 from benchmarks.harness.race_modes import (REDUCIBLE_MODES, ModeRunner, build_model, library_default_mode,  # noqa: E402
@@ -49,16 +49,20 @@ from benchmarks.harness.race_modes import (REDUCIBLE_MODES, ModeRunner, build_mo
 from benchmarks.harness.race_options import parse_args, settle_device  # noqa: E402
 from benchmarks.harness.race_report import (RESULTS_DIR, all_in_comparison, merge_reports, plot,  # noqa: E402
                                             summary_table, update_quality_summary)
-from benchmarks.harness.references import initial_weights, load_pretrained, race_reference, reference_cost  # noqa: E402
+from benchmarks.harness.references import initial_weights, pretrained_for, race_reference, reference_cost  # noqa: E402
 from benchmarks.harness.stats import load_avg  # noqa: E402
 from benchmarks.harness.training import eval_summary, heldout_losses, sweep_mode  # noqa: E402
 
 cggr_compile = require_cggr_compile()
 
 
+def race_tag(args) -> str:
+    """The race's name in its files and plot: ``--tag``, else the preset and any regime but scratch."""
+    return args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
+
+
 def result_stem(args, device) -> str:
-    tag = args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
-    return common.result_stem("race", tag, device_slug(device))
+    return common.result_stem("race", race_tag(args), device_slug(device))
 
 
 def main(argv=None) -> dict:
@@ -77,11 +81,9 @@ def main(argv=None) -> dict:
         f"torch {torch.__version__}, compile {args.compile}, cudagraphs {args.cudagraphs}, dtype {args.dtype}")
 
     # ---- the data and the weights every mode starts from
-    pre = None
-    args.hf_config = args.ref_eval = None
-    if args.regime in corpus_mod.PRETRAINED_REGIMES:
-        pre = load_pretrained(args, log)
-        args.hf_config = pre["config"]
+    args.ref_eval = None
+    pre = pretrained_for(args, log)
+    if pre:
         log(f"pretrained: {pre['id']} ({pre['info']['n_params'] / 1e6:.1f}M parameters, "
             f"{'cached' if pre['info'].get('cached') else 'made now'})")
     corpus = race_corpus(args, pre, log)
@@ -186,8 +188,7 @@ def main(argv=None) -> dict:
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     report["json_name"] = json_path.name
     write_json(json_path, report)
-    tag = args.tag or (args.preset + ("" if args.regime == "scratch" else "-" + args.regime))
-    plot(results, png_path, f"CGGR race, preset {tag}, {device_name(device)}, {n_params / 1e6:.1f}M params, "
+    plot(results, png_path, f"CGGR race, preset {race_tag(args)}, {device_name(device)}, {n_params / 1e6:.1f}M params, "
                             f"B={args.batch_size} k={k}, {args.budget_seconds:.0f} s/mode, lr rule {args.lr_rule}")
     print(f"wrote {json_path} and {png_path.name}")
     if out_dir.resolve() == RESULTS_DIR.resolve():

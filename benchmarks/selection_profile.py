@@ -57,7 +57,7 @@ from benchmarks import common, corpus as corpus_mod  # noqa: E402
 from benchmarks.harness.race_data import mix_noise, race_corpus  # noqa: E402
 from benchmarks.harness.race_modes import autocast_ctx, build_model, make_optimizer, subset_k, token_nll  # noqa: E402
 from benchmarks.harness.race_options import PRESETS, parse_args  # noqa: E402
-from benchmarks.harness.references import load_pretrained  # noqa: E402
+from benchmarks.harness.references import pretrained_for  # noqa: E402
 from benchmarks.harness.stats import spearman  # noqa: E402
 from benchmarks.harness.training import BatchOrder, heldout_losses, router_scores  # noqa: E402
 
@@ -392,8 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     # the library as this process imported it (the checkout may change while a long run goes on)
     versions = dict(common.versions(), library_diff_sha256=library_diff_hash()) if mine.finetune_steps else None
-    pre = load_pretrained(args) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
-    args.hf_config = pre["config"] if pre else None
+    pre = pretrained_for(args)
     corpus = race_corpus(args, pre)
     train, noise_info = mix_noise(args, corpus, corpus.splits["train"].sequences)
     n_clean = args.n_clean_train or train.shape[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import corpus as corpus_mod
 from benchmarks import pretrained as pretrained_mod
 from benchmarks.common import require_cggr_compile, sync
 from benchmarks.harness.race_modes import ModeRunner, build_model, make_step_fn
@@ -157,6 +158,14 @@ def reference_losses(args, ref_state: dict, ref_key: str, seqs: torch.Tensor, vo
     os.replace(path.with_suffix(".tmp"), path)
     log(f"reference losses: {seqs.shape[0]} sequences scored in {secs:.1f} s")
     return losses, info
+
+
+def pretrained_for(args, log=print) -> dict | None:
+    """:func:`load_pretrained`'s model when ``args.regime`` is a pretrained one, else None; sets
+    ``args.hf_config`` (its config, or None), the architecture ``build_model`` then builds."""
+    pre = load_pretrained(args, log) if args.regime in corpus_mod.PRETRAINED_REGIMES else None
+    args.hf_config = pre["config"] if pre else None
+    return pre
 
 
 def load_pretrained(args, log=print) -> dict:
